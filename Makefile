@@ -1,0 +1,15 @@
+# The two commands a newcomer needs. Both install what is missing first (scripts/bootstrap.sh).
+.PHONY: run test setup bench
+VENV ?= .venv
+
+setup:
+	@bash scripts/bootstrap.sh
+
+# The main job: a local training run on the embedded `local` preset (local Ray, local env servers,
+# tiny offline model, MiniWoB click-test). Extra arguments: make run ARGS="--learner.lr 1e-5"
+run: setup
+	$(VENV)/bin/bgrpo train --config local $(ARGS)
+
+# The test suite (what CI runs through .ci/run).
+test: setup
+	$(VENV)/bin/python -m pytest -q $(ARGS)

@@ -1,0 +1,46 @@
+import pytest
+
+from actors.trajectory import (
+    FAILED,
+    Step,
+    Trajectory,
+    TrajectoryGroup,
+    TrajectoryWriter,
+    read_trajectories,
+)
+
+
+def _group(n=3):
+    trajs = []
+    for i in range(n):
+        steps = [
+            Step(index=j, prompt_ids=[1, 2, 3 + j], completion_ids=[4, 5], logprobs=[-0.5, -0.25],
+                 policy_version=j, images=[b"\x89PNG fake"], completion_text="click('1')",
+                 action="click('1')", reward=float(j == 1), done=j == 1)
+            for j in range(2)
+        ]
+        trajs.append(Trajectory(episode_id=f"e{i}", group_id="g1", task="miniwob.click-test",
+                                seed=7, steps=steps, episode_return=1.0 if i else 0.0,
+                                status=FAILED if i == 2 else "finished", failure_reason="x" * (i == 2)))
+    return TrajectoryGroup("g1", "miniwob.click-test", 7, trajs)
+
+
+def test_parquet_round_trip(tmp_path):
+    g = _group()
+    TrajectoryWriter(tmp_path).write(g)
+    (back,) = read_trajectories(tmp_path)
+    assert back == g
+    assert back.min_policy_version == 0
+    assert [t.trainable for t in back.trajectories] == [True, True, False]
+
+
+def test_group_rejects_foreign_episode():
+    g = _group()
+    g.trajectories[0].seed = 8
+    with pytest.raises(ValueError, match="does not belong"):
+        TrajectoryGroup(g.group_id, g.task, g.seed, g.trajectories)
+
+
+def test_step_rejects_mismatched_logprobs():
+    with pytest.raises(ValueError, match="logprobs"):
+        Step(index=0, prompt_ids=[1], completion_ids=[1, 2], logprobs=[0.0], policy_version=0)
