@@ -1,0 +1,172 @@
+"""The one place that turns chat requests into model inputs: load the processor, render the prompt once.
+
+Every engine, the learner and the tests go through here, so the prompt token ids a `Generation`
+reports are exactly what the model saw and what the learner trains on (DESIGN.md rule 1).
+
+Qwen3-VL without torchvision (the CPU machines): transformers' `Qwen3VLProcessor` refuses to build
+because its video processor needs torchvision, and `AutoProcessor` then quietly returns only the
+tokenizer. We never use video, so vision-language processors are always built here from the
+tokenizer and the image processor with no video processor, on every machine (same rendering with or
+without torchvision).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pathlib
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from actors.engine import ChatRequest, EngineError
+
+
+def model_config(model_path: str | os.PathLike) -> dict[str, Any]:
+    """The model folder's config.json as a dict."""
+    path = pathlib.Path(model_path) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: is {model_path!r} a Hugging Face model folder?") from None
+
+
+def is_vision_language(model_path: str | os.PathLike) -> bool:
+    """True for models with a vision tower (a `vision_config` in config.json)."""
+    return "vision_config" in model_config(model_path)
+
+
+def load_processor(model_path: str | os.PathLike):
+    """The processor of a vision-language model, or the tokenizer of a text model.
+
+    For VL models the processor has `.tokenizer` and `.image_processor` and no video processor;
+    `processor(text=..., images=...)` expands each image placeholder to its image tokens.
+    """
+    from transformers import AutoTokenizer
+
+    model_path = str(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer.padding_side = "left"
+    if not is_vision_language(model_path):
+        return tokenizer
+    from transformers import AutoConfig, AutoProcessor
+
+    config = AutoConfig.from_pretrained(model_path)
+    if config.model_type in ("qwen3_vl", "qwen3_vl_moe"):
+        # The PIL image processor on every machine: AutoImageProcessor insists on torchvision here,
+        # and one backend everywhere keeps the learner's pixel values identical across machines.
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+        from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(model_path)
+
+        class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+            """Qwen3VLProcessor that accepts no video processor (which would need torchvision)."""
+
+            def check_argument_for_proper_class(self, argument_name, argument):
+                if argument_name == "video_processor" and argument is None:
+                    return None
+                return super().check_argument_for_proper_class(argument_name, argument)
+
+        processor = ImageOnlyQwen3VLProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, video_processor=None
+        )
+        processor.chat_template = tokenizer.chat_template
+        return processor
+    # Other VL families: their own processor (needs whatever it needs, e.g. torchvision).
+    return AutoProcessor.from_pretrained(model_path)
+
+
+def tokenizer_of(processor):
+    """The tokenizer inside a processor (or the tokenizer itself)."""
+    return getattr(processor, "tokenizer", processor)
+
+
+def load_image(image: Any):
+    """A PIL RGB image from a PIL image or PNG/JPEG bytes; `EngineError` for anything else."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        try:
+            img = Image.open(io.BytesIO(bytes(image)))
+            img.load()
+        except (UnidentifiedImageError, OSError) as err:
+            raise EngineError(f"image is not a decodable PNG/JPEG ({len(image)} bytes): {err}") from None
+        return img.convert("RGB")
+    raise EngineError(f"image must be a PIL.Image or PNG/JPEG bytes, got {type(image).__name__}")
+
+
+def _count_image_parts(messages: Sequence[dict[str, Any]]) -> int:
+    n = 0
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise EngineError(f"message {i} must be a dict with 'role' and 'content', got {message!r:.200}")
+        content = message["content"]
+        if isinstance(content, str):
+            continue
+        if not isinstance(content, list):
+            raise EngineError(f"message {i} content must be a str or a list of parts, got {type(content).__name__}")
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") not in ("text", "image"):
+                raise EngineError(f"message {i}: unsupported content part {part!r:.200} (use text or image)")
+            n += part["type"] == "image"
+    return n
+
+
+@dataclass
+class RenderedPrompt:
+    """One request rendered for the model: exact prompt ids plus the model's image inputs."""
+
+    prompt_ids: list[int]
+    images: list[Any] = field(default_factory=list)
+    """PIL RGB images, in prompt order (what vLLM gets as multi_modal_data)."""
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+
+
+def render_prompt(processor, request: ChatRequest) -> RenderedPrompt:
+    """Renders the chat template once (generation prompt added) and tokenizes it, images included.
+
+    Raises `EngineError` for empty messages, malformed parts, an image count that does not match
+    the image parts, images that are not images, or images sent to a text-only model.
+    """
+    if not request.messages:
+        raise EngineError("request has no messages")
+    n_parts = _count_image_parts(request.messages)
+    if n_parts != len(request.images):
+        raise EngineError(f"request has {n_parts} image part(s) but {len(request.images)} image(s)")
+    tokenizer = tokenizer_of(processor)
+    text = tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+    if not request.images:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return RenderedPrompt(prompt_ids=list(ids))
+    if not hasattr(processor, "image_processor"):
+        raise EngineError("request has images but the model is text-only")
+    images = [load_image(img) for img in request.images]
+    out = processor(text=[text], images=images, return_tensors="pt")
+    return RenderedPrompt(
+        prompt_ids=out["input_ids"][0].tolist(),
+        images=images,
+        pixel_values=out["pixel_values"],
+        image_grid_thw=out["image_grid_thw"],
+    )
+
+
+def image_inputs(processor, images: Sequence[Any]) -> dict[str, torch.Tensor]:
+    """`pixel_values` and `image_grid_thw` for stored images (PIL or PNG bytes), as the engine made them.
+
+    The learner uses this to rebuild a step's vision inputs from the PNGs in a trajectory; the
+    prompt ids already hold the expanded image tokens, so no text is re-tokenized.
+    """
+    pil = [load_image(img) for img in images]
+    out = processor.image_processor(images=pil, return_tensors="pt")
+    return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+
+
+def mm_token_type_ids(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """Qwen3-VL's per-token modality (0 text, 1 image), needed for its multimodal rotary positions."""
+    return (input_ids == image_token_id).to(torch.int32)
