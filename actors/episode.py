@@ -1,0 +1,256 @@
+"""The multi-step episode loop and the batcher that lets one engine serve many episodes.
+
+`run_episode` is one episode read top to bottom: reset -> (prompt -> engine -> parse -> env step)
+up to `max_steps`. It never raises for an env or engine failure: the episode comes back with status
+FAILED and a reason, so the caller can replace the env server and count it (a failed episode is
+never scored and never trained on).
+
+`GenerationBatcher` collects the pending prompts of every live episode of a worker and sends them
+to the engine as one batch: when all live episodes are waiting, or after `batch_wait_s`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from actors.action_parser import ActionParser
+from actors.config import RolloutConfig
+from actors.engine import ChatRequest, Generation, InferenceEngine, SamplingSettings
+from actors.prompts import build_request, history_line
+from actors.rewards import episode_return
+from actors.trajectory import FAILED, FINISHED, TRUNCATED, Step, Trajectory
+
+log = logging.getLogger(__name__)
+
+# Failure reasons start with one of these kinds, so the worker knows what to repair.
+ENV_ERROR = "env_error"  # the env server died, refused or broke the connection
+ENV_TIMEOUT = "env_timeout"  # a reset/step exceeded its timeout: the server is presumed hung
+ENGINE_ERROR = "engine_error"
+EPISODE_TIMEOUT = "episode_timeout"
+
+
+class EnvSession(Protocol):
+    """One env session (one browser) as the episode loop uses it."""
+
+    def reset(self, task: str, seed: int) -> Any:
+        """Starts an episode; returns the first observation."""
+
+    def step(self, action: str) -> tuple[Any, float, bool]:
+        """Sends one action string; returns (observation, reward, done)."""
+
+
+class EnvTimeout(TimeoutError):
+    """An env call exceeded its time limit (raised by session adapters that detect it)."""
+
+
+def is_env_failure(trajectory: Trajectory) -> bool:
+    """True when the episode failed because of its env session (the session needs replacing)."""
+    return trajectory.status == FAILED and trajectory.failure_reason.startswith((ENV_ERROR, ENV_TIMEOUT))
+
+
+def _obs_field(obs: Any, name: str, default: Any = None) -> Any:
+    if isinstance(obs, dict):
+        return obs.get(name, default)
+    return getattr(obs, name, default)
+
+
+def run_episode(
+    env: EnvSession,
+    generate: Callable[[ChatRequest], Generation],
+    *,
+    task: str,
+    seed: int,
+    episode_id: str,
+    group_id: str,
+    config: RolloutConfig,
+    parser: ActionParser,
+    worker_id: str = "",
+    is_timeout: Callable[[BaseException], bool] = lambda e: isinstance(e, TimeoutError),
+) -> Trajectory:
+    """Runs one episode; returns it as finished, truncated or failed (with reason). Never raises
+    for env or engine failures (it does for programming errors such as a bad config)."""
+    started = time.monotonic()
+    deadline = started + config.episode_timeout_s
+    traj = Trajectory(episode_id=episode_id, group_id=group_id, task=task, seed=seed, worker_id=worker_id)
+
+    def fail(kind: str, detail: str) -> Trajectory:
+        traj.status = FAILED
+        traj.failure_reason = f"{kind}: {detail}"[:2000]
+        traj.episode_return = 0.0  # meaningless for a failed episode; it is never trained on
+        traj.wall_s = time.monotonic() - started
+        log.warning("episode %s (%s seed %s) failed: %s", episode_id, task, seed, traj.failure_reason)
+        return traj
+
+    def env_fail(op: str, exc: BaseException) -> Trajectory:
+        kind = ENV_TIMEOUT if is_timeout(exc) else ENV_ERROR
+        return fail(kind, f"{op} at step {len(traj.steps)}: {type(exc).__name__}: {exc}")
+
+    # --- reset ---------------------------------------------------------------------------
+    try:
+        obs = env.reset(task=task, seed=seed)
+    except Exception as exc:  # noqa: BLE001 - any env failure is recorded, not raised
+        return env_fail("reset", exc)
+    traj.goal = str(_obs_field(obs, "goal", "") or "")
+    history: list[str] = []
+    done = bool(_obs_field(obs, "done", False))
+
+    # --- steps ---------------------------------------------------------------------------
+    for index in range(config.max_steps):
+        if done:
+            break
+        if time.monotonic() > deadline:
+            return fail(EPISODE_TIMEOUT, f"over {config.episode_timeout_s:g}s after {index} steps")
+
+        request = build_request(obs, index, history, config.prompt, config.allowed_actions)
+        t0 = time.monotonic()
+        try:
+            gen = generate(request)
+        except Exception as exc:  # noqa: BLE001
+            return fail(ENGINE_ERROR, f"step {index}: {type(exc).__name__}: {exc}")
+        engine_s = time.monotonic() - t0
+
+        parsed = parser.parse(gen.text)
+        t0 = time.monotonic()
+        try:
+            obs, reward, done = env.step(parsed.action)
+        except Exception as exc:  # noqa: BLE001
+            return env_fail("step", exc)
+        env_s = time.monotonic() - t0
+
+        error = str(_obs_field(obs, "last_action_error", "") or "")
+        reward = float(reward or 0.0)
+        done = bool(done)
+        traj.steps.append(
+            Step(
+                index=index,
+                prompt_ids=list(gen.prompt_ids),
+                completion_ids=list(gen.completion_ids),
+                logprobs=[float(x) for x in gen.logprobs],
+                policy_version=int(gen.policy_version),
+                images=list(request.images),
+                completion_text=gen.text,
+                action=parsed.action,
+                parse_fallback=parsed.fallback,
+                reward=reward,
+                done=done,
+                action_error=error[:2000],
+                finish_reason=gen.finish_reason,
+                engine_s=engine_s,
+                env_s=env_s,
+            )
+        )
+        history.append(history_line(index, parsed.action, reward, error))
+
+    # --- outcome -------------------------------------------------------------------------
+    traj.status = FINISHED if done else TRUNCATED
+    traj.episode_return = episode_return(
+        traj.steps, config.reward_aggregation, config.invalid_action_penalty, config.step_penalty
+    )
+    traj.wall_s = time.monotonic() - started
+    return traj
+
+
+@dataclass
+class BatcherStats:
+    """What the engine did for the worker (for benchmarks: where the time goes)."""
+
+    calls: int = 0
+    requests: int = 0
+    busy_s: float = 0.0
+    max_batch: int = 0
+
+
+class GenerationBatcher:
+    """Batches the prompts of concurrent episodes into `engine.generate` calls on one thread.
+
+    Episodes call `generate(request)` (blocking). The batcher thread generates as soon as every
+    active episode has a prompt waiting, or `batch_wait_s` after the first prompt arrived, so an
+    episode whose browser is still stepping does not hold the others back for long.
+    """
+
+    def __init__(self, engine: InferenceEngine, sampling: SamplingSettings, batch_wait_s: float,
+                 timeout_s: float, engine_lock: threading.Lock | None = None) -> None:
+        self.engine = engine
+        self.sampling = sampling
+        self.batch_wait_s = batch_wait_s
+        self.timeout_s = timeout_s
+        # Shared with update_weights so new weights never land in the middle of a batch.
+        self.engine_lock = engine_lock or threading.Lock()
+        self.stats = BatcherStats()
+        self._cv = threading.Condition()
+        self._pending: list[tuple[ChatRequest, Future]] = []
+        self._active = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="generation-batcher", daemon=True)
+        self._thread.start()
+
+    def episode_started(self) -> None:
+        with self._cv:
+            self._active += 1
+
+    def episode_ended(self) -> None:
+        with self._cv:
+            self._active -= 1
+            self._cv.notify_all()  # the others may now all be waiting
+
+    def generate(self, request: ChatRequest) -> Generation:
+        """Blocks until the batch holding `request` is generated; raises on engine error/timeout."""
+        future: Future = Future()
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("generation batcher is closed")
+            self._pending.append((request, future))
+            self._cv.notify_all()
+        try:
+            return future.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            raise TimeoutError(f"engine did not answer within {self.timeout_s:g}s") from None
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            pending, self._pending = self._pending, []
+            self._cv.notify_all()
+        for _, fut in pending:
+            fut.set_exception(RuntimeError("generation batcher closed"))
+        self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while True:
+            # --- collect a batch ---
+            with self._cv:
+                while not self._pending and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                deadline = time.monotonic() + self.batch_wait_s
+                while len(self._pending) < self._active and not self._closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cv.wait(left)
+                batch, self._pending = self._pending, []
+            # --- generate it ---
+            t0 = time.monotonic()
+            try:
+                with self.engine_lock:
+                    gens = self.engine.generate([r for r, _ in batch], self.sampling)
+                if len(gens) != len(batch):
+                    raise RuntimeError(f"engine returned {len(gens)} generations for {len(batch)} requests")
+            except Exception as exc:  # noqa: BLE001 - handed to every waiting episode
+                for _, fut in batch:
+                    fut.set_exception(exc)
+                continue
+            finally:
+                self.stats.calls += 1
+                self.stats.requests += len(batch)
+                self.stats.busy_s += time.monotonic() - t0
+                self.stats.max_batch = max(self.stats.max_batch, len(batch))
+            for (_, fut), gen in zip(batch, gens):
+                fut.set_result(gen)
