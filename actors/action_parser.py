@@ -17,19 +17,16 @@ import ast
 import re
 from dataclasses import dataclass
 
-# BrowserGym's "bid" subset (minus file upload and drag-and-drop, which MiniWoB does not need)
-# plus noop, which BrowserGym always includes.
+# The env's default BrowserGym subset ("miniwob_all") without the low-level mouse moves, plus
+# noop (BrowserGym always includes it). Element actions use bids; mouse_click uses the boxes.
 DEFAULT_ACTIONS: tuple[str, ...] = (
     "noop",
     "click",
-    "dblclick",
-    "hover",
     "fill",
-    "clear",
-    "select_option",
-    "press",
-    "focus",
+    "keyboard_press",
+    "keyboard_type",
     "scroll",
+    "mouse_click",
 )
 
 # Leading chatter the gist strips before looking for a call; matched case-insensitively, repeatedly.

@@ -66,8 +66,9 @@ class RolloutConfig:
     """A group with a failed episode (env died/hung, timeout) is "rerun" or "drop"ped."""
     max_group_reruns: int = 1
     """How many times one group may be re-run before it is dropped."""
-    allowed_actions: tuple[str, ...] = DEFAULT_ACTIONS
-    """Action names the parser accepts (BrowserGym high-level action names)."""
+    allowed_actions: list[str] = field(default_factory=lambda: list(DEFAULT_ACTIONS))
+    """Action names the parser accepts and the system prompt lists (BrowserGym high-level action
+    names; keep them inside the env's `action_subsets`)."""
     max_action_chars: int = 512
     """A parsed action longer than this is rejected (fallback)."""
     fallback_action: str = "noop()"

@@ -22,7 +22,7 @@ from typing import Any, Callable, Protocol
 from actors.action_parser import ActionParser
 from actors.config import RolloutConfig
 from actors.engine import ChatRequest, Generation, InferenceEngine, SamplingSettings
-from actors.prompts import build_request, history_line
+from actors.prompts import action_error, build_request, history_line
 from actors.rewards import episode_return
 from actors.trajectory import FAILED, FINISHED, TRUNCATED, Step, Trajectory
 
@@ -123,7 +123,7 @@ def run_episode(
             return env_fail("step", exc)
         env_s = time.monotonic() - t0
 
-        error = str(_obs_field(obs, "last_action_error", "") or "")
+        error = action_error(obs)
         reward = float(reward or 0.0)
         done = bool(done)
         traj.steps.append(

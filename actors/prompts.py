@@ -56,6 +56,18 @@ def _field(obs: Any, name: str, default: Any = None) -> Any:
     return getattr(obs, name, default)
 
 
+def action_error(obs: Any) -> str:
+    """The last action's error message ('' if none). Our env (and upstream OpenEnv) sends the text
+    in `error` and a flag in `last_action_error`; older shapes sent the text in `last_action_error`."""
+    err = _field(obs, "error", "")
+    if isinstance(err, str) and err.strip():
+        return err.strip()
+    flag = _field(obs, "last_action_error", "")
+    if isinstance(flag, str):
+        return flag.strip()
+    return "action failed (no message)" if flag is True else ""
+
+
 def screenshot_png(obs: Any) -> bytes | None:
     """The observation's screenshot as PNG bytes (it travels base64-encoded), or None."""
     b64 = _field(obs, "screenshot_png_b64")
@@ -96,7 +108,7 @@ def user_prompt(obs: Any, step: int, history: Sequence[str], cfg: PromptConfig) 
     ]
     recent = list(history)[-cfg.history_lines :] if cfg.history_lines else []
     parts.append("History:\n" + ("\n".join(recent) if recent else "(none)"))
-    error = str(_field(obs, "last_action_error", "") or "").strip()
+    error = action_error(obs)
     if error:
         parts.append(f"Last action error: {error[:300]}")
     clickable = format_clickable(_field(obs, "clickable_elements"), cfg.max_clickable_elements)

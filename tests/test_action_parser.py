@@ -26,7 +26,7 @@ def parser():
         ("fill('4', 'a ) tricky ( value')", "fill('4', 'a ) tricky ( value')"),
         ("fill('4', 'it\\'s')", "fill('4', 'it\\'s')"),
         ("scroll(0, -200)", "scroll(0, -200)"),
-        ("select_option('7', ['a', 'b'])", "select_option('7', ['a', 'b'])"),
+        ("mouse_click(12, 40.5)", "mouse_click(12, 40.5)"),
         ("os.system('rm -rf /'); click('2')", "click('2')"),
         ("noop()", "noop()"),
     ],
@@ -59,8 +59,9 @@ def test_falls_back_with_reason(parser, text, reason_part):
 
 
 def test_only_configured_actions():
-    p = ActionParser(allowed_actions=("noop", "click"))
+    p = ActionParser(allowed_actions=("noop", "click", "select_option"))
     assert p.parse("fill('1', 'x')").fallback
+    assert p.parse("select_option('7', ['a', 'b'])").action == "select_option('7', ['a', 'b'])"
     assert p.parse("fill('1', 'x') click('2')").action == "click('2')"
 
 
