@@ -1,0 +1,200 @@
+"""Trajectory groups -> training samples -> padded micro-batches.
+
+Every step of an episode is one training sample: its exact prompt ids (images already expanded
+into image tokens by the engine's processor) followed by its exact completion ids; all of its
+completion tokens carry the episode's advantage. Nothing is re-tokenized. Images (PNG bytes, as
+the engine saw them) go through the model's image processor to give `pixel_values` and
+`image_grid_thw`; the number of image tokens in the prompt must match what the processor says
+the images occupy, else the step is rejected with a clear error.
+
+Layout (TRL's): prompts padded on the left, completions on the right, so the completion logits
+are the last `T + 1` positions of every row (`logits_to_keep`).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from actors.trajectory import TrajectoryGroup
+
+from .advantages import AdvantageStats, compute_advantages
+from .config import GRPOConfig
+from .loss import BatchNormalizer
+
+
+class BatchError(ValueError):
+    """A step that cannot be trained on as recorded (e.g. image tokens and images disagree)."""
+
+
+@dataclass
+class TrainingSample:
+    """One step of one episode, ready to be collated."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    sampling_logprobs: list[float]
+    """The engine's processed logprobs of the completion tokens."""
+    advantage: float
+    truncated: bool
+    """The engine stopped at its token limit (finish_reason == "length")."""
+    policy_version: int
+    episode_id: str = ""
+    group_id: str = ""
+    step_index: int = 0
+    images: list[bytes] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids)
+
+
+def build_samples(
+    groups: list[TrajectoryGroup], cfg: GRPOConfig
+) -> tuple[list[TrainingSample], AdvantageStats]:
+    """Advantages per episode, then one sample per step of every trainable episode (in order)."""
+    episodes, stats = compute_advantages(groups, cfg)
+    samples: list[TrainingSample] = []
+    for ep in episodes:
+        t = ep.trajectory
+        for s in t.steps:
+            if not s.completion_ids:
+                continue  # nothing sampled, nothing to train (e.g. an engine error step)
+            if not s.prompt_ids:
+                raise BatchError(f"episode {t.episode_id} step {s.index}: empty prompt_ids")
+            samples.append(
+                TrainingSample(
+                    prompt_ids=list(s.prompt_ids),
+                    completion_ids=list(s.completion_ids),
+                    sampling_logprobs=list(s.logprobs),
+                    advantage=ep.advantage,
+                    truncated=s.finish_reason == "length",
+                    policy_version=s.policy_version,
+                    episode_id=t.episode_id,
+                    group_id=ep.group_id,
+                    step_index=s.index,
+                    images=list(s.images),
+                )
+            )
+    return samples, stats
+
+
+def batch_normalizer(samples: list[TrainingSample], cfg: GRPOConfig) -> BatchNormalizer:
+    """The loss denominators of the whole batch (call before sharding / micro-batching)."""
+    tokens = sum(
+        len(s.completion_ids)
+        for s in samples
+        if not (cfg.mask_truncated_completions and s.truncated)
+    )
+    return BatchNormalizer(num_sequences=len(samples), num_tokens=tokens)
+
+
+def shard(samples: list[TrainingSample], rank: int, world_size: int) -> list[TrainingSample]:
+    """This rank's share of the batch (round robin: ranks get equal counts within one)."""
+    return samples[rank::world_size]
+
+
+def micro_batches(samples: list[TrainingSample], size: int) -> list[list[TrainingSample]]:
+    return [samples[i : i + size] for i in range(0, len(samples), size)]
+
+
+@dataclass
+class VisionSpec:
+    """What collating images needs from the model's processor and config."""
+
+    image_processor: Any
+    image_token_id: int
+    merge_size: int
+
+
+def _decode_png(data: bytes):
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img.convert("RGB")
+
+
+def collate(
+    samples: list[TrainingSample],
+    pad_token_id: int,
+    mask_truncated_completions: bool = False,
+    vision: VisionSpec | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Pads one micro-batch: prompts left, completions right.
+
+    Returns input_ids, attention_mask (B, P + T), completion_mask, sampling_logps (B, T),
+    advantages (B,), logits_to_keep (= T), and for images pixel_values, image_grid_thw,
+    mm_token_type_ids.
+    """
+    if not samples:
+        raise BatchError("collate: empty micro-batch")
+    B = len(samples)
+    P = max(len(s.prompt_ids) for s in samples)
+    T = max(len(s.completion_ids) for s in samples)
+    input_ids = torch.full((B, P + T), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, P + T), dtype=torch.long)
+    completion_mask = torch.zeros((B, T), dtype=torch.float32)
+    sampling_logps = torch.zeros((B, T), dtype=torch.float32)
+    for i, s in enumerate(samples):
+        p, c = len(s.prompt_ids), len(s.completion_ids)
+        input_ids[i, P - p : P] = torch.tensor(s.prompt_ids, dtype=torch.long)
+        input_ids[i, P : P + c] = torch.tensor(s.completion_ids, dtype=torch.long)
+        attention_mask[i, P - p : P + c] = 1
+        if not (mask_truncated_completions and s.truncated):
+            completion_mask[i, :c] = 1.0
+        sampling_logps[i, :c] = torch.tensor(s.sampling_logprobs, dtype=torch.float32)
+    batch: dict[str, Any] = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "completion_mask": completion_mask,
+        "sampling_logps": sampling_logps,
+        "advantages": torch.tensor([s.advantage for s in samples], dtype=torch.float32),
+        "logits_to_keep": T,
+    }
+
+    has_images = any(s.images for s in samples)
+    if has_images and vision is None:
+        raise BatchError("steps carry images but the model has no image processor (text model?)")
+    if vision is not None:
+        batch["mm_token_type_ids"] = (input_ids == vision.image_token_id).to(torch.int)
+        batch["mm_token_type_ids"][attention_mask == 0] = 0
+    if has_images:
+        pixel_values, grids = [], []
+        for s in samples:
+            n_tokens = sum(1 for t in s.prompt_ids if t == vision.image_token_id)
+            if not s.images:
+                if n_tokens:
+                    raise BatchError(
+                        f"episode {s.episode_id} step {s.step_index}: {n_tokens} image tokens in "
+                        f"prompt_ids but no images recorded"
+                    )
+                continue
+            out = vision.image_processor(
+                images=[_decode_png(b) for b in s.images], return_tensors="pt"
+            )
+            grid = out["image_grid_thw"]
+            expected = int((grid.prod(dim=-1) // (vision.merge_size**2)).sum())
+            if expected != n_tokens:
+                raise BatchError(
+                    f"episode {s.episode_id} step {s.step_index}: prompt_ids hold {n_tokens} image "
+                    f"tokens but the {len(s.images)} recorded image(s) make {expected} with this "
+                    f"image processor (different processor settings than the engine's?)"
+                )
+            pixel_values.append(out["pixel_values"])
+            grids.append(grid)
+        batch["pixel_values"] = torch.cat(pixel_values, dim=0)
+        batch["image_grid_thw"] = torch.cat(grids, dim=0)
+    elif vision is not None:
+        # A VL model with text-only steps: no vision inputs at all.
+        for s in samples:
+            if any(t == vision.image_token_id for t in s.prompt_ids):
+                raise BatchError(
+                    f"episode {s.episode_id} step {s.step_index}: image tokens in prompt_ids but "
+                    f"no images recorded"
+                )
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}

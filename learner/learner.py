@@ -1,0 +1,446 @@
+"""The learner: GRPO steps on exact trajectories, versioned weight publishing, checkpoints.
+
+`Learner` is a plain class (constructed directly in tests); `LearnerActor` at the bottom is the
+Ray actor. Several ranks run the same code: construct one `Learner` per rank with
+`world_size = N`, ask rank 0 for `rendezvous_address()`, call `connect(host, port)` on every rank
+at once, then call `train_step(groups)` on every rank with the SAME groups (an ObjectRef, so
+the batch is stored once): each rank computes the whole batch's advantages and loss
+normalisers, trains on its shard, and gradients are summed across ranks (learner/distributed.py).
+
+One `train_step`:
+    groups -> advantages (per episode) -> samples (one per step) -> whole-batch normaliser
+    -> this rank's shard -> micro-batches: forward, GRPO loss, backward (gradients accumulate)
+    -> all-reduce gradients -> clip -> AdamW step -> scheduler step -> policy_version += 1
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+from actors.trajectory import TrajectoryGroup
+
+from . import checkpoint as ckpt
+from . import distributed as D
+from .batching import VisionSpec, batch_normalizer, build_samples, collate, micro_batches, shard
+from .config import LearnerConfig
+from .loss import grpo_loss
+from .weights import WeightHandle, hf_named_tensors, make_publisher
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(model_path: str, attn_implementation: str = "sdpa") -> torch.nn.Module:
+    """A text (CausalLM) or vision-language (ImageTextToText) model, float32 parameters."""
+    from actors.engines.processing import is_vision_language
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    cls = AutoModelForImageTextToText if is_vision_language(model_path) else AutoModelForCausalLM
+    return cls.from_pretrained(
+        model_path, dtype=torch.float32, attn_implementation=attn_implementation
+    )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Learner:
+    """One learner rank. See the module docstring for the multi-rank protocol."""
+
+    def __init__(self, config: LearnerConfig, rank: int = 0, world_size: int | None = None) -> None:
+        from transformers import get_scheduler
+
+        config.validate()
+        self.config = config
+        self.cfg = config.grpo
+        self.rank = rank
+        self.world_size = world_size if world_size is not None else config.num_ranks
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is outside world_size {self.world_size}")
+        self.device = D.local_device(config.device, rank)
+        seed_everything(config.seed)
+
+        # --- model (+ LoRA, gradient checkpointing) ---
+        self.model = load_model(config.model_path, config.attn_implementation)
+        self.model.config.use_cache = False
+        self.vision = self._vision_spec()
+        self.pad_token_id = self._pad_token_id()
+        if config.lora.enabled:
+            self.model = self._wrap_lora(self.model)
+        if config.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        self.model.to(self.device)
+        self.model.train()
+
+        # --- frozen reference model, only when the KL term is on (TRL: beta == 0 loads none) ---
+        self.ref_model = None
+        if self.cfg.beta != 0.0 and not config.lora.enabled:
+            self.ref_model = load_model(config.model_path, config.attn_implementation)
+            self.ref_model.to(self.device).eval().requires_grad_(False)
+
+        # --- optimizer and schedule ---
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.params,
+            lr=config.lr,
+            betas=tuple(config.adam_betas),
+            eps=config.adam_eps,
+            weight_decay=config.weight_decay,
+        )
+        self.scheduler = get_scheduler(
+            config.lr_schedule,
+            self.optimizer,
+            num_warmup_steps=config.warmup_steps,
+            num_training_steps=config.total_steps,
+        )
+        self.autocast_dtype = _DTYPES[config.dtype]
+        self.publisher = make_publisher("object_store") if rank == 0 else None
+        self.step = 0
+        self._policy_version = 0
+
+    # --- setup helpers ---------------------------------------------------------------------
+
+    def _vision_spec(self) -> VisionSpec | None:
+        from actors.engines.processing import is_vision_language, load_processor
+
+        if not is_vision_language(self.config.model_path):
+            return None
+        processor = load_processor(self.config.model_path)
+        image_processor = processor.image_processor
+        return VisionSpec(
+            image_processor=image_processor,
+            image_token_id=int(self.model.config.image_token_id),
+            merge_size=int(getattr(image_processor, "merge_size", 2)),
+        )
+
+    def _pad_token_id(self) -> int:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(self.config.model_path)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        if pad is None:
+            raise ValueError(f"{self.config.model_path}: tokenizer has neither pad nor eos token")
+        return int(pad)
+
+    def _wrap_lora(self, model: torch.nn.Module) -> torch.nn.Module:
+        try:
+            import peft
+        except ImportError:
+            raise ImportError(
+                "learner.lora.enabled needs peft: pip install 'bgrpo[peft]'"
+            ) from None
+        lc = self.config.lora
+        return peft.get_peft_model(
+            model,
+            peft.LoraConfig(
+                r=lc.r,
+                lora_alpha=lc.alpha,
+                lora_dropout=lc.dropout,
+                target_modules=list(lc.target_modules),
+            ),
+        )
+
+    # --- distributed -------------------------------------------------------------------------
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """Rank 0's reachable address and a free port for `connect` (call on rank 0)."""
+        try:
+            import ray
+
+            host = ray.util.get_node_ip_address()
+        except Exception:  # outside Ray
+            host = "127.0.0.1"
+        return D.free_address(host)
+
+    def connect(self, master_addr: str, master_port: int) -> None:
+        """Joins the learner process group (call on every rank concurrently); then rank 0's
+        parameters are broadcast so every rank starts identical, as DDP does."""
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        D.init_process_group(
+            self.rank, self.world_size, master_addr, master_port, backend, self.config.dist_timeout_s
+        )
+        if D.is_distributed():
+            import torch.distributed as dist
+
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    dist.broadcast(p.data, src=0)
+
+    # --- forward ---------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.autocast_dtype != torch.float32:
+            return torch.autocast("cuda", dtype=self.autocast_dtype)
+        return nullcontext()
+
+    def _completion_logps(
+        self, model: torch.nn.Module, batch: dict[str, Any], with_entropy: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-token logprobs (B, T) of the completion tokens (and their entropies)."""
+        T = batch["logits_to_keep"]
+        kwargs = {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            # T + 1: position P - 1 predicts the first completion token.
+            "logits_to_keep": T + 1,
+            "use_cache": False,
+        }
+        for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids"):
+            if k in batch:
+                kwargs[k] = batch[k]
+        with self._autocast():
+            logits = model(**kwargs).logits
+        logits = logits[:, :-1, :].float() / self.cfg.temperature
+        completion_ids = batch["input_ids"][:, -T:]
+        logps = selective_log_softmax(logits, completion_ids)
+        entropies = None
+        if with_entropy:
+            with torch.no_grad():
+                entropies = entropy_from_logits(logits.detach())
+        return logps, entropies
+
+    # --- the GRPO step -----------------------------------------------------------------------
+
+    def train_step(self, groups: list[TrajectoryGroup]) -> dict[str, float]:
+        """One optimizer step on `groups` (the same list on every rank). Returns metrics of
+        the whole batch (identical on every rank)."""
+        t0 = time.perf_counter()
+        cfg = self.cfg
+
+        # --- samples and the whole batch's normaliser ---
+        samples, adv_stats = build_samples(groups, cfg)
+        normalizer = batch_normalizer(samples, cfg)
+        mine = shard(samples, self.rank, self.world_size)
+
+        # --- forward/backward over micro-batches (gradients accumulate) ---
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        dev, f64 = self.device, torch.float64
+        sums = {
+            k: torch.zeros((), dtype=f64, device=dev)
+            for k in (
+                "loss", "tokens", "kl", "entropy", "clip_low", "clip_high", "clip_region",
+                "is_ratio", "is_masked", "prompt_tokens", "staleness",
+            )
+        }
+        is_min = torch.tensor(math.inf, dtype=f64, device=dev)
+        is_max = torch.tensor(-math.inf, dtype=f64, device=dev)
+        for mb in micro_batches(mine, self.config.micro_batch_size):
+            batch = collate(
+                mb, self.pad_token_id, cfg.mask_truncated_completions, self.vision, dev
+            )
+            logps, entropies = self._completion_logps(self.model, batch, with_entropy=True)
+            ref_logps = None
+            if cfg.beta != 0.0:
+                with torch.no_grad():
+                    ref_logps = self._reference_logps(batch)
+            loss, s = grpo_loss(
+                logps,
+                batch["advantages"],
+                batch["completion_mask"],
+                cfg,
+                normalizer,
+                sampling_per_token_logps=batch["sampling_logps"],
+                ref_per_token_logps=ref_logps,
+            )
+            loss.backward()
+            mask = batch["completion_mask"]
+            sums["loss"] += loss.detach().to(f64)
+            for k in ("tokens", "kl", "clip_low", "clip_high", "clip_region", "is_ratio", "is_masked"):
+                sums[k] += getattr(s, k).to(f64)
+            sums["entropy"] += (entropies * mask).sum().to(f64)
+            sums["prompt_tokens"] += float(sum(len(x.prompt_ids) for x in mb))
+            sums["staleness"] += float(sum(self._policy_version - x.policy_version for x in mb))
+            is_min = torch.minimum(is_min, s.is_ratio_min.to(f64))
+            is_max = torch.maximum(is_max, s.is_ratio_max.to(f64))
+
+        # --- gradients of the whole batch on every rank, clip, step ---
+        D.all_reduce_gradients_(self.params)
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        stepped = normalizer.num_sequences > 0
+        if stepped:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            self._policy_version += 1
+        self.optimizer.zero_grad(set_to_none=True)
+
+        # --- metrics of the whole batch ---
+        keys = list(sums)
+        packed = D.all_reduce_(torch.stack([sums[k] for k in keys]), "sum")
+        total = dict(zip(keys, packed.tolist()))
+        is_min = D.all_reduce_(is_min, "min").item()
+        is_max = D.all_reduce_(is_max, "max").item()
+        tokens = max(total["tokens"], 1.0)
+        n = max(normalizer.num_sequences, 1)
+        metrics = {
+            "loss": total["loss"],
+            "kl": total["kl"] / tokens,
+            "entropy": total["entropy"] / tokens,
+            "clip_ratio/low_mean": total["clip_low"] / tokens,
+            "clip_ratio/high_mean": total["clip_high"] / tokens,
+            "clip_ratio/region_mean": total["clip_region"] / tokens,
+            "is_ratio/mean": total["is_ratio"] / tokens,
+            "is_ratio/min": is_min if math.isfinite(is_min) else 0.0,
+            "is_ratio/max": is_max if math.isfinite(is_max) else 0.0,
+            "is_ratio/masked_fraction": total["is_masked"] / tokens,
+            "grad_norm": float(grad_norm),
+            "lr": float(lr),
+            "tokens": total["tokens"],
+            "prompt_tokens": total["prompt_tokens"],
+            "samples": float(normalizer.num_sequences),
+            "staleness_mean": total["staleness"] / n,
+            "skipped": 0.0 if stepped else 1.0,
+            "policy_version": float(self._policy_version),
+            "step": float(self.step),
+            "step_time_s": time.perf_counter() - t0,
+        }
+        metrics.update(adv_stats.as_metrics())
+        return metrics
+
+    def _reference_logps(self, batch: dict[str, Any]) -> torch.Tensor:
+        if self.ref_model is not None:
+            return self._completion_logps(self.ref_model, batch, with_entropy=False)[0]
+        # LoRA: the base model with the adapters switched off is the reference (as TRL).
+        with self.model.disable_adapter():
+            return self._completion_logps(self.model, batch, with_entropy=False)[0]
+
+    # --- versions and weights ----------------------------------------------------------------
+
+    @property
+    def policy_version(self) -> int:
+        """Version of the current weights (0 = the initial model; +1 per optimizer step)."""
+        return self._policy_version
+
+    def get_policy_version(self) -> int:
+        """`policy_version` as a method (Ray actors expose methods, not properties)."""
+        return self._policy_version
+
+    def get_weights(self) -> dict[str, torch.Tensor]:
+        """Named CPU tensors, Hugging Face checkpoint names, `publish_dtype`."""
+        return hf_named_tensors(self.model, _DTYPES[self.config.publish_dtype])
+
+    def publish_weights(self) -> WeightHandle | None:
+        """Rank 0: puts this version in the object store and returns its handle; other ranks
+        return None (their weights are identical)."""
+        if self.rank != 0:
+            return None
+        return self.publisher.publish(self._policy_version, self.get_weights())
+
+    def parameters_digest(self) -> list[float]:
+        """A cheap fingerprint of the trainable parameters (sum, abs-sum per tensor): lets tests
+        and the driver check that ranks or runs agree."""
+        with torch.no_grad():
+            return [float(p.double().sum()) + float(p.double().abs().sum()) for p in self.params]
+
+    # --- checkpoints -------------------------------------------------------------------------
+
+    def save_checkpoint(self, path: str | os.PathLike, data_cursor: dict | None = None) -> str:
+        """Rank 0 writes `path/step-NNNNNN` atomically and points `path/latest` at it; every
+        rank waits for it. Returns the checkpoint folder."""
+        name = ckpt.checkpoint_name(self.step)
+        target = Path(path) / name
+        if self.rank == 0:
+            target = ckpt.save_atomically(
+                path, name, lambda d: self._write_checkpoint(d, data_cursor or {}),
+                keep=self.config.keep_checkpoints,
+            )
+        D.barrier()
+        return str(target)
+
+    def _write_checkpoint(self, directory: Path, data_cursor: dict) -> None:
+        model_dir = directory / ckpt.MODEL_DIR
+        base = self.model.get_base_model() if self.config.lora.enabled else self.model
+        base.save_pretrained(model_dir, state_dict=hf_named_tensors(self.model))
+        ckpt.copy_model_side_files(self.config.model_path, model_dir)
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": _rng_state(),
+            "policy_version": self._policy_version,
+            "step": self.step,
+            "world_size": self.world_size,
+        }
+        if self.config.lora.enabled:
+            state["trainable"] = {
+                n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad
+            }
+        torch.save(state, directory / ckpt.TRAINING_STATE)
+        ckpt.write_cursor(directory, data_cursor)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> dict:
+        """Restores weights, optimizer, scheduler, RNG, step and policy version from a checkpoint
+        folder or a root with `latest`. Returns the data cursor saved with it."""
+        from safetensors.torch import load_file
+
+        directory = ckpt.resolve(path)
+        state = torch.load(directory / ckpt.TRAINING_STATE, map_location="cpu", weights_only=False)
+        if self.config.lora.enabled:
+            named = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for n, t in state["trainable"].items():
+                    named[n].copy_(t)
+        else:
+            weights: dict[str, torch.Tensor] = {}
+            for f in sorted((directory / ckpt.MODEL_DIR).glob("*.safetensors")):
+                weights.update(load_file(str(f)))
+            missing, unexpected = self.model.load_state_dict(weights, strict=False)
+            expected_missing = set(self.model.state_dict()) - set(hf_named_tensors(self.model))
+            if unexpected or set(missing) - expected_missing:
+                raise ckpt.CheckpointError(
+                    f"{directory}: weights do not match the model (missing "
+                    f"{sorted(set(missing) - expected_missing)[:5]}, unexpected {unexpected[:5]})"
+                )
+            if expected_missing and hasattr(self.model, "tie_weights"):
+                self.model.tie_weights()
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        self._policy_version = int(state["policy_version"])
+        self.step = int(state["step"])
+        D.barrier()
+        return ckpt.read_cursor(directory)
+
+    def close(self) -> None:
+        """Leaves the process group."""
+        D.destroy()
+
+
+# Ray at the edge: resources (CPUs, GPUs, placement) are the driver's decision (cluster/).
+LearnerActor = ray.remote(Learner)
