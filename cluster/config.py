@@ -158,6 +158,14 @@ class LoggingConfig:
         bad = [t for t in self.trackers if t not in allowed]
         if bad:
             raise ConfigError(f"logging.trackers: unknown {bad}; choose from {sorted(allowed)}")
+        import importlib.util
+
+        missing = [t for t in self.trackers if importlib.util.find_spec(t) is None]
+        if missing:
+            raise ConfigError(
+                f"logging.trackers {missing} configured but not installed; `pip install {' '.join(missing)}` "
+                "or remove them from logging.trackers"
+            )
         if self.log_every_steps < 1:
             raise ConfigError(f"logging.log_every_steps must be >= 1, got {self.log_every_steps}")
 
@@ -332,6 +340,9 @@ DERIVED_FIELDS: dict[str, str] = {
     "learner.num_ranks": "cluster.learner_num_ranks",
     "learner.seed": "cluster.seed",
     "learner.keep_checkpoints": "checkpoint.keep_last",
+    "engine.model": "model",
+    "engine.seed": "cluster.seed",
+    "env.max_steps": "rollout.max_steps",
 }
 
 
@@ -543,7 +554,8 @@ def parse_value(text: str, tp: Any) -> Any:
 # configs/ folder. configs/local.yaml holds the same content (a test keeps them equal).
 EMBEDDED_LOCAL_PRESET = """\
 # local: a smoke run that finishes in a few minutes on 2 CPU cores. Tiny Qwen3-VL built offline,
-# transformers engine on CPU, real Chromium + MiniWoB click-test, 2 rollout workers, G=4, sync.
+# transformers engine on CPU, real Chromium + MiniWoB click-test, 2 rollout workers with one
+# browser each, G=4, 3 learner steps, synchronous (on-policy).
 model: tiny-vlm
 cluster:
   num_cpus: 8
@@ -551,12 +563,27 @@ cluster:
   rollout_num_cpus: 1
   learner_num_cpus: 1
   env_placement: embedded
-  env_servers_per_worker: 1
   mode: sync
   max_staleness: 1
   groups_per_step: 2
   total_steps: 3
   seed: 0
+engine:
+  backend: transformers
+  device: cpu
+  max_model_len: 2048
+rollout:
+  num_sessions: 1
+  max_steps: 3
+  sampling:
+    temperature: 1.0
+    top_k: 0
+    max_new_tokens: 16
+grpo:
+  num_generations: 4
+learner:
+  lr: 1.0e-4
+  micro_batch_size: 4
 checkpoint:
   every_steps: 2
   keep_last: 2
@@ -604,6 +631,7 @@ def build_config(
 ) -> TrainConfig:
     """Preset < env vars (ENV_OVERRIDES) < dotted overrides (strings, parsed as YAML and checked)."""
     tree = load_preset(preset) if preset else {}
+    _drop_resolved_derived(tree)
     env = os.environ if environ is None else environ
     for var, dotted in ENV_OVERRIDES.items():
         if var in env and env[var] != "":
@@ -632,6 +660,28 @@ def _has_dotted(obj: Any, path: str) -> bool:
         return True
     except AttributeError:
         return False
+
+
+def _drop_resolved_derived(tree: dict) -> None:
+    """A resolved config (run_dir/config.yaml) holds the derived copies too; drop those that still
+    equal their source, so an override of the source (e.g. on --resume) is not a conflict."""
+    missing = object()
+
+    def lookup(path: str) -> Any:
+        node: Any = tree
+        for part in path.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return missing
+            node = node[part]
+        return node
+
+    for target, source in DERIVED_FIELDS.items():
+        value, src = lookup(target), lookup(source)
+        if value is missing:
+            continue
+        if src is not missing and (value == src or (target == "learner.keep_checkpoints" and src == 0)):
+            section, _, name = target.rpartition(".")
+            del lookup(section)[name]
 
 
 def resolve_derived(config: TrainConfig) -> TrainConfig:

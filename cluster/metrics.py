@@ -1,0 +1,214 @@
+"""Metrics: one record per learner step, to every sink at once.
+
+Sinks:
+- `metrics.jsonl` in the run folder (always; one JSON object per line, flushed per record);
+- Ray custom metrics through `ray.util.metrics` (Counter / Gauge / Histogram), so the Ray
+  dashboard's metrics view and the node's Prometheus endpoint show them (names prefixed `bgrpo_`;
+  Ray adds `ray_` in the Prometheus export);
+- optional trackers chosen by `logging.trackers`: trackio (the seed gist's), TensorBoard, wandb.
+  Imported lazily; one that is configured but not installed is a ConfigError before the run starts.
+
+A record is a flat dict of numbers keyed by the names in `RAY_METRICS` (plus anything else, e.g.
+the learner's own `learner/...` figures, which go to the jsonl file and the trackers).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from cluster.config import ConfigError, LoggingConfig
+
+METRICS_FILE = "metrics.jsonl"
+
+# record key -> (kind, description). Counters are fed the per-record increment.
+RAY_METRICS: dict[str, tuple[str, str]] = {
+    "episodes_started": ("counter", "Episodes started by rollout workers"),
+    "episodes_finished": ("counter", "Episodes that ended normally (done or max_steps)"),
+    "episodes_failed": ("counter", "Episodes lost to infrastructure failures (never scored)"),
+    "episodes_trained": ("counter", "Episodes the learner trained on"),
+    "episodes_dropped": ("counter", "Episodes dropped (stale, failed group, too small group)"),
+    "env_steps": ("counter", "Environment steps taken"),
+    "groups_trained": ("counter", "GRPO groups trained on"),
+    "groups_dropped_stale": ("counter", "Groups dropped for exceeding max_staleness"),
+    "trained_tokens": ("counter", "Completion tokens trained on"),
+    "env_failures": ("counter", "Env server / session failures seen by rollout workers"),
+    "actor_failures": ("counter", "Rollout-worker crashes or timeouts"),
+    "success_rate": ("gauge", "Success rate of the episodes trained at this step"),
+    "reward_mean": ("gauge", "Mean episode return of the episodes trained at this step"),
+    "policy_version": ("gauge", "Learner policy version after this step"),
+    "policy_lag_max": ("gauge", "Largest (learner version - token version) in this step's batch"),
+    "policy_lag_mean": ("gauge", "Mean (learner version - token version) in this step's batch"),
+    "tokens_per_s": ("gauge", "Trained completion tokens per second of wall time"),
+    "samples_per_s": ("gauge", "Trained episodes per second of wall time"),
+    "learner_idle_frac": ("gauge", "Fraction of wall time the learner waited for data"),
+    "eval_success_rate": ("gauge", "Greedy success rate on held-out seeds (all tasks)"),
+    "learner_step_s": ("histogram", "Seconds per learner step (train_step call)"),
+    "weight_sync_s": ("histogram", "Seconds to publish weights and load them on every engine"),
+    "collect_s": ("histogram", "Seconds the driver waited for this step's groups"),
+}
+_HISTOGRAM_BOUNDARIES = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300]
+
+TRACKERS = {"trackio": "trackio", "tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def check_trackers_installed(config: LoggingConfig) -> None:
+    """ConfigError naming the missing package for every configured tracker that is not installed."""
+    missing = [t for t in config.trackers if importlib.util.find_spec(TRACKERS.get(t, t)) is None]
+    if missing:
+        raise ConfigError(
+            f"logging.trackers {missing} configured but not installed; `pip install {' '.join(missing)}` "
+            "or remove them from logging.trackers"
+        )
+
+
+class RayMetrics:
+    """The Ray custom metrics. Create in a process connected to Ray (the driver)."""
+
+    def __init__(self, run_name: str) -> None:
+        from ray.util import metrics as ray_metrics
+
+        self.tags = {"run": run_name}
+        self._metrics: dict[str, Any] = {}
+        for key, (kind, description) in RAY_METRICS.items():
+            name = f"bgrpo_{key}"
+            if kind == "counter":
+                m = ray_metrics.Counter(name, description=description, tag_keys=("run",))
+            elif kind == "gauge":
+                m = ray_metrics.Gauge(name, description=description, tag_keys=("run",))
+            else:
+                m = ray_metrics.Histogram(
+                    name, description=description, boundaries=_HISTOGRAM_BOUNDARIES, tag_keys=("run",)
+                )
+            m.set_default_tags(self.tags)
+            self._metrics[key] = (kind, m)
+        self._per_task = ray_metrics.Gauge(
+            "bgrpo_eval_task_success_rate", description="Greedy success rate per task", tag_keys=("run", "task")
+        )
+
+    def record(self, values: Mapping[str, Any]) -> None:
+        for key, value in values.items():
+            entry = self._metrics.get(key)
+            if entry is None or not _is_number(value):
+                continue
+            kind, m = entry
+            if kind == "counter":
+                if value > 0:
+                    m.inc(float(value))
+            elif kind == "gauge":
+                m.set(float(value))
+            else:
+                m.observe(float(value))
+        for key, value in values.items():
+            if key.startswith("eval/") and key.endswith("/success_rate") and _is_number(value):
+                task = key[len("eval/"):-len("/success_rate")]
+                self._per_task.set(float(value), tags={**self.tags, "task": task})
+
+
+class MetricsLogger:
+    """Appends records to metrics.jsonl and forwards them to Ray metrics and the trackers."""
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        config: LoggingConfig,
+        run_name: str,
+        run_config: Mapping[str, Any] | None = None,
+        ray_metrics: bool | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / METRICS_FILE
+        self._file = open(self.path, "a", encoding="utf-8")
+        self.config = config
+        self.ray = RayMetrics(run_name) if (config.ray_metrics if ray_metrics is None else ray_metrics) else None
+        self._trackers: list[tuple[str, Any]] = []
+        check_trackers_installed(config)
+        for name in config.trackers:
+            self._trackers.append((name, _open_tracker(name, config.project, run_name, self.run_dir, run_config or {})))
+
+    def log(self, record: Mapping[str, Any], step: int | None = None) -> dict[str, Any]:
+        """Writes one record (numbers, strings; NaN/inf become null in the file)."""
+        row = {"time": time.time(), **({"step": step} if step is not None else {}), **record}
+        self._file.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
+        self._file.flush()
+        if self.ray is not None:
+            self.ray.record(record)
+        numbers = {k: float(v) for k, v in record.items() if _is_number(v)}
+        for name, tracker in self._trackers:
+            if name == "trackio" or name == "wandb":
+                tracker.log(numbers, step=step)
+            elif name == "tensorboard":
+                for k, v in numbers.items():
+                    tracker.add_scalar(k, v, global_step=step)
+        return row
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        for name, tracker in self._trackers:
+            try:
+                if name == "tensorboard":
+                    tracker.close()
+                else:
+                    tracker.finish()
+            except Exception as e:  # a tracker failing at exit must not hide the run's outcome
+                print(f"[metrics] closing {name} failed: {e}")
+        self._trackers.clear()
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every record of a run's metrics.jsonl (a torn last line, from a killed run, is skipped)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _open_tracker(name: str, project: str, run_name: str, run_dir: Path, run_config: Mapping[str, Any]) -> Any:
+    if name == "trackio":
+        import trackio
+
+        trackio.init(project=project, name=run_name, config=dict(run_config))
+        return trackio
+    if name == "wandb":
+        import wandb
+
+        return wandb.init(project=project, name=run_name, config=dict(run_config), dir=str(run_dir))
+    if name == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    raise ConfigError(f"unknown tracker {name!r}")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if hasattr(v, "item"):  # numpy / torch scalars
+        try:
+            return _jsonable(v.item())
+        except Exception:
+            return str(v)
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    return str(v)
