@@ -1,0 +1,102 @@
+"""Finding Chromium and making BrowserGym launch it with our path and flags.
+
+BrowserGym launches two browsers per reset (the task page and a chat panel) through the global
+Playwright instance it keeps; the chat browser ignores `pw_chromium_kwargs`, and Playwright 1.44
+has no environment variable for the browser path. So we wrap the `launch` method of that global
+instance once per process, adding `executable_path` and flags to every launch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from typing import Any, Optional
+
+logger = logging.getLogger(__name__)
+
+# The real binary: Debian's /usr/bin/chromium is a wrapper script whose extra flags and dev-shm
+# check misbehave in containers (FACTS.md).
+SYSTEM_CHROMIUM_CANDIDATES = (
+    "/usr/lib/chromium/chromium",
+    "/usr/lib/chromium-browser/chromium-browser",
+    "/usr/bin/chromium",
+    "/usr/bin/chromium-browser",
+    "/usr/bin/google-chrome",
+)
+CHROMIUM_ENV_VAR = "BGRPO_CHROMIUM"
+
+
+class ChromiumNotFoundError(RuntimeError):
+    """No usable Chromium: says where it looked and how to install one."""
+
+
+def _is_executable(path: Optional[str]) -> bool:
+    return bool(path) and os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+def find_chromium(configured: Optional[str] = None, playwright_own: Optional[str] = None) -> Optional[str]:
+    """Return the Chromium binary to pass as `executable_path`, or None for Playwright's own.
+
+    Order: the configured path (must exist), then $BGRPO_CHROMIUM, then Playwright's own download
+    (`playwright_own`, its expected path; None is returned so Playwright uses it natively), then the
+    system's Chromium. Raises ChromiumNotFoundError when nothing is found.
+    """
+    if configured:
+        if not _is_executable(configured):
+            raise ChromiumNotFoundError(f"configured chromium_path {configured!r} is not an executable file")
+        return configured
+    from_env = os.environ.get(CHROMIUM_ENV_VAR)
+    if from_env:
+        if not _is_executable(from_env):
+            raise ChromiumNotFoundError(f"${CHROMIUM_ENV_VAR}={from_env!r} is not an executable file")
+        return from_env
+    if _is_executable(playwright_own):
+        return None
+    for candidate in SYSTEM_CHROMIUM_CANDIDATES:
+        if _is_executable(candidate):
+            return candidate
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found:
+        return found
+    raise ChromiumNotFoundError(
+        "no Chromium found: set EnvConfig.chromium_path or $BGRPO_CHROMIUM, run `playwright install "
+        f"chromium`, or `apt-get install chromium` (looked at {playwright_own}, "
+        f"{', '.join(SYSTEM_CHROMIUM_CANDIDATES)})"
+    )
+
+
+_installed: Optional[tuple[Optional[str], tuple[str, ...]]] = None
+
+
+def install_launch_wrapper(chromium_path: Optional[str], extra_args: list[str]) -> Optional[str]:
+    """Make every browser BrowserGym launches in this process use our binary and flags.
+
+    Must run on the thread that uses BrowserGym (its sync Playwright is bound to the thread that
+    created it). Idempotent; returns the executable path in use (None = Playwright's own).
+    """
+    global _installed
+    from browsergym.core import _get_global_playwright
+
+    pw = _get_global_playwright()
+    executable = find_chromium(chromium_path, pw.chromium.executable_path)
+    wanted = (executable, tuple(extra_args))
+    if _installed is not None:
+        if _installed != wanted:
+            logger.warning("Chromium launch wrapper already installed with %s; keeping it", _installed)
+        return _installed[0]
+
+    original_launch = pw.chromium.launch
+
+    def launch(**kwargs: Any):
+        if executable is not None:
+            kwargs.setdefault("executable_path", executable)
+        args = list(kwargs.get("args") or [])
+        kwargs["args"] = args + [a for a in extra_args if a not in args]
+        return original_launch(**kwargs)
+
+    # An instance attribute shadows the bound method for both callers (env.py and chat.py).
+    pw.chromium.launch = launch  # type: ignore[method-assign]
+    _installed = wanted
+    logger.info("BrowserGym launches Chromium from %s", executable or "Playwright's own download")
+    return executable

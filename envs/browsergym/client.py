@@ -1,0 +1,227 @@
+"""Client of the BrowserGym env server: an openenv-core `EnvClient` with a synchronous face.
+
+    client = BrowserGymEnvClient("http://127.0.0.1:8000", message_timeout_s=60)
+    result = client.reset(seed=3, task="miniwob.click-button")
+    result = client.step(BrowserGymAction(action_str="click('13')"))
+    client.close()
+
+openenv's client is async (WebSocket). Rollout workers call envs from threads, one client per
+session, so `reset/step/state/close` here are blocking: each client runs its coroutines on its own
+small event-loop thread. The async originals stay available as `areset/astep/astate/aclose`.
+Failures come out as one of two exceptions, always within the timeouts:
+- EnvConnectionError (EnvTimeoutError for a hang): the server is unreachable, died or stopped
+  answering; the session is gone, the connection is dropped, a later call reconnects.
+- EnvServerError: the server answered with an error (bad reset arguments, a browser that crashed).
+Clients never import server code (upstream OpenEnv's rule).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import io
+import threading
+from typing import Any, Coroutine, Optional
+
+from openenv.core.client_types import StepResult
+from openenv.core.env_client import EnvClient
+
+from envs.browsergym.models import BrowserGymAction, BrowserGymObservation, BrowserGymState
+
+
+class EnvClientError(RuntimeError):
+    """Base of the errors raised by BrowserGymEnvClient."""
+
+
+class EnvConnectionError(EnvClientError):
+    """The server could not be reached, closed the connection or died."""
+
+
+class EnvTimeoutError(EnvConnectionError):
+    """The server did not answer within the timeout (hung or overloaded)."""
+
+
+class EnvServerError(EnvClientError):
+    """The server answered with an error message."""
+
+
+_OBSERVATION_FIELDS = set(BrowserGymObservation.model_fields)
+
+
+def _png_from_nested_lists(pixels: Any) -> str:
+    # An upstream server sends the screenshot as nested integer lists: convert once, here.
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class BrowserGymEnvClient(EnvClient[BrowserGymAction, BrowserGymObservation, BrowserGymState]):
+    """Synchronous WebSocket client of one BrowserGym session (ours or upstream OpenEnv's server)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        connect_timeout_s: float = 10.0,
+        message_timeout_s: float = 60.0,
+        max_message_size_mb: float = 64.0,
+    ):
+        super().__init__(
+            base_url,
+            connect_timeout_s=connect_timeout_s,
+            message_timeout_s=message_timeout_s,
+            max_message_size_mb=max_message_size_mb,
+        )
+        self.base_url = base_url
+        self.connect_timeout_s = connect_timeout_s
+        self.message_timeout_s = message_timeout_s
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._loop_thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()  # one call at a time per client (one session)
+
+    # --- openenv EnvClient hooks ---
+
+    def _step_payload(self, action: BrowserGymAction) -> dict[str, Any]:
+        return {"action_str": action.action_str, "metadata": action.metadata}
+
+    def _parse_result(self, payload: dict[str, Any]) -> StepResult[BrowserGymObservation]:
+        data = dict(payload.get("observation") or {})
+        fields = {k: v for k, v in data.items() if k in _OBSERVATION_FIELDS}
+        if not fields.get("screenshot_png_b64") and fields.get("screenshot"):
+            fields["screenshot_png_b64"] = _png_from_nested_lists(fields["screenshot"])
+        observation = BrowserGymObservation(
+            **{k: v for k, v in fields.items() if k not in ("done", "reward")},
+            done=bool(payload.get("done", False)),
+            reward=payload.get("reward"),
+        )
+        return StepResult(observation=observation, reward=payload.get("reward"), done=bool(payload.get("done", False)))
+
+    def _parse_state(self, payload: dict[str, Any]) -> BrowserGymState:
+        return BrowserGymState(**payload)
+
+    async def _ensure_connected(self) -> None:
+        # The base class calls `self.connect()`, which is our blocking version: use the async one.
+        if self._ws is None:
+            await EnvClient.connect(self)
+
+    # --- synchronous API ---
+
+    def connect(self) -> "BrowserGymEnvClient":  # type: ignore[override]
+        """Open the WebSocket session now (otherwise the first call does)."""
+        self._call(super().connect(), "connect")
+        return self
+
+    def reset(  # type: ignore[override]
+        self, seed: Optional[int] = None, task: Optional[str] = None, **kwargs: Any
+    ) -> StepResult[BrowserGymObservation]:
+        """Start an episode; `task` switches the task for this episode (default: the server's)."""
+        if seed is not None:
+            kwargs["seed"] = seed
+        if task is not None:
+            kwargs["task"] = task
+        return self._call(super().reset(**kwargs), "reset")
+
+    def step(self, action: BrowserGymAction | str, **kwargs: Any) -> StepResult[BrowserGymObservation]:  # type: ignore[override]
+        """Send one action (a BrowserGymAction or its action string)."""
+        if isinstance(action, str):
+            action = BrowserGymAction(action_str=action)
+        return self._call(super().step(action, **kwargs), "step")
+
+    def state(self) -> BrowserGymState:  # type: ignore[override]
+        """The server's episode state."""
+        return self._call(super().state(), "state")
+
+    def close(self) -> None:  # type: ignore[override]
+        """Close the session (the server closes its browsers) and stop the loop thread."""
+        loop = self._loop
+        if loop is not None and self._loop_thread is not None and self._loop_thread.is_alive():
+            try:
+                future = asyncio.run_coroutine_threadsafe(super().close(), loop)
+                future.result(timeout=self.connect_timeout_s + 5.0)
+            except Exception:
+                pass  # closing a dead connection: nothing left to release
+            loop.call_soon_threadsafe(loop.stop)
+            self._loop_thread.join(timeout=5.0)
+        self._loop = None
+        self._loop_thread = None
+        self._ws = None
+
+    def sync(self) -> "BrowserGymEnvClient":  # type: ignore[override]
+        """Already synchronous."""
+        return self
+
+    def __enter__(self) -> "BrowserGymEnvClient":  # type: ignore[override]
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:  # type: ignore[override]
+        self.close()
+
+    def __del__(self) -> None:
+        loop = getattr(self, "_loop", None)
+        if loop is not None and loop.is_running():
+            loop.call_soon_threadsafe(loop.stop)
+
+    # --- async originals ---
+
+    async def areset(self, **kwargs: Any) -> StepResult[BrowserGymObservation]:
+        return await EnvClient.reset(self, **kwargs)
+
+    async def astep(self, action: BrowserGymAction) -> StepResult[BrowserGymObservation]:
+        return await EnvClient.step(self, action)
+
+    async def astate(self) -> BrowserGymState:
+        return await EnvClient.state(self)
+
+    async def aclose(self) -> None:
+        await EnvClient.close(self)
+
+    # --- plumbing ---
+
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is not None and self._loop_thread is not None and self._loop_thread.is_alive():
+            return self._loop
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="bgym-client-loop", daemon=True)
+        thread.start()
+        self._loop, self._loop_thread = loop, thread
+        return loop
+
+    def _call(self, coro: Coroutine[Any, Any, Any], what: str) -> Any:
+        with self._lock:
+            loop = self._ensure_loop()
+            future = asyncio.run_coroutine_threadsafe(coro, loop)
+            # openenv bounds connect and each receive; this outer bound is the backstop.
+            deadline = self.connect_timeout_s + self.message_timeout_s + 5.0
+            try:
+                return future.result(timeout=deadline)
+            except (concurrent.futures.TimeoutError, asyncio.TimeoutError, TimeoutError) as e:
+                future.cancel()
+                self._drop_connection()
+                raise EnvTimeoutError(
+                    f"{what} on {self._ws_url}: no answer within {self.message_timeout_s:.0f} s "
+                    "(server hung or overloaded); the session is lost"
+                ) from e
+            except RuntimeError as e:
+                if str(e).startswith("Server error:"):
+                    # The server is alive and the session still usable.
+                    raise EnvServerError(f"{what} on {self._ws_url}: {e}") from e
+                self._drop_connection()
+                raise EnvConnectionError(f"{what} on {self._ws_url}: {type(e).__name__}: {e}") from e
+            except Exception as e:  # ConnectionClosed, OSError, ConnectionError, invalid frames
+                self._drop_connection()
+                raise EnvConnectionError(
+                    f"{what} on {self._ws_url} failed: {type(e).__name__}: {e} (server died or closed the session)"
+                ) from e
+
+    def _drop_connection(self) -> None:
+        # After a timeout a late answer could still arrive and be read as the next reply: never
+        # reuse the socket.
+        ws, self._ws = self._ws, None
+        if ws is not None and self._loop is not None and self._loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(ws.close(), self._loop).result(timeout=2.0)
+            except Exception:
+                pass

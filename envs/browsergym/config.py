@@ -1,0 +1,171 @@
+"""Configuration of one BrowserGym environment (and of the server processes that host it)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+# Action subsets that may run arbitrary code or read local files: never accepted.
+# "python" is BrowserGym's raw-Python action set (model text executed as Python); the high-level
+# "bid"/"coord" subsets contain upload_file / mouse_upload_file (read any local file into the page)
+# and "nav" contains goto (navigate to file:///etc/...), so they are opt-in, not the default.
+FORBIDDEN_ACTION_SUBSETS = ("python",)
+KNOWN_ACTION_SUBSETS = (
+    "chat",
+    "infeas",
+    "bid",
+    "coord",
+    "nav",
+    "tab",
+    "miniwob_all",
+    "miniwob_shi17",
+    "miniwob_liu18",
+    "miniwob_humphreys22",
+    "webarena",
+    "visualwebarena",
+    "workarena",
+    "workarena++",
+    "weblinx",
+    "assistantbench",
+)
+
+
+@dataclass
+class EnvConfig:
+    """One BrowserGym environment: which task, how actions are checked, how the browser runs."""
+
+    task: str = "miniwob.click-test"
+    """Default task, `<benchmark>.<task>` (e.g. `miniwob.click-test`) or a bare MiniWoB name
+    (`click-test`). `reset(task=...)` can switch task per episode."""
+
+    max_steps: int = 10
+    """Steps per episode; the step that reaches it returns `done=True, truncated=True`."""
+
+    action_subsets: list[str] = field(default_factory=lambda: ["miniwob_all"])
+    """BrowserGym `HighLevelActionSet` subsets the model may use. `miniwob_all` = click, fill,
+    keyboard_press/type, scroll and mouse actions by coordinates: no file upload, no navigation.
+    The raw-Python action set is never allowed."""
+
+    allow_multiaction: bool = False
+    """Allow several action calls in one action string (BrowserGym's `multiaction`)."""
+
+    max_action_chars: int = 2000
+    """Longest accepted action string; longer ones are rejected before parsing."""
+
+    pre_observation_delay: float = 0.0
+    """Seconds BrowserGym waits after an action before reading the page (its default is 0.5).
+    0 measured ~180 ms per step against ~790 ms (FACTS.md) and the six reference MiniWoB tasks
+    still score 1.0; raise it for tasks with delayed page updates (autocomplete menus)."""
+
+    slow_mo: int = 0
+    """Playwright slow-motion delay in ms for every browser operation (MiniWoB tasks ask 100).
+    0 is the fast setting measured in FACTS.md."""
+
+    action_timeout_ms: Optional[int] = None
+    """Playwright timeout of one browser operation (None = the task's own, 5000 ms for MiniWoB)."""
+
+    headless: bool = True
+    """Run Chromium headless."""
+
+    chromium_path: Optional[str] = None
+    """Chromium binary. None = auto: $BGRPO_CHROMIUM, then Playwright's own download, then the
+    system's `/usr/lib/chromium/chromium` (the real binary, not the /usr/bin wrapper script)."""
+
+    chromium_args: list[str] = field(
+        default_factory=lambda: [
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--disable-crash-reporter",
+            "--disable-breakpad",
+        ]
+    )
+    """Extra Chromium flags, added to every browser BrowserGym launches (page and chat)."""
+
+    viewport: Optional[dict[str, int]] = None
+    """`{"width": W, "height": H}`; None = the task's own (MiniWoB: 332x214 CSS px)."""
+
+    miniwob_url: Optional[str] = None
+    """Base URL of the MiniWoB pages (trailing slash). None = `file://` URL of the `miniwob`
+    package's `html/miniwob/` folder: no HTTP server needed."""
+
+    include_screenshot: bool = True
+    """Send the screenshot as base64 PNG (`screenshot_png_b64`)."""
+
+    include_screenshot_array: bool = False
+    """Also fill upstream OpenEnv's `screenshot` field (nested integer lists, ~2.4 MB and ~1 s CPU
+    per MiniWoB step): only for upstream clients that need it."""
+
+    include_pruned_html: bool = True
+    """Send the pruned HTML (`pruned_html`); some targets (click-link) have bids only there."""
+
+    max_sessions: int = 2
+    """WebSocket sessions one server process accepts at once (each has its own browsers; all run
+    on the server's single Playwright thread, so scale with processes, not sessions)."""
+
+    session_timeout_s: Optional[float] = 600.0
+    """Close a WebSocket session (and its browsers) idle this long; None = never."""
+
+    def validate(self) -> "EnvConfig":
+        """Raise ValueError with a clear message on a bad value; return self."""
+        if not isinstance(self.task, str) or not self.task.strip():
+            raise ValueError("EnvConfig.task must be a task name such as 'miniwob.click-test'")
+        if self.max_steps < 1:
+            raise ValueError(f"EnvConfig.max_steps must be >= 1, got {self.max_steps}")
+        if not self.action_subsets:
+            raise ValueError("EnvConfig.action_subsets must name at least one subset")
+        for subset in self.action_subsets:
+            if subset in FORBIDDEN_ACTION_SUBSETS:
+                raise ValueError(
+                    f"EnvConfig.action_subsets may not contain {subset!r}: it executes model "
+                    "output as Python"
+                )
+            if subset not in KNOWN_ACTION_SUBSETS:
+                raise ValueError(
+                    f"unknown action subset {subset!r}; choose from {', '.join(KNOWN_ACTION_SUBSETS)}"
+                )
+        if not 1 <= self.max_action_chars <= 1_000_000:
+            raise ValueError(f"EnvConfig.max_action_chars must be in [1, 1e6], got {self.max_action_chars}")
+        if self.pre_observation_delay < 0:
+            raise ValueError("EnvConfig.pre_observation_delay must be >= 0 seconds")
+        if self.slow_mo < 0:
+            raise ValueError("EnvConfig.slow_mo must be >= 0 ms")
+        if self.action_timeout_ms is not None and self.action_timeout_ms <= 0:
+            raise ValueError("EnvConfig.action_timeout_ms must be > 0 or None")
+        if self.viewport is not None:
+            if set(self.viewport) != {"width", "height"} or min(self.viewport.values()) <= 0:
+                raise ValueError("EnvConfig.viewport must be {'width': W, 'height': H} with W, H > 0")
+        if self.max_sessions < 1:
+            raise ValueError("EnvConfig.max_sessions must be >= 1")
+        if self.session_timeout_s is not None and self.session_timeout_s <= 0:
+            raise ValueError("EnvConfig.session_timeout_s must be > 0 or None")
+        return self
+
+    # The pool hands the config to server processes as JSON on their command line.
+    def to_json(self) -> str:
+        """The config as a JSON string (round-trips through `from_json`)."""
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "EnvConfig":
+        """Build (and validate) a config from `to_json` output; unknown keys are an error."""
+        data: dict[str, Any] = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown EnvConfig keys: {', '.join(unknown)}")
+        return cls(**data).validate()
+
+
+def qualify_task_name(task: str) -> str:
+    """`click-test` -> `miniwob.click-test`; names that already carry a benchmark are kept."""
+    task = task.strip()
+    if task.startswith("browsergym/"):
+        task = task[len("browsergym/") :]
+    return task if "." in task else f"miniwob.{task}"

@@ -1,0 +1,347 @@
+"""BrowserGym MiniWoB as an openenv-core `Environment`.
+
+One instance = one WebSocket session = one BrowserGym env (two Chromium processes while an
+episode runs). BrowserGym's sync Playwright is bound to the thread that created it, so the
+server runs every session of a process on one thread (REQUIRES_SINGLE_THREAD_EXECUTOR) and we
+check that nobody calls us from another thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import io
+import logging
+import random
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+from openenv.core.env_server.interfaces import Environment
+
+from envs.browsergym.actions import ActionValidator
+from envs.browsergym.chromium import install_launch_wrapper
+from envs.browsergym.config import EnvConfig, qualify_task_name
+from envs.browsergym.models import BrowserGymAction, BrowserGymObservation, BrowserGymState
+
+logger = logging.getLogger(__name__)
+
+MAX_SEED = 2**32 - 1  # numpy RandomState's range, which BrowserGym tasks seed
+ELEMENT_TEXT_CHARS = 80
+LAST_ACTION_CHARS = 200
+
+
+class _DropOverrideWarnings(logging.Filter):
+    # BrowserGym warns on every reset that we override slow_mo/viewport: we do so on purpose.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Overriding the task's" not in record.getMessage()
+
+
+logging.getLogger("browsergym.core.env").addFilter(_DropOverrideWarnings())
+
+
+def default_miniwob_url() -> str:
+    """`file://` URL (trailing slash) of the MiniWoB pages shipped in the `miniwob` package."""
+    import miniwob
+
+    folder = Path(miniwob.__file__).resolve().parent / "html" / "miniwob"
+    if not (folder / "click-test.html").is_file():
+        raise RuntimeError(f"the miniwob package has no task pages in {folder}")
+    return folder.as_uri() + "/"
+
+
+def _printable(text: str, limit: int) -> str:
+    # Untrusted text (the model's action) must survive JSON encoding: no lone surrogates.
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[:limit] + f"... [{len(text)} chars]"
+
+
+def png_base64(screenshot: Any) -> str:
+    """uint8 HxWx3 array -> base64 PNG."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(screenshot).save(buffer, format="PNG", compress_level=1)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def dom_element_texts(dom_snapshot: dict) -> dict[str, tuple[str, str]]:
+    """bid -> (tag, text content) from a CDP DOMSnapshot (BrowserGym's `dom_object`).
+
+    Some MiniWoB targets (click-link's `<span class="alink">`) have a bid in the DOM but no node in
+    the accessibility tree, so the element list takes tag and text from the DOM.
+    """
+    strings = dom_snapshot.get("strings", [])
+
+    def to_string(index: int) -> str:
+        return strings[index] if 0 <= index < len(strings) else ""
+
+    result: dict[str, tuple[str, str]] = {}
+    for document in dom_snapshot.get("documents", []):
+        nodes = document["nodes"]
+        parents = nodes["parentIndex"]
+        node_types = nodes["nodeType"]
+        count = len(parents)
+        # Collect text nodes' values into every ancestor (documents are small; depth is bounded).
+        texts: list[list[str]] = [[] for _ in range(count)]
+        for index in range(count):
+            if node_types[index] == 3:
+                value = to_string(nodes["nodeValue"][index]).strip()
+                if value:
+                    parent = parents[index]
+                    while parent != -1:
+                        texts[parent].append(value)
+                        parent = parents[parent]
+        for index in range(count):
+            if node_types[index] != 1:
+                continue
+            attributes = nodes["attributes"][index]
+            for k in range(0, len(attributes) - 1, 2):
+                if to_string(attributes[k]) == "bid":
+                    bid = to_string(attributes[k + 1])
+                    tag = to_string(nodes["nodeName"][index]).lower()
+                    result[bid] = (tag, " ".join(texts[index])[:ELEMENT_TEXT_CHARS])
+                    break
+    return result
+
+
+def clickable_elements(obs: dict) -> list[dict[str, Any]]:
+    """Visible clickable elements with bid, role, tag, text and bbox [x, y, w, h] (CSS px)."""
+    roles: dict[str, tuple[str, str]] = {}
+    for node in (obs.get("axtree_object") or {}).get("nodes", []):
+        bid = node.get("browsergym_id")
+        if bid is not None:
+            role = (node.get("role") or {}).get("value", "")
+            name = (node.get("name") or {}).get("value", "")
+            roles[str(bid)] = (str(role), str(name))
+    dom = dom_element_texts(obs.get("dom_object") or {})
+    elements = []
+    for bid, props in (obs.get("extra_element_properties") or {}).items():
+        bbox = props.get("bbox")
+        if not props.get("clickable") or bbox is None or (props.get("visibility") or 0) < 0.5:
+            continue
+        role, name = roles.get(bid, ("", ""))
+        tag, dom_text = dom.get(bid, ("", ""))
+        elements.append(
+            {
+                "bid": str(bid),
+                "role": role or tag,
+                "tag": tag,
+                "text": (name or dom_text)[:ELEMENT_TEXT_CHARS],
+                "bbox": [round(float(v), 1) for v in bbox],
+            }
+        )
+    return elements
+
+
+def goal_text(obs: dict) -> str:
+    """The goal as plain text (BrowserGym's legacy `goal`, else the text parts of `goal_object`)."""
+    if obs.get("goal"):
+        return str(obs["goal"])
+    parts = [m.get("text", "") for m in obs.get("goal_object") or [] if m.get("type") == "text"]
+    return " ".join(p for p in parts if p)
+
+
+class BrowserGymEnvironment(Environment[BrowserGymAction, BrowserGymObservation, BrowserGymState]):
+    """A BrowserGym task behind OpenEnv's reset/step/state."""
+
+    SUPPORTS_CONCURRENT_SESSIONS = True  # each session has its own browsers
+    REQUIRES_SINGLE_THREAD_EXECUTOR = True  # ...but all of them on the one Playwright thread
+
+    def __init__(self, config: Optional[EnvConfig] = None):
+        super().__init__()
+        self.config = (config or EnvConfig()).validate()
+        self.validator = ActionValidator(
+            self.config.action_subsets, self.config.max_action_chars, self.config.allow_multiaction
+        )
+        self._gym_env: Any = None
+        self._gym_task: Optional[str] = None
+        self._thread_id: Optional[int] = None
+        self._episode_done = True
+        self._started = False
+        self._state = BrowserGymState(max_steps=self.config.max_steps)
+
+    # --- OpenEnv interface ---
+
+    def reset(
+        self,
+        seed: Optional[int] = None,
+        episode_id: Optional[str] = None,
+        task: Optional[str] = None,
+        task_name: Optional[str] = None,  # upstream OpenEnv's name for the same thing
+        **kwargs: Any,
+    ) -> BrowserGymObservation:
+        """Start an episode of `task` (default: the configured one) with `seed` (random if None)."""
+        if kwargs:
+            raise ValueError(f"unknown reset arguments: {', '.join(sorted(kwargs))} (accepted: seed, episode_id, task)")
+        self._check_thread()
+        if seed is None:
+            seed = random.randrange(MAX_SEED)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
+        qualified = qualify_task_name(task or task_name or self.config.task)
+
+        # --- (re)build the BrowserGym env when the task changes ---
+        if qualified != self._gym_task:
+            self._close_gym_env()
+            self._gym_env = self._make_gym_env(qualified)
+            self._gym_task = qualified
+
+        # --- start the episode (BrowserGym relaunches both browsers on every reset) ---
+        self._episode_done = True  # stays so if the reset fails
+        obs, info = self._gym_env.reset(seed=seed)
+        self._started = True
+        self._episode_done = False
+        self._state = BrowserGymState(
+            episode_id=episode_id or str(uuid.uuid4()),
+            step_count=0,
+            benchmark=qualified.split(".", 1)[0],
+            task_name=qualified,
+            goal=goal_text(obs),
+            current_url=str(obs.get("url", "")),
+            max_steps=self.config.max_steps,
+            cum_reward=0.0,
+            seed=seed,
+            done=False,
+        )
+        return self._observation(obs, info, reward=0.0, terminated=False, truncated=False)
+
+    def step(
+        self, action: BrowserGymAction, timeout_s: Optional[float] = None, **kwargs: Any
+    ) -> BrowserGymObservation:
+        """Validate and run one action. A bad action is a recorded error, never an exception."""
+        self._check_thread()
+        if not self._started or self._episode_done:
+            reason = "call reset() before step()" if not self._started else "episode is over; call reset()"
+            return BrowserGymObservation(
+                goal=self._state.goal,
+                url=self._state.current_url,
+                error=reason,
+                last_action_error=True,
+                done=self._started,
+                reward=0.0,
+                step_count=self._state.step_count,
+                task_name=self._state.task_name,
+                seed=self._state.seed,
+            )
+
+        # The validator is BrowserEnv's action_mapping: its InvalidActionError becomes
+        # obs["last_action_error"] inside BrowserGym's step, and the page is observed as usual.
+        obs, reward, terminated, truncated, info = self._gym_env.step(action.action_str)
+        self._state.step_count += 1
+        truncated = bool(truncated) or (not terminated and self._state.step_count >= self.config.max_steps)
+        self._episode_done = bool(terminated) or truncated
+        self._state.cum_reward += float(reward)
+        self._state.current_url = str(obs.get("url", ""))
+        self._state.done = self._episode_done
+        return self._observation(obs, info, reward=float(reward), terminated=bool(terminated), truncated=truncated)
+
+    @property
+    def state(self) -> BrowserGymState:
+        # Read on the server's event-loop thread: must not touch Playwright.
+        return self._state
+
+    def close(self) -> None:
+        """Close the browsers (must run on the Playwright thread; the server does that)."""
+        self._close_gym_env()
+
+    # --- helpers ---
+
+    def _check_thread(self) -> None:
+        current = threading.get_ident()
+        if self._thread_id is None:
+            self._thread_id = current
+        elif self._thread_id != current:
+            raise RuntimeError(
+                "BrowserGymEnvironment used from two threads; BrowserGym's sync Playwright is bound "
+                "to the thread that created it"
+            )
+
+    def _make_gym_env(self, task: str) -> Any:
+        import gymnasium as gym
+
+        benchmark = task.split(".", 1)[0]
+        try:
+            importlib.import_module(f"browsergym.{benchmark}")  # registers its tasks with gym
+        except ModuleNotFoundError:
+            raise ValueError(f"unknown benchmark {benchmark!r} in task {task!r} (install browsergym-{benchmark})") from None
+        env_id = f"browsergym/{task}"
+        if env_id not in gym.registry:
+            known = sorted(k[len("browsergym/") :] for k in gym.registry if k.startswith(f"browsergym/{benchmark}."))
+            raise ValueError(f"unknown task {task!r}; {len(known)} {benchmark} tasks exist, e.g. {', '.join(known[:5])}")
+
+        install_launch_wrapper(self.config.chromium_path, self.config.chromium_args)
+        task_kwargs: dict[str, Any] = {}
+        if benchmark == "miniwob":
+            task_kwargs["base_url"] = self.config.miniwob_url or default_miniwob_url()
+        env = gym.make(
+            env_id,
+            disable_env_checker=True,
+            task_kwargs=task_kwargs,
+            headless=self.config.headless,
+            slow_mo=self.config.slow_mo,
+            timeout=self.config.action_timeout_ms,
+            viewport=self.config.viewport,
+            pre_observation_delay=self.config.pre_observation_delay,
+            action_mapping=self.validator,
+        )
+        return env.unwrapped  # BrowserEnv itself, without gym's order-enforcing wrappers
+
+    def _close_gym_env(self) -> None:
+        if self._gym_env is None:
+            return
+        env, self._gym_env, self._gym_task = self._gym_env, None, None
+        self._started, self._episode_done = False, True
+        try:
+            env.close()
+        except Exception as e:  # a dead browser must not stop us from closing the rest
+            logger.warning("closing BrowserGym env failed: %s: %s", type(e).__name__, e)
+
+    def _observation(
+        self, obs: dict, info: dict, reward: float, terminated: bool, truncated: bool
+    ) -> BrowserGymObservation:
+        from browsergym.utils.obs import flatten_axtree_to_str, flatten_dom_to_str, prune_html
+
+        config = self.config
+        axtree_txt = flatten_axtree_to_str(obs["axtree_object"]) if obs.get("axtree_object") else ""
+        pruned_html = ""
+        if config.include_pruned_html and obs.get("dom_object"):
+            pruned_html = prune_html(flatten_dom_to_str(obs["dom_object"]))
+        screenshot = obs.get("screenshot")
+        error = str(obs.get("last_action_error") or "")
+        task_info = info.get("task_info") if isinstance(info, dict) else None
+        return BrowserGymObservation(
+            text=axtree_txt,
+            url=str(obs.get("url", "")),
+            screenshot=screenshot.tolist() if config.include_screenshot_array and screenshot is not None else None,
+            goal=goal_text(obs),
+            axtree_txt=axtree_txt,
+            pruned_html=pruned_html,
+            error=_printable(error, 2000),
+            last_action_error=bool(error),
+            done=terminated or truncated,
+            reward=reward,
+            # openenv 0.3.0's serializer drops metadata on the wire; in-process users still get it.
+            metadata={"task_info": _jsonable(task_info), "elapsed_time": _jsonable(obs.get("elapsed_time"))},
+            screenshot_png_b64=png_base64(screenshot) if config.include_screenshot and screenshot is not None else "",
+            clickable_elements=clickable_elements(obs),
+            step_count=self._state.step_count,
+            task_name=self._gym_task or "",
+            seed=self._state.seed,
+            terminated=terminated,
+            truncated=truncated,
+            last_action=_printable(str(obs.get("last_action") or ""), LAST_ACTION_CHARS),
+        )
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist"):
+        return _jsonable(value.tolist())
+    return str(value)
