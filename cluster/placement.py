@@ -1,0 +1,125 @@
+"""Every resource decision of a run: placement groups, bundles, per-actor CPU/GPU options.
+
+Two placement groups:
+- learner: one bundle per rank ({CPU, GPU}), STRICT_PACK when the ranks use GPUs (NCCL over
+  NVLink on one node), PACK otherwise;
+- rollout: one bundle per rollout worker ({CPU, GPU for its engine}), strategy from the config
+  (PACK on one machine, SPREAD over GPU nodes on a cluster).
+Env-server hosts (env_placement = ray_actors) are CPU-only actors outside both groups, scheduled
+with Ray's SPREAD strategy, so browsers land on whichever nodes have CPUs.
+
+Actors never pick their own resources: the driver asks this module for `.options(...)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.config import ClusterConfig
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot provide the requested resources (in time)."""
+
+
+def _bundle(cpus: float, gpus: float) -> dict[str, float]:
+    b = {"CPU": float(cpus)}
+    if gpus > 0:
+        b["GPU"] = float(gpus)
+    return b
+
+
+@dataclass
+class Placement:
+    config: ClusterConfig
+    learner_pg: PlacementGroup
+    rollout_pg: PlacementGroup
+
+    @classmethod
+    def create(cls, config: ClusterConfig, timeout_s: float = 120.0) -> "Placement":
+        """Reserves both groups; PlacementError (with what is missing) if not ready in time."""
+        check_resources(config)
+        learner_strategy = "STRICT_PACK" if config.learner_num_gpus > 0 else "PACK"
+        learner_pg = placement_group(
+            [_bundle(config.learner_num_cpus, config.learner_num_gpus)] * config.learner_num_ranks,
+            strategy=learner_strategy,
+            name="bgrpo-learner",
+        )
+        rollout_pg = placement_group(
+            [_bundle(config.rollout_num_cpus, config.rollout_num_gpus)] * config.num_rollout_workers,
+            strategy=config.placement_strategy,
+            name="bgrpo-rollout",
+        )
+        placement = cls(config, learner_pg, rollout_pg)
+        try:
+            ready, _ = ray.wait([learner_pg.ready(), rollout_pg.ready()], num_returns=2, timeout=timeout_s)
+            if len(ready) != 2:
+                raise PlacementError(
+                    f"placement groups not ready after {timeout_s:.0f} s: the cluster lacks the resources "
+                    f"for {config.learner_num_ranks} learner rank(s) x {_bundle(config.learner_num_cpus, config.learner_num_gpus)} "
+                    f"+ {config.num_rollout_workers} rollout worker(s) x {_bundle(config.rollout_num_cpus, config.rollout_num_gpus)} "
+                    f"(strategy {config.placement_strategy}); available: {ray.available_resources()}"
+                )
+        except BaseException:
+            placement.remove()
+            raise
+        return placement
+
+    def learner_options(self, rank: int) -> dict[str, Any]:
+        return {
+            "num_cpus": self.config.learner_num_cpus,
+            "num_gpus": self.config.learner_num_gpus,
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                self.learner_pg, placement_group_bundle_index=rank
+            ),
+            "name": None,
+        }
+
+    def rollout_options(self, index: int) -> dict[str, Any]:
+        return {
+            "num_cpus": self.config.rollout_num_cpus,
+            "num_gpus": self.config.rollout_num_gpus,
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                self.rollout_pg, placement_group_bundle_index=index
+            ),
+        }
+
+    def env_host_options(self) -> dict[str, Any]:
+        """CPU-only, spread over the nodes (outside the GPU placement groups)."""
+        return {
+            "num_cpus": self.config.env_server_num_cpus * self.config.env_servers_per_worker,
+            "num_gpus": 0,
+            "scheduling_strategy": "SPREAD",
+        }
+
+    def remove(self) -> None:
+        for pg in (self.learner_pg, self.rollout_pg):
+            try:
+                remove_placement_group(pg)
+            except Exception:  # already gone (cluster shut down): nothing left to free
+                pass
+
+
+def check_resources(config: ClusterConfig) -> None:
+    """Fails fast (before waiting) when the whole cluster cannot ever hold the request."""
+    total = ray.cluster_resources()
+    need_cpu = config.learner_num_ranks * config.learner_num_cpus + config.num_rollout_workers * config.rollout_num_cpus
+    if config.env_placement == "ray_actors":
+        need_cpu += config.num_rollout_workers * config.env_servers_per_worker * config.env_server_num_cpus
+    need_gpu = config.learner_num_ranks * config.learner_num_gpus + config.num_rollout_workers * config.rollout_num_gpus
+    if need_gpu > total.get("GPU", 0):
+        raise PlacementError(
+            f"the run needs {need_gpu:g} GPUs (learner {config.learner_num_ranks} x {config.learner_num_gpus:g}, "
+            f"rollout {config.num_rollout_workers} x {config.rollout_num_gpus:g}) but the cluster has "
+            f"{total.get('GPU', 0):g}; lower cluster.*_num_gpus (0 = CPU)"
+        )
+    if need_cpu > total.get("CPU", 0):
+        raise PlacementError(
+            f"the run needs {need_cpu:g} CPUs but the cluster has {total.get('CPU', 0):g}; lower "
+            "cluster.*_num_cpus or raise cluster.num_cpus (logical CPUs of a local cluster)"
+        )
