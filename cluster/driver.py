@@ -187,6 +187,7 @@ class Trainer:
         """Async: per step, how many groups were in flight while the learner trained, and how many
         engine calls the workers made meanwhile (measured: workers are busy while it trains)."""
         self._prev_stats: dict[str, float] = {}
+        self._handle: Any = None
 
     # --- start-up -------------------------------------------------------------------------------
 
@@ -285,12 +286,22 @@ class Trainer:
 
     # --- weights --------------------------------------------------------------------------------
 
+    def _publish(self) -> Any:
+        """The handle of the learner's current version: published once per version (a step the
+        learner skipped, e.g. all groups filtered, keeps the version and its handle)."""
+        import ray
+
+        version = ray.get(self.learners[0].get_policy_version.remote(), timeout=600)
+        if self._handle is None or self._handle.version != version:
+            self._handle = ray.get(self.learners[0].publish_weights.remote(), timeout=600)
+        return self._handle
+
     def _sync_weights(self) -> float:
         """Publishes the learner's weights and waits until every worker loaded them."""
         import ray
 
         t0 = time.monotonic()
-        handle = ray.get(self.learners[0].publish_weights.remote(), timeout=600)
+        handle = self._publish()
         versions = ray.get([w.update_weights.remote(handle.version, handle.ref) for w in self.workers], timeout=600)
         if any(v != handle.version for v in versions):
             raise TrainingError(f"workers loaded versions {versions}, expected {handle.version}")
@@ -301,7 +312,7 @@ class Trainer:
         """Publishes and sends the new weights without waiting (async loop)."""
         import ray
 
-        handle = ray.get(self.learners[0].publish_weights.remote(), timeout=600)
+        handle = self._publish()
         self.version = handle.version
         return [w.update_weights.remote(handle.version, handle.ref) for w in self.workers]
 
@@ -577,9 +588,11 @@ class Trainer:
                 else:
                     buffer.append(group)
             ray.get(pending_updates, timeout=600)
-        finally:
-            # --- drain: groups still in flight finish and are counted as run_ended ---
-            self._drain(in_flight, buffer)
+        except BaseException:
+            in_flight.clear()  # an error or Ctrl-C: close() stops the workers, nothing to wait for
+            raise
+        # --- drain: groups still in flight finish and are counted as run_ended ---
+        self._drain(in_flight, buffer)
 
     def _drain(self, in_flight: dict[Any, tuple[int, Any]], buffer: deque) -> None:
         import ray
@@ -620,7 +633,7 @@ class Trainer:
             self.eval_worker = RolloutWorkerActor.options(num_cpus=0).remote(
                 "eval", rollout, self._engine_cfg, cfg.env, str(self.run_dir / "eval"), self._env_urls[0]
             )
-        handle = ray.get(self.learners[0].publish_weights.remote(), timeout=600)
+        handle = self._publish()
         ray.get(self.eval_worker.update_weights.remote(handle.version, handle.ref), timeout=600)
         t0 = time.monotonic()
         per_task: dict[str, list[bool]] = {}

@@ -1,0 +1,72 @@
+"""The driver's command line and bookkeeping, without starting actors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+
+from cluster import driver
+from cluster.config import ClusterConfig
+
+
+def test_bad_config_fails_before_ray_starts(capsys):
+    import ray
+
+    assert not ray.is_initialized()
+    assert driver.main(["--config", "local", "--cluster.mode", "fast"]) == 2
+    assert driver.main(["--config", "local", "--sampler.tasks", "[click-tset]"]) == 2
+    assert driver.main(["--config", "no-such-preset"]) == 2
+    err = capsys.readouterr().err
+    assert "cluster.mode: 'fast' is not one of" in err
+    assert "did you mean miniwob.click-test" in err
+    assert "unknown preset 'no-such-preset'" in err
+    assert not ray.is_initialized()  # nothing was started
+
+
+def test_help_lists_fields(capsys):
+    assert driver.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--cluster.max_staleness" in out and "--learner.lr" in out and "MODEL_ID" in out
+
+
+def test_bgrpo_command_reports_bad_config_fast():
+    # Through the real console entry point, in a fresh process: exit code 2 and a clear message.
+    proc = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "train", "--cluster.total_steps", "0"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "cluster.total_steps must be >= 1" in proc.stderr
+
+
+def _group(n, status="finished"):
+    return SimpleNamespace(trajectories=[SimpleNamespace(status=status)] * n)
+
+
+def test_accounting_balances_only_when_every_episode_has_a_fate():
+    acc = driver.Accounting()
+    acc.returned = 12
+    acc.trained = 6
+    acc.drop("stale", _group(4))
+    acc.dropped["learner_filtered"] += 0
+    acc.finalize(worker_started=14)  # 2 episodes of a re-run attempt
+    assert acc.dropped["rerun_attempt"] == 2
+    assert not acc.balanced  # 2 returned episodes are unaccounted for
+    acc.drop("run_ended", _group(2))
+    assert acc.balanced
+    assert acc.as_dict()["groups_dropped"] == {"stale": 1, "run_ended": 1}
+    assert Counter(acc.as_dict()["dropped"]) == Counter({"stale": 4, "rerun_attempt": 2, "run_ended": 2})
+
+
+def test_placement_rejects_impossible_requests(ray_cluster):
+    from cluster.placement import PlacementError, check_resources
+
+    with pytest.raises(PlacementError, match="needs 3 GPUs"):
+        check_resources(ClusterConfig(num_rollout_workers=2, rollout_num_gpus=1, learner_num_gpus=1))
+    with pytest.raises(PlacementError, match="CPUs"):
+        check_resources(ClusterConfig(num_rollout_workers=100, rollout_num_cpus=1))
+    check_resources(ClusterConfig())  # the local preset's request fits the test cluster
