@@ -146,10 +146,19 @@ def _communicator(host: str, port: int, rank: int, world_size: int, device: torc
     return PyNcclCommunicator(pg, device=device)
 
 
-def _wait(event: torch.cuda.Event, deadline: float, what: str) -> None:
-    # NCCL collectives have no timeout of their own; poll the completion event against a deadline.
+def _wait(event: torch.cuda.Event, deadline: float, what: str, comm=None) -> None:
+    """NCCL collectives have no timeout of their own: poll the completion event against a deadline.
+
+    On a timeout the communicator is aborted (`ncclCommAbort` ends its in-flight kernels, which
+    would otherwise spin on the GPU for ever) and a `WeightSyncError` is raised.
+    """
     while not event.query():
         if time.monotonic() > deadline:
+            if comm is not None:
+                try:
+                    comm.nccl.ncclCommAbort(comm.comm)
+                except Exception:  # best effort: the group is unusable either way
+                    pass
             raise WeightSyncError(f"{what} did not complete before its timeout")
         time.sleep(0.0005)
 
@@ -167,6 +176,8 @@ class NcclWeightSender:
     def connect(self, host: str, port: int, world_size: int, timeout_s: float = 300.0) -> None:
         """Blocks until every receiver has joined (call concurrently with the receivers')."""
         self._comm = _communicator(host, port, 0, world_size, self.device, timeout_s)
+        # A stream of its own: a collective stuck on it never blocks the training stream.
+        self._stream = torch.cuda.Stream(self.device)
         # Persistent buckets: allocated once, refilled each sync (no allocator churn).
         self._buckets = [
             torch.empty(n, dtype=self.layout.torch_dtype, device=self.device)
@@ -184,17 +195,22 @@ class NcclWeightSender:
             self.layout.pack_into(named, self._buckets)
         torch.cuda.current_stream(self.device).synchronize()
         t1 = time.perf_counter()
-        stream = torch.cuda.current_stream(self.device)
+        stream = self._stream
         for b in self._buckets:
             self._comm.broadcast(b, src=0, stream=stream)
         done = torch.cuda.Event()
         done.record(stream)
         try:
-            _wait(done, time.monotonic() + timeout_s, "NCCL weight broadcast (sender)")
+            _wait(done, time.monotonic() + timeout_s, "NCCL weight broadcast (sender)", self._comm)
         except WeightSyncError:
             self.broken = True
             raise
         return {"bytes": self.layout.total_bytes, "pack_s": t1 - t0, "send_s": time.perf_counter() - t1}
+
+    def probe(self, repeats: int = 3, timeout_s: float = 60.0) -> dict:
+        """Raw link speed: broadcasts the buckets as they are (no pack, no load), best of
+        `repeats`. The receivers must call `probe` with the same `repeats` at the same time."""
+        return _probe(self._comm, self._buckets, self._stream, repeats, timeout_s)
 
 
 class NcclWeightReceiver:
@@ -210,6 +226,8 @@ class NcclWeightReceiver:
     def connect(self, host: str, port: int, rank: int, world_size: int,
                 timeout_s: float = 300.0) -> None:
         self._comm = _communicator(host, port, rank, world_size, self.device, timeout_s)
+        # A stream of its own: a receive stuck on it never blocks vLLM's inference stream.
+        self._stream = torch.cuda.Stream(self.device)
         self._buckets = [
             torch.empty(n, dtype=self.layout.torch_dtype, device=self.device)
             for n in self.layout.bucket_numels
@@ -221,14 +239,39 @@ class NcclWeightReceiver:
             raise WeightSyncError("receiver is not connected")
         if self.broken:
             raise WeightSyncError("weight-sync group is broken by an earlier timeout; re-form it")
-        stream = torch.cuda.current_stream(self.device)
+        stream = self._stream
+        # The buckets may still be read by the previous load on the current stream.
+        stream.wait_stream(torch.cuda.current_stream(self.device))
         for b in self._buckets:
             self._comm.broadcast(b, src=0, stream=stream)
         done = torch.cuda.Event()
         done.record(stream)
         try:
-            _wait(done, time.monotonic() + timeout_s, "NCCL weight broadcast (receiver)")
+            _wait(done, time.monotonic() + timeout_s, "NCCL weight broadcast (receiver)", self._comm)
         except WeightSyncError:
             self.broken = True
             raise
+        # The loader's copies run on the current stream: order them after the receive.
+        torch.cuda.current_stream(self.device).wait_stream(stream)
         return list(self.layout.unpack(self._buckets))
+
+    def probe(self, repeats: int = 3, timeout_s: float = 60.0) -> dict:
+        """The receiving end of `NcclWeightSender.probe` (the buckets are not loaded)."""
+        return _probe(self._comm, self._buckets, self._stream, repeats, timeout_s)
+
+
+def _probe(comm, buckets, stream, repeats: int, timeout_s: float) -> dict:
+    if comm is None or buckets is None:
+        raise WeightSyncError("not connected")
+    nbytes = sum(b.numel() * b.element_size() for b in buckets)
+    best = float("inf")
+    for _ in range(repeats):
+        stream.synchronize()
+        t0 = time.perf_counter()
+        for b in buckets:
+            comm.broadcast(b, src=0, stream=stream)
+        done = torch.cuda.Event()
+        done.record(stream)
+        _wait(done, time.monotonic() + timeout_s, "NCCL probe broadcast", comm)
+        best = min(best, time.perf_counter() - t0)
+    return {"bytes": nbytes, "seconds": best, "GBps": nbytes / best / 1e9}
