@@ -128,7 +128,7 @@ class EnvServerPool:
         env_config: Optional[EnvConfig] = None,
         host: str = "127.0.0.1",
         startup_timeout_s: float = 90.0,
-        stop_timeout_s: float = 10.0,
+        stop_timeout_s: float = 5.0,
         log_dir: Optional[str] = None,
         tag: Optional[str] = None,
     ):
@@ -176,7 +176,7 @@ class EnvServerPool:
         if server is None or server.process.poll() is not None or not server.url:
             return False
         try:
-            return requests.get(f"{server.url}/health", timeout=5.0).status_code == 200
+            return requests.get(f"{server.url}/health", timeout=3.0).status_code == 200
         except requests.RequestException:
             return False
 
@@ -211,6 +211,7 @@ class EnvServerPool:
             servers = [s for s in self._servers if s is not None]
             for server in servers:  # SIGTERM all first so they shut down in parallel
                 self._signal_group(server, signal.SIGTERM)
+                self._signal_group(server, signal.SIGCONT)
             for server in servers:
                 self._stop(server)
             # Backstop: anything of ours that escaped its process group.
@@ -304,6 +305,7 @@ class EnvServerPool:
         # SIGTERM lets uvicorn close the sessions (and their browsers); the group SIGKILL that
         # follows takes whatever is left of the group (the Playwright driver, Chromium).
         self._signal_group(server, signal.SIGTERM)
+        self._signal_group(server, signal.SIGCONT)  # a stopped (hung) server must see it
         try:
             server.process.wait(timeout=self.stop_timeout_s)
         except subprocess.TimeoutExpired:

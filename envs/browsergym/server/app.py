@@ -116,15 +116,24 @@ def config_from_args(args: argparse.Namespace):
     return config.validate()
 
 
+def _kill_own_browsers() -> None:
+    # The pool tags each server's environment; the browsers inherit the tag (Playwright starts them
+    # in their own sessions, out of our process group).
+    from envs.browsergym.pool import SERVER_TAG_VAR, kill_tagged_processes
+
+    tag = os.environ.get(SERVER_TAG_VAR)
+    if tag:
+        kill_tagged_processes(SERVER_TAG_VAR, tag, timeout_s=3.0)
+
+
 def _watch_parent(parent_pid: int) -> None:
-    # If the pool's process dies without stopping us (SIGKILL), shut down instead of orphaning
-    # browsers: SIGTERM starts uvicorn's graceful shutdown, the hard exit is the backstop.
+    # If the pool's process dies without stopping us (SIGKILL), stop our browsers and exit instead
+    # of leaving orphans.
     while True:
-        time.sleep(1.0)
+        time.sleep(0.5)
         if os.getppid() != parent_pid:
-            logger.warning("parent process %d is gone; shutting down", parent_pid)
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(10.0)
+            logger.warning("parent process %d is gone; stopping browsers and exiting", parent_pid)
+            _kill_own_browsers()
             os._exit(1)
 
 
@@ -161,7 +170,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"bgrpo env-server: task {config.task} on http://{args.host}:{port} (WebSocket /ws)", flush=True)
 
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=False, ws_max_size=16 * 1024 * 1024))
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    finally:
+        _kill_own_browsers()  # sessions close their envs on shutdown; this catches the rest
     return 0
 
 
