@@ -79,7 +79,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 class Learner:
     """One learner rank. See the module docstring for the multi-rank protocol."""
 
-    def __init__(self, config: LearnerConfig, rank: int = 0, world_size: int | None = None) -> None:
+    def __init__(
+        self,
+        config: LearnerConfig,
+        rank: int = 0,
+        world_size: int | None = None,
+        model: torch.nn.Module | None = None,
+    ) -> None:
+        """`model`: an already-built model to train instead of loading `config.model_path`'s
+        weights (benchmarks of random-initialised shapes); the tokenizer and processor still
+        come from `config.model_path`."""
         from transformers import get_scheduler
 
         config.validate()
@@ -93,7 +102,9 @@ class Learner:
         seed_everything(config.seed)
 
         # --- model (+ LoRA, gradient checkpointing) ---
-        self.model = load_model(config.model_path, config.attn_implementation)
+        self.model = model if model is not None else load_model(
+            config.model_path, config.attn_implementation
+        )
         self.model.config.use_cache = False
         self.vision = self._vision_spec()
         self.pad_token_id = self._pad_token_id()
