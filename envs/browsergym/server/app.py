@@ -170,8 +170,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"bgrpo env-server: task {config.task} on http://{args.host}:{port} (WebSocket /ws)", flush=True)
 
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=False, ws_max_size=16 * 1024 * 1024))
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal; turn both into
+    # exceptions so the `finally` below runs instead of the default die-at-once handler.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        return 130
     finally:
         _kill_own_browsers()  # sessions close their envs on shutdown; this catches the rest
     return 0
