@@ -153,6 +153,7 @@ class RolloutWorker:
         self._batcher: GenerationBatcher | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._started = time.monotonic()
+        self._last_group_window: tuple[float, float] | None = None
         try:
             # --- env servers: embedded pool by default, remote URLs by configuration ---
             if env_urls:
@@ -197,6 +198,7 @@ class RolloutWorker:
         if num_generations < 1:
             raise ValueError(f"num_generations must be >= 1, got {num_generations}")
         reruns = 0
+        started_at = time.time()
         while True:
             group = self._run_group_once(task, int(seed), int(num_generations))
             failed = group_failed(group)
@@ -209,6 +211,7 @@ class RolloutWorker:
                 else:
                     self._stats.groups_dropped += 1
             self._record(group)
+            self._last_group_window = (started_at, time.time())
             if not failed:
                 return group
             if self.config.on_failure == "rerun" and reruns < self.config.max_group_reruns:
@@ -260,6 +263,7 @@ class RolloutWorker:
             engine_busy_s=b.busy_s if b else 0.0,
             engine_max_batch=b.max_batch if b else 0,
             uptime_s=time.monotonic() - self._started,
+            last_group_window=self._last_group_window,  # (start, end) wall-clock of the last run_group
         )
         return out
 

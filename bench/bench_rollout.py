@@ -1,0 +1,223 @@
+"""Rollout throughput: the seed gist's sequential pattern vs rollout workers, in one run.
+
+    .venv/bin/python bench/bench_rollout.py [--groups 2] [--group-size 4] [--max-steps 3] [--engine transformers]
+
+Same tiny VLM (built offline), same task (MiniWoB click-test), same prompts and parser, same
+number of episodes everywhere:
+
+  (a) gist:       one env session stepped sequentially inside a "rollout function"; one engine
+                  call per step with a single prompt (what a TRL `rollout_func` over one env does)
+  (b) worker K=2: one RolloutWorker, 2 env sessions, prompts of live episodes batched
+      worker K=4: one RolloutWorker, 4 env sessions
+  (c) 2 workers:  two RolloutWorker Ray actors (K=2 each) running different groups at once
+
+Prints episodes/s and the ratio to (a), then where the time goes, from the recorded step timings:
+engine (time an episode waited for its action, batching included; and the engine's busy time),
+env (step round trips: browser + WebSocket), transport (a WebSocket round trip that touches no
+browser, measured separately), and the rest (resets, prompt building, parsing, bookkeeping).
+The policy is a random tiny model, so nearly every step is the parser's fallback `noop(0)`:
+browser time is real page work (screenshot, accessibility tree), not a sleep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TASK = "miniwob.click-test"
+
+
+def _rollout_config(num_sessions: int, max_steps: int):
+    from actors.config import RolloutConfig
+
+    return RolloutConfig(num_sessions=num_sessions, max_steps=max_steps, step_timeout_s=120.0,
+                         episode_timeout_s=900.0, batch_wait_s=0.05, fallback_action="noop(0)",
+                         write_viewer=False)
+
+
+def _summary(name: str, trajectories, wall_s: float, engine_busy_s: float | None, engine_calls: int | None):
+    steps = [s for t in trajectories for s in t.steps]
+    return {
+        "name": name,
+        "episodes": len(trajectories),
+        "failed": sum(t.status == "failed" for t in trajectories),
+        "steps": len(steps),
+        "wall_s": wall_s,
+        "eps_per_s": len(trajectories) / wall_s,
+        "steps_per_s": len(steps) / wall_s,
+        "engine_wait_s": sum(s.engine_s for s in steps),
+        "env_s": sum(s.env_s for s in steps),
+        "episode_s": sum(t.wall_s for t in trajectories),
+        "engine_busy_s": engine_busy_s,
+        "mean_batch": (len(steps) / engine_calls) if engine_calls else None,
+    }
+
+
+def bench_gist(engine_config, env_config, groups, group_size, max_steps, seeds):
+    """(a) one env, episodes one after another, one prompt per engine call."""
+    from actors.action_parser import ActionParser
+    from actors.engines import create_engine
+    from actors.episode import run_episode
+    from actors.rollout_worker import ClientEnvSession
+    from actors.trajectory import new_id
+    from envs.browsergym.pool import EnvServerPool
+
+    cfg = _rollout_config(1, max_steps)
+    parser = ActionParser(cfg.allowed_actions, cfg.max_action_chars, fallback_action=cfg.fallback_action)
+    engine = create_engine(engine_config)
+    busy = [0.0, 0]
+
+    def generate(request):
+        t0 = time.monotonic()
+        out = engine.generate([request], cfg.sampling)[0]
+        busy[0] += time.monotonic() - t0
+        busy[1] += 1
+        return out
+
+    with EnvServerPool(1, env_config) as pool:
+        session = ClientEnvSession(pool.urls[0], cfg.connect_timeout_s, cfg.step_timeout_s)
+        try:
+            def one_group(seed):
+                gid = new_id()
+                return [run_episode(session, generate, task=TASK, seed=seed, episode_id=new_id(), group_id=gid,
+                                    config=cfg, parser=parser, worker_id="gist") for _ in range(group_size)]
+
+            one_group(seeds[0])  # warm-up: browser, engine
+            busy[:] = [0.0, 0]
+            t0 = time.monotonic()
+            trajs = [t for seed in seeds[1 : groups + 1] for t in one_group(seed)]
+            wall = time.monotonic() - t0
+            transport = _transport_round_trip(session)
+        finally:
+            session.client.close()
+    engine.close()
+    return _summary("(a) gist: 1 env, sequential", trajs, wall, busy[0], busy[1]), transport
+
+
+def _transport_round_trip(session, n: int = 20) -> float:
+    """Median seconds of a WebSocket `state()` round trip: no browser work, just the transport."""
+    times = []
+    for _ in range(n):
+        t0 = time.monotonic()
+        session.client.state()
+        times.append(time.monotonic() - t0)
+    return statistics.median(times)
+
+
+def bench_worker(engine_config, env_config, k, groups, group_size, max_steps, seeds, run_dir):
+    """(b) one RolloutWorker with K sessions."""
+    from actors.rollout_worker import RolloutWorker
+
+    with RolloutWorker(f"bench-k{k}", _rollout_config(k, max_steps), engine_config, env_config,
+                       run_dir / f"k{k}") as worker:
+        worker.run_group(TASK, seeds[0], group_size)  # warm-up
+        before = worker.stats()
+        t0 = time.monotonic()
+        trajs = [t for seed in seeds[1 : groups + 1] for t in worker.run_group(TASK, seed, group_size).trajectories]
+        wall = time.monotonic() - t0
+        after = worker.stats()
+    return _summary(f"(b) 1 worker, K={k}", trajs, wall, after["engine_busy_s"] - before["engine_busy_s"],
+                    after["engine_calls"] - before["engine_calls"])
+
+
+def bench_two_workers(engine_config, env_config, k, groups, group_size, max_steps, seeds, run_dir):
+    """(c) two RolloutWorker Ray actors, each running its share of the groups at the same time."""
+    import ray
+
+    from actors.rollout_worker import RolloutWorkerActor
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
+    try:
+        workers = [RolloutWorkerActor.options(num_cpus=1).remote(
+            f"bench-w{i}", _rollout_config(k, max_steps), engine_config, env_config, str(run_dir / f"w{i}"))
+            for i in range(2)]
+        ray.get([w.run_group.remote(TASK, seeds[0], group_size) for w in workers])  # warm-up
+        before = ray.get([w.stats.remote() for w in workers])
+        t0 = time.monotonic()
+        # Same total: the groups are split between the two workers.
+        refs = [workers[i % 2].run_group.remote(TASK, seed, group_size) for i, seed in enumerate(seeds[1 : groups + 1])]
+        trajs = [t for g in ray.get(refs) for t in g.trajectories]
+        wall = time.monotonic() - t0
+        after = ray.get([w.stats.remote() for w in workers])
+        ray.get([w.close.remote() for w in workers])
+    finally:
+        ray.shutdown()
+    busy = sum(a["engine_busy_s"] - b["engine_busy_s"] for a, b in zip(after, before))
+    calls = sum(a["engine_calls"] - b["engine_calls"] for a, b in zip(after, before))
+    return _summary(f"(c) 2 workers (Ray), K={k} each", trajs, wall, busy, calls)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--groups", type=int, default=2, help="timed groups per configuration (after one warm-up)")
+    ap.add_argument("--group-size", type=int, default=4, help="G: episodes per group")
+    ap.add_argument("--max-steps", type=int, default=3)
+    ap.add_argument("--engine", default="transformers", choices=["transformers", "vllm"])
+    ap.add_argument("--sessions", default="2,4", help="K values for (b)")
+    ap.add_argument("--skip-ray", action="store_true", help="skip (c)")
+    args = ap.parse_args(argv)
+
+    from actors.engines import EngineConfig
+    from actors.tiny_models import build_tiny_vl_model
+    from envs.browsergym.config import EnvConfig
+
+    engine_config = EngineConfig(model=str(build_tiny_vl_model()), backend=args.engine)
+    env_config = EnvConfig(task=TASK)
+    seeds = list(range(100, 101 + args.groups))
+    run_dir = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
+    print(f"task {TASK}, G={args.group_size}, {args.groups} timed groups, max_steps {args.max_steps}, "
+          f"engine {args.engine}, tiny VLM, {os.cpu_count()} CPUs", flush=True)
+
+    results = []
+    gist, transport_s = bench_gist(engine_config, env_config, args.groups, args.group_size, args.max_steps, seeds)
+    results.append(gist)
+    print(f"  done: {gist['name']}", flush=True)
+    for k in [int(x) for x in args.sessions.split(",") if x]:
+        results.append(bench_worker(engine_config, env_config, k, args.groups, args.group_size, args.max_steps,
+                                    seeds, run_dir))
+        print(f"  done: {results[-1]['name']}", flush=True)
+    if not args.skip_ray:
+        results.append(bench_two_workers(engine_config, env_config, 2, args.groups, args.group_size,
+                                         args.max_steps, seeds, run_dir))
+        print(f"  done: {results[-1]['name']}", flush=True)
+
+    base = results[0]["eps_per_s"]
+    print()
+    print(f"{'configuration':34s} {'episodes':>8s} {'failed':>6s} {'steps':>5s} {'wall s':>7s} {'eps/s':>7s} "
+          f"{'x gist':>6s} {'batch':>5s}")
+    for r in results:
+        batch = f"{r['mean_batch']:.2f}" if r["mean_batch"] else "-"
+        print(f"{r['name']:34s} {r['episodes']:8d} {r['failed']:6d} {r['steps']:5d} {r['wall_s']:7.1f} "
+              f"{r['eps_per_s']:7.3f} {r['eps_per_s'] / base:6.2f} {batch:>5s}")
+
+    print()
+    print("where the time goes (sums over episodes; per step in brackets)")
+    print(f"  transport: WebSocket state() round trip, median {transport_s * 1000:.1f} ms (no browser work)")
+    for r in results:
+        n = max(r["steps"], 1)
+        ep = max(r["episode_s"], 1e-9)
+        env_browser = max(r["env_s"] - n * transport_s, 0.0)
+        rest = max(r["episode_s"] - r["engine_wait_s"] - r["env_s"], 0.0)
+        print(f"  {r['name']}")
+        print(f"    engine wait {r['engine_wait_s']:7.1f} s ({r['engine_wait_s'] / n:.2f}/step, "
+              f"{100 * r['engine_wait_s'] / ep:4.1f}%) | engine busy {r['engine_busy_s']:.1f} s "
+              f"({100 * r['engine_busy_s'] / r['wall_s']:.0f}% of wall)")
+        print(f"    env step    {r['env_s']:7.1f} s ({r['env_s'] / n:.2f}/step, {100 * r['env_s'] / ep:4.1f}%) "
+              f"= browser ~{env_browser:.1f} s + transport ~{n * transport_s:.1f} s")
+        print(f"    reset+other {rest:7.1f} s ({100 * rest / ep:4.1f}%)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
