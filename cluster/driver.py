@@ -240,9 +240,11 @@ class Trainer:
         if cfg.cluster.env_placement == "ray_actors":
             from cluster.env_hosts import EnvServerHostActor
 
+            # One node: loopback only. Several: the host node's IP, so other nodes' workers reach it.
+            single_node = len([n for n in ray.nodes() if n["Alive"]]) == 1
             self.env_hosts = [
                 EnvServerHostActor.options(**self.placement.env_host_options()).remote(
-                    cfg.cluster.env_servers_per_worker, cfg.env
+                    cfg.cluster.env_servers_per_worker, cfg.env, "127.0.0.1" if single_node else None
                 )
                 for _ in range(cfg.cluster.num_rollout_workers)
             ]

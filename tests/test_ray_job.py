@@ -154,14 +154,16 @@ def test_ray_job_submit_local_preset(ray_head, tmp_path):
     status = ""
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
-        out = subprocess.run([ray, "job", "status", "--address", url, job_id], env=env,
-                             capture_output=True, text=True, timeout=60).stdout
+        proc = subprocess.run([ray, "job", "status", "--address", url, job_id], env=env,
+                              capture_output=True, text=True, timeout=60)
+        out = proc.stdout + proc.stderr  # the CLI logs the status line to stderr
         status = next((s for s in ("SUCCEEDED", "FAILED", "STOPPED") if s in out), "")
         if status:
             break
         time.sleep(5)
-    logs = subprocess.run([ray, "job", "logs", "--address", url, job_id], env=env,
-                          capture_output=True, text=True, timeout=60).stdout
+    proc = subprocess.run([ray, "job", "logs", "--address", url, job_id], env=env,
+                          capture_output=True, text=True, timeout=60)
+    logs = proc.stdout + proc.stderr
     assert status == "SUCCEEDED", f"job ended {status or 'not in time'}:\n{logs[-4000:]}"
     # The driver joined the job's cluster (no second local Ray) and left a complete run folder.
     assert "Started a local Ray instance" not in logs
