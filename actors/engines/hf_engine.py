@@ -63,6 +63,7 @@ class HFEngine(InferenceEngine):
         auto = AutoModelForImageTextToText if self.is_vision_language else AutoModelForCausalLM
         self.model = auto.from_pretrained(config.model, dtype=self.dtype).to(self.device).eval()
         self._expected_shapes = hf_parameter_shapes(config.model)
+        self._tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
         gen = GenerationConfig.from_pretrained(config.model)
         eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
@@ -158,7 +159,7 @@ class HFEngine(InferenceEngine):
         return generations
 
     def update_weights(self, version: int, weights: Mapping[str, torch.Tensor]) -> None:
-        validate_update(version, weights, self._expected_shapes)
+        validate_update(version, weights, self._expected_shapes, self._tied)
         with self._lock, torch.no_grad():
             state = self.model.state_dict()  # shares storage with the parameters
             for name, tensor in weights.items():

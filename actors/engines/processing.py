@@ -126,6 +126,10 @@ class RenderedPrompt:
     """PIL RGB images, in prompt order (what vLLM gets as multi_modal_data)."""
     pixel_values: torch.Tensor | None = None
     image_grid_thw: torch.Tensor | None = None
+    placeholder_ids: list[int] | None = None
+    """The prompt with one image placeholder token per image, not yet expanded to the image's token
+    count: what vLLM wants with multi_modal_data (it expands placeholders itself, and would expand
+    already-expanded ones again)."""
 
 
 def render_prompt(processor, request: ChatRequest) -> RenderedPrompt:
@@ -144,15 +148,16 @@ def render_prompt(processor, request: ChatRequest) -> RenderedPrompt:
     if not request.images:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         return RenderedPrompt(prompt_ids=list(ids))
+    images = [load_image(img) for img in request.images]
     if not hasattr(processor, "image_processor"):
         raise EngineError("request has images but the model is text-only")
-    images = [load_image(img) for img in request.images]
     out = processor(text=[text], images=images, return_tensors="pt")
     return RenderedPrompt(
         prompt_ids=out["input_ids"][0].tolist(),
         images=images,
         pixel_values=out["pixel_values"],
         image_grid_thw=out["image_grid_thw"],
+        placeholder_ids=list(tokenizer(text, add_special_tokens=False)["input_ids"]),
     )
 
 

@@ -7,7 +7,9 @@ episodes submitted steps independently, which would need an async interface. It 
 (FACTS.md), so switching is a local change if the rollout loop becomes per-episode async.
 
 Prompts go in as token ids (plus the PIL images as multi_modal_data), rendered once by
-`processing.render_prompt`, so the ids returned are exactly those the engine ran on. Logprobs are
+`processing.render_prompt`. vLLM expands each image placeholder to the image's tokens itself, so it
+gets the placeholder form and the engine checks that vLLM's expanded prompt equals the processor's:
+the ids returned are exactly those the engine ran on. Logprobs are
 vLLM's "processed" logprobs: those of the distribution actually sampled from.
 
 Weight updates: validated against the HF parameter names and shapes, written to one safetensors
@@ -124,7 +126,8 @@ class VLLMEngine(InferenceEngine):
                 )
             prompt: dict[str, Any] = {"prompt_token_ids": r.prompt_ids}
             if r.images:
-                prompt["multi_modal_data"] = {"image": r.images}
+                # vLLM expands each image placeholder itself; the expansion is checked below.
+                prompt = {"prompt_token_ids": r.placeholder_ids, "multi_modal_data": {"image": r.images}}
             prompts.append(prompt)
             params.append(
                 SamplingParams(
@@ -151,7 +154,12 @@ class VLLMEngine(InferenceEngine):
                 raise EngineError(f"vLLM refused the batch: {err}") from err
 
         generations = []
-        for r, out in zip(rendered, outputs):
+        for i, (r, out) in enumerate(zip(rendered, outputs)):
+            if list(out.prompt_token_ids) != r.prompt_ids:
+                raise EngineError(
+                    f"request {i}: vLLM ran on {len(out.prompt_token_ids)} prompt tokens, the processor "
+                    f"rendered {len(r.prompt_ids)}; its image processing disagrees with ours"
+                )
             completion = out.outputs[0]
             ids = list(completion.token_ids)
             logprobs = [float(step[token].logprob) for token, step in zip(ids, completion.logprobs or [])]
@@ -171,7 +179,7 @@ class VLLMEngine(InferenceEngine):
         return generations
 
     def update_weights(self, version: int, weights: Mapping[str, torch.Tensor]) -> None:
-        validate_update(version, weights, self._expected_shapes)
+        validate_update(version, weights, self._expected_shapes, self._tied)
         # vLLM ties the output layer to the embedding itself and skips a tied lm_head.weight.
         tensors = {
             name: t.detach().to(device="cpu", dtype=self.dtype).contiguous()

@@ -53,12 +53,13 @@ def validate_update(
     version: int,
     weights: Mapping[str, torch.Tensor],
     expected: Mapping[str, tuple[int, ...]],
+    tie_word_embeddings: bool = False,
 ) -> None:
     """Raises `EngineError` unless every tensor names a model parameter with the right shape.
 
     Also required: an int version >= 0, at least one tensor, floating-point tensors (cast to the
-    engine's dtype when loaded), and whole modules (weight and bias together; q/k/v and gate/up
-    together).
+    engine's dtype when loaded), whole modules (weight and bias together; q/k/v and gate/up
+    together), and in a model with tied embeddings an output layer equal to the input embedding.
     """
     if isinstance(version, bool) or not isinstance(version, int) or version < 0:
         raise EngineError(f"policy version must be an int >= 0, got {version!r}")
@@ -79,6 +80,12 @@ def validate_update(
         for name in expected:
             if _group_key(name) in touched and name not in weights:
                 problems.append(f"{name} missing: parameters of one module (and q/k/v, gate/up) update together")
+    if not problems and tie_word_embeddings:
+        # One tensor in a tied model: vLLM keeps the embedding, transformers the last one copied.
+        heads = [n for n in weights if is_tied_lm_head(n, True)]
+        embeds = [n for n in weights if n.endswith("embed_tokens.weight")]
+        if heads and embeds and not torch.equal(weights[heads[0]], weights[embeds[0]]):
+            problems.append(f"{heads[0]} differs from {embeds[0]} but the model ties them")
     if problems:
         shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")
         raise EngineError(f"weight update v{version} refused, weights unchanged: {shown}")
