@@ -120,6 +120,8 @@ def make_groups(args, vocab: int, vision, special: set[int]):
     rng = random.Random(0)
     image_tokens, image = 0, None
     if vision is not None:
+        # A different screenshot per sample: the learner's per-batch image cache (same first
+        # screenshot across a group's episodes) then saves nothing here, a conservative choice.
         image = _png(args.image_width, args.image_height, seed=1)
         from learner.batching import _decode_png
 
@@ -143,7 +145,8 @@ def make_groups(args, vocab: int, vision, special: set[int]):
             completion = [tok() for _ in range(args.completion_len)]
             step = Step(index=0, prompt_ids=prompt, completion_ids=completion,
                         logprobs=[-1.0] * len(completion), policy_version=0,
-                        images=[image] if image is not None else [])
+                        images=[_png(args.image_width, args.image_height, seed=1000 * g + i)]
+                        if image is not None else [])
             trajs.append(Trajectory(episode_id=f"{g}-{i}", group_id=str(g), task="bench", seed=g,
                                     steps=[step], episode_return=float(i % 2)))
         groups.append(TrajectoryGroup(str(g), "bench", g, trajs))
@@ -187,12 +190,11 @@ def build_model(shape: str, model_path: Path, device: torch.device):
 
 
 def param_counts(model) -> tuple[int, int]:
-    seen, text, vision = set(), 0, 0
+    """(text-model parameters, vision-tower parameters); tied weights once (named_parameters
+    yields a shared parameter once)."""
+    text = vision = 0
     for name, p in model.named_parameters():
-        if p.data_ptr() in seen:
-            continue
-        seen.add(p.data_ptr())
-        if ".visual." in f".{name}" or name.startswith("visual") or ".visual" in name:
+        if "visual." in name:
             vision += p.numel()
         else:
             text += p.numel()
@@ -226,6 +228,7 @@ class Case:
         self.n_text, self.n_vision = param_counts(model)
         self.elapsed = 0.0
         self.tokens = self.samples = 0.0
+        self.phases = {"time/collate_s": 0.0, "time/forward_backward_s": 0.0, "time/optimizer_s": 0.0}
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -240,6 +243,8 @@ class Case:
             self.elapsed += time.perf_counter() - t0
             self.tokens += m["tokens"] + m["prompt_tokens"]
             self.samples += m["samples"]
+            for k in self.phases:
+                self.phases[k] += m[k]
 
     def result(self) -> dict:
         patches = self.image_tokens * 4 * self.samples  # 2x2 merge: 4 patches per image token
@@ -249,6 +254,7 @@ class Case:
             "tokens_per_s": self.tokens / self.elapsed, "step_s": self.elapsed / self.args.steps,
             "params_text": self.n_text, "params_vision": self.n_vision,
             "image_tokens": self.image_tokens, "achieved_tflops": flops / self.elapsed / 1e12,
+            "phases": {k.split("/")[1][:-2]: v / self.elapsed for k, v in self.phases.items()},
         }
         if self.device.type == "cuda":
             r["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -338,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             if "mfu" in r:
                 line += f"  MFU {100 * r['mfu']:5.1f}%  peak mem {r['peak_mem_gib']:.1f} GiB"
             print(line)
+            print(" " * 14 + "time shares: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["phases"].items()))
         print(f"{shape:12s} params: text {rows[0]['params_text'] / 1e6:.1f}M, vision "
               f"{rows[0]['params_vision'] / 1e6:.1f}M; image tokens/sample {rows[0]['image_tokens']}; "
               f"grad-ckpt on/off tokens/s ratio {rows[1]['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}")

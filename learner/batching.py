@@ -13,6 +13,7 @@ are the last `T + 1` positions of every row (`logits_to_keep`).
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,12 +125,16 @@ def collate(
     mask_truncated_completions: bool = False,
     vision: VisionSpec | None = None,
     device: str | torch.device = "cpu",
+    image_cache: dict[bytes, dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, Any]:
     """Pads one micro-batch: prompts left, completions right.
 
     Returns input_ids, attention_mask (B, P + T), completion_mask, sampling_logps (B, T),
     advantages (B,), logits_to_keep (= T), and for images pixel_values, image_grid_thw,
-    mm_token_type_ids.
+    mm_token_type_ids. `image_cache` (keyed by the images' PNG bytes) lets a batch process
+    an image once: the G episodes of a group start from the same screenshot.
+    On a GPU the tensors are copied from pinned memory without blocking the host, so the
+    next micro-batch is collated while the GPU still works on this one.
     """
     if not samples:
         raise BatchError("collate: empty micro-batch")
@@ -174,9 +179,15 @@ def collate(
                         f"prompt_ids but no images recorded"
                     )
                 continue
-            out = vision.image_processor(
-                images=[_decode_png(b) for b in s.images], return_tensors="pt"
-            )
+            key = b"".join(hashlib.sha1(b).digest() for b in s.images)
+            out = image_cache.get(key) if image_cache is not None else None
+            if out is None:
+                out = vision.image_processor(
+                    images=[_decode_png(b) for b in s.images], return_tensors="pt"
+                )
+                out = {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+                if image_cache is not None:
+                    image_cache[key] = out
             grid = out["image_grid_thw"]
             expected = int((grid.prod(dim=-1) // (vision.merge_size**2)).sum())
             if expected != n_tokens:
@@ -197,4 +208,10 @@ def collate(
                     f"episode {s.episode_id} step {s.step_index}: image tokens in prompt_ids but "
                     f"no images recorded"
                 )
+    device = torch.device(device)
+    if device.type == "cuda":
+        return {
+            k: (v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+            for k, v in batch.items()
+        }
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}

@@ -131,6 +131,8 @@ class Learner:
             betas=tuple(config.adam_betas),
             eps=config.adam_eps,
             weight_decay=config.weight_decay,
+            # One fused kernel over all parameters on GPU (the 2B model's step is ~2x faster).
+            fused=self.device.type == "cuda",
         )
         self.scheduler = get_scheduler(
             config.lr_schedule,
@@ -213,6 +215,10 @@ class Learner:
 
     # --- forward ---------------------------------------------------------------------------
 
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def _autocast(self):
         if self.device.type == "cuda" and self.autocast_dtype != torch.float32:
             return torch.autocast("cuda", dtype=self.autocast_dtype)
@@ -270,10 +276,15 @@ class Learner:
         }
         is_min = torch.tensor(math.inf, dtype=f64, device=dev)
         is_max = torch.tensor(-math.inf, dtype=f64, device=dev)
+        collate_s = 0.0
+        image_cache: dict = {}
         for mb in micro_batches(mine, self.config.micro_batch_size):
+            tc = time.perf_counter()
             batch = collate(
-                mb, self.pad_token_id, cfg.mask_truncated_completions, self.vision, dev
+                mb, self.pad_token_id, cfg.mask_truncated_completions, self.vision, dev,
+                image_cache,
             )
+            collate_s += time.perf_counter() - tc
             logps, entropies = self._completion_logps(self.model, batch, with_entropy=True)
             ref_logps = None
             if cfg.beta != 0.0:
@@ -300,6 +311,8 @@ class Learner:
             is_max = torch.maximum(is_max, s.is_ratio_max.to(f64))
 
         # --- gradients of the whole batch on every rank, clip, step ---
+        self._sync()
+        t_opt = time.perf_counter()
         D.all_reduce_gradients_(self.params)
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
@@ -311,6 +324,8 @@ class Learner:
             self.step += 1
             self._policy_version += 1
         self.optimizer.zero_grad(set_to_none=True)
+        self._sync()
+        optimizer_s = time.perf_counter() - t_opt
 
         # --- metrics of the whole batch ---
         keys = list(sums)
@@ -341,6 +356,11 @@ class Learner:
             "policy_version": float(self._policy_version),
             "step": float(self.step),
             "step_time_s": time.perf_counter() - t0,
+            # Where this rank's time went: collate (incl. image processing on CPU), forward +
+            # backward, gradient all-reduce + clip + optimizer.
+            "time/collate_s": collate_s,
+            "time/forward_backward_s": t_opt - t0 - collate_s,
+            "time/optimizer_s": optimizer_s,
         }
         metrics.update(adv_stats.as_metrics())
         return metrics

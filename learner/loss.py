@@ -173,15 +173,17 @@ def grpo_loss(
         def msum(x: torch.Tensor) -> torch.Tensor:
             return (x * mask).sum()
 
+        # No boolean indexing (it would make the host wait for the GPU every micro-batch).
         active = mask > 0
+        inf = torch.tensor(math.inf, dtype=mask.dtype, device=mask.device)
         if is_ratio is not None:
             full = is_ratio.expand_as(mask)
-            vals = full[active]
             is_sum, is_masked = msum(full), msum((full == 0).to(mask.dtype))
         else:
-            vals = torch.ones(int(active.sum()), dtype=mask.dtype, device=mask.device)
+            full = torch.ones_like(mask)
             is_sum, is_masked = mask.sum(), torch.zeros((), dtype=mask.dtype, device=mask.device)
-        inf = torch.tensor(math.inf, dtype=mask.dtype, device=mask.device)
+        vmin = torch.where(active, full, inf).min() if mask.numel() else inf
+        vmax = torch.where(active, full, -inf).max() if mask.numel() else -inf
         sums = LossSums(
             tokens=mask.sum(),
             kl=msum(per_token_kl) if per_token_kl is not None else torch.zeros_like(mask.sum()),
@@ -189,8 +191,8 @@ def grpo_loss(
             clip_high=msum(is_high),
             clip_region=msum(region),
             is_ratio=is_sum,
-            is_ratio_min=vals.min() if vals.numel() else inf,
-            is_ratio_max=vals.max() if vals.numel() else -inf,
+            is_ratio_min=vmin,
+            is_ratio_max=vmax,
             is_masked=is_masked,
         )
     return loss, sums
