@@ -1,0 +1,141 @@
+"""Engine pieces without an engine: update validation, completion trimming, request checks, config, plugin."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from actors.engine import ChatRequest, EngineError
+from actors.engines.config import EngineConfig
+from actors.engines.hf_engine import finish_completion
+from actors.engines.processing import load_image, load_processor, render_prompt
+from actors.engines.weights import hf_parameter_shapes, validate_update
+
+EXPECTED = {
+    "model.layers.0.self_attn.q_proj.weight": (4, 2),
+    "model.layers.0.self_attn.k_proj.weight": (2, 2),
+    "model.layers.0.self_attn.v_proj.weight": (2, 2),
+    "model.layers.0.mlp.gate_proj.weight": (3, 2),
+    "model.layers.0.mlp.up_proj.weight": (3, 2),
+    "model.visual.blocks.0.attn.qkv.weight": (6, 2),
+    "model.visual.blocks.0.attn.qkv.bias": (6,),
+    "model.norm.weight": (2,),
+}
+
+
+def _full() -> dict[str, torch.Tensor]:
+    return {n: torch.zeros(s) for n, s in EXPECTED.items()}
+
+
+def test_validate_update_accepts_whole_modules() -> None:
+    validate_update(1, _full(), EXPECTED)
+    validate_update(2, {"model.norm.weight": torch.ones(2, dtype=torch.bfloat16)}, EXPECTED)
+
+
+@pytest.mark.parametrize(
+    "weights,message",
+    [
+        ({"model.layers.0.self_attn.q_proj.weight": torch.zeros(4, 2)}, "update together"),
+        ({"model.layers.0.mlp.up_proj.weight": torch.zeros(3, 2)}, "gate_proj.weight missing"),
+        ({"model.visual.blocks.0.attn.qkv.weight": torch.zeros(6, 2)}, "qkv.bias missing"),
+        ({"model.norm.weight": torch.zeros(3)}, "shape"),
+        ({"model.norm.weigth": torch.zeros(2)}, "unknown parameter 'model.norm.weigth'"),
+        ({"model.norm.weight": [0.0, 0.0]}, "torch.Tensor"),
+        ({}, "empty"),
+    ],
+)
+def test_validate_update_refuses(weights: dict, message: str) -> None:
+    with pytest.raises(EngineError, match=message):
+        validate_update(1, weights, EXPECTED)
+
+
+@pytest.mark.parametrize("version", [-1, 1.5, True, "2"])
+def test_validate_update_refuses_bad_versions(version) -> None:
+    with pytest.raises(EngineError, match="version"):
+        validate_update(version, _full(), EXPECTED)
+
+
+def test_tied_embeddings_must_agree() -> None:
+    expected = {"model.embed_tokens.weight": (3, 2), "lm_head.weight": (3, 2)}
+    same = torch.randn(3, 2)
+    validate_update(1, {"model.embed_tokens.weight": same, "lm_head.weight": same.clone()}, expected, True)
+    with pytest.raises(EngineError, match="ties"):
+        validate_update(1, {"model.embed_tokens.weight": same, "lm_head.weight": same + 1}, expected, True)
+    validate_update(1, {"model.embed_tokens.weight": same, "lm_head.weight": same + 1}, expected, False)
+
+
+def test_hf_parameter_shapes_match_the_real_model(tiny_vl_model) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_vl_model)
+    assert hf_parameter_shapes(tiny_vl_model) == {n: tuple(t.shape) for n, t in model.state_dict().items()}
+
+
+class _ByteTokenizer:
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids if i >= 32)
+
+
+@pytest.mark.parametrize(
+    "tokens,stop,limit,expected",
+    [
+        ([97, 98, 2, 0, 0], [], 10, (3, "stop")),  # EOS kept, padding after it dropped
+        ([97, 98, 99, 100], [], 3, (3, "length")),  # per-request limit in a longer batch
+        ([97, 98, 99, 100], ["bc"], 10, (3, "stop")),  # ends at the token completing the stop string
+        ([97, 98, 99], [], 10, (3, "length")),
+    ],
+)
+def test_finish_completion(tokens, stop, limit, expected) -> None:
+    assert finish_completion(tokens, {2}, stop, limit, _ByteTokenizer()) == expected
+
+
+def test_load_image_errors() -> None:
+    from PIL import Image
+
+    assert load_image(Image.new("L", (4, 4))).mode == "RGB"
+    with pytest.raises(EngineError, match="not a decodable"):
+        load_image(b"GIF89a-nope")
+    with pytest.raises(EngineError, match="PIL.Image or PNG"):
+        load_image("screenshot.png")
+
+
+def test_render_prompt_request_errors(tiny_text_model) -> None:
+    tokenizer = load_processor(tiny_text_model)
+    bad = [
+        (ChatRequest(messages=[]), "no messages"),
+        (ChatRequest(messages=[{"content": "hi"}]), "'role' and 'content'"),
+        (ChatRequest(messages=[{"role": "user", "content": 3}]), "str or a list"),
+        (ChatRequest(messages=[{"role": "user", "content": "hi"}], images=[b"x"]), "0 image part"),
+    ]
+    for request, message in bad:
+        with pytest.raises(EngineError, match=message):
+            render_prompt(tokenizer, request)
+
+
+def test_engine_config_validate() -> None:
+    EngineConfig(model="/m").validate()
+    for kwargs, message in [
+        ({}, "engine.model"),
+        ({"model": "/m", "backend": "sglang"}, "backend"),
+        ({"model": "/m", "dtype": "int8"}, "dtype"),
+        ({"model": "/m", "device": "tpu"}, "device"),
+        ({"model": "/m", "max_model_len": 0}, "max_model_len"),
+        ({"model": "/m", "gpu_memory_utilization": 1.5}, "gpu_memory_utilization"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            EngineConfig(**kwargs).validate()
+
+
+def test_vllm_plugin_makes_qwen3_vl_importable_and_is_idempotent() -> None:
+    from actors.engines import vllm_plugin
+
+    vllm_plugin.register()
+    vllm_plugin.register()  # vLLM may call it more than once per process
+    module = sys.modules["transformers.models.qwen2_vl.image_processing_qwen2_vl"]
+    assert hasattr(module, "smart_resize")
+    import transformers.models.qwen3_vl as qwen3_vl
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    assert issubclass(qwen3_vl.Qwen3VLVideoProcessor, BaseVideoProcessor)
