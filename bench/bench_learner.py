@@ -228,7 +228,7 @@ class Case:
         self.n_text, self.n_vision = param_counts(model)
         self.elapsed = 0.0
         self.tokens = self.samples = 0.0
-        self.phases = {"time/collate_s": 0.0, "time/forward_backward_s": 0.0, "time/optimizer_s": 0.0}
+        self.phases = {"time/collate_wait_s": 0.0, "time/forward_backward_s": 0.0, "time/optimizer_s": 0.0}
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

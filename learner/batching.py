@@ -208,6 +208,11 @@ def collate(
                     f"episode {s.episode_id} step {s.step_index}: image tokens in prompt_ids but "
                     f"no images recorded"
                 )
+    return to_device(batch, device)
+
+
+def to_device(batch: dict[str, Any], device: str | torch.device) -> dict[str, Any]:
+    """Moves a collated batch; to a GPU from pinned memory without blocking the host."""
     device = torch.device(device)
     if device.type == "cuda":
         return {

@@ -19,6 +19,7 @@ import math
 import os
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,15 @@ from actors.trajectory import TrajectoryGroup
 
 from . import checkpoint as ckpt
 from . import distributed as D
-from .batching import VisionSpec, batch_normalizer, build_samples, collate, micro_batches, shard
+from .batching import (
+    VisionSpec,
+    batch_normalizer,
+    build_samples,
+    collate,
+    micro_batches,
+    shard,
+    to_device,
+)
 from .config import LearnerConfig
 from .loss import grpo_loss
 from .weights import WeightHandle, hf_named_tensors, make_publisher
@@ -276,39 +285,53 @@ class Learner:
         }
         is_min = torch.tensor(math.inf, dtype=f64, device=dev)
         is_max = torch.tensor(-math.inf, dtype=f64, device=dev)
-        collate_s = 0.0
+        collate_s = 0.0  # time the training loop WAITED for collation (not collation's time)
         image_cache: dict = {}
-        for mb in micro_batches(mine, self.config.micro_batch_size):
-            tc = time.perf_counter()
-            batch = collate(
-                mb, self.pad_token_id, cfg.mask_truncated_completions, self.vision, dev,
+        chunks = micro_batches(mine, self.config.micro_batch_size)
+
+        def prepare(mb):
+            return collate(
+                mb, self.pad_token_id, cfg.mask_truncated_completions, self.vision, "cpu",
                 image_cache,
             )
-            collate_s += time.perf_counter() - tc
-            logps, entropies = self._completion_logps(self.model, batch, with_entropy=True)
-            ref_logps = None
-            if cfg.beta != 0.0:
-                with torch.no_grad():
-                    ref_logps = self._reference_logps(batch)
-            loss, s = grpo_loss(
-                logps,
-                batch["advantages"],
-                batch["completion_mask"],
-                cfg,
-                normalizer,
-                sampling_per_token_logps=batch["sampling_logps"],
-                ref_per_token_logps=ref_logps,
-            )
-            loss.backward()
-            mask = batch["completion_mask"]
-            sums["loss"] += loss.detach().to(f64)
-            for k in ("tokens", "kl", "clip_low", "clip_high", "clip_region", "is_ratio", "is_masked"):
-                sums[k] += getattr(s, k).to(f64)
-            sums["entropy"] += (entropies * mask).sum().to(f64)
-            sums["prompt_tokens"] += float(sum(len(x.prompt_ids) for x in mb))
-            sums["staleness"] += float(sum(self._policy_version - x.policy_version for x in mb))
-            is_min = torch.minimum(is_min, s.is_ratio_min.to(f64))
-            is_max = torch.maximum(is_max, s.is_ratio_max.to(f64))
+
+        # Collation (image processing on CPU) of micro-batch i+1 runs in a thread while the
+        # model works on micro-batch i; PIL and numpy release the GIL for most of it.
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collate")
+        try:
+            pending = pool.submit(prepare, chunks[0]) if chunks else None
+            for i, mb in enumerate(chunks):
+                tc = time.perf_counter()
+                cpu_batch = pending.result()
+                pending = pool.submit(prepare, chunks[i + 1]) if i + 1 < len(chunks) else None
+                batch = to_device(cpu_batch, dev)
+                collate_s += time.perf_counter() - tc
+                logps, entropies = self._completion_logps(self.model, batch, with_entropy=True)
+                ref_logps = None
+                if cfg.beta != 0.0:
+                    with torch.no_grad():
+                        ref_logps = self._reference_logps(batch)
+                loss, s = grpo_loss(
+                    logps,
+                    batch["advantages"],
+                    batch["completion_mask"],
+                    cfg,
+                    normalizer,
+                    sampling_per_token_logps=batch["sampling_logps"],
+                    ref_per_token_logps=ref_logps,
+                )
+                loss.backward()
+                mask = batch["completion_mask"]
+                sums["loss"] += loss.detach().to(f64)
+                for k in ("tokens", "kl", "clip_low", "clip_high", "clip_region", "is_ratio", "is_masked"):
+                    sums[k] += getattr(s, k).to(f64)
+                sums["entropy"] += (entropies * mask).sum().to(f64)
+                sums["prompt_tokens"] += float(sum(len(x.prompt_ids) for x in mb))
+                sums["staleness"] += float(sum(self._policy_version - x.policy_version for x in mb))
+                is_min = torch.minimum(is_min, s.is_ratio_min.to(f64))
+                is_max = torch.maximum(is_max, s.is_ratio_max.to(f64))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
         # --- gradients of the whole batch on every rank, clip, step ---
         self._sync()
@@ -358,8 +381,8 @@ class Learner:
             "step_time_s": time.perf_counter() - t0,
             # Where this rank's time went: collate (incl. image processing on CPU), forward +
             # backward, gradient all-reduce + clip + optimizer.
-            "time/collate_s": collate_s,
-            "time/forward_backward_s": t_opt - t0 - collate_s,
+            "time/collate_wait_s": collate_s,
+            "time/forward_backward_s": t_opt - t0 - collate_s,  # incl. sample building
             "time/optimizer_s": optimizer_s,
         }
         metrics.update(adv_stats.as_metrics())
