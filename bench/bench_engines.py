@@ -1,0 +1,300 @@
+"""Tokens per second of the vLLM engine vs the transformers engine, and the time of one weight update.
+
+Both engines run the same model on the same batch of chat requests (optionally with a MiniWoB
+screenshot each) at each batch size; the ratio vLLM / transformers is printed for each. Then one
+full weight update (the model's whole state dict, perturbed) is timed on each engine.
+
+    python bench/bench_engines.py                       # tiny text model (CPU here)
+    python bench/bench_engines.py --shape tiny-vl --image
+    python bench/bench_engines.py --shape qwen3-vl-2b --image --batch-sizes 1,8,32,128   # GPU
+
+`--shape qwen3-vl-2b` builds a random-initialised model with Qwen3-VL-2B-Instruct's exact shape
+(config values below, no download) and the tiny tokenizer padded to the real vocabulary size.
+Completion lengths differ per request (EOS), so throughput counts the tokens actually generated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+# Qwen/Qwen3-VL-2B-Instruct's config.json values (architecture only; weights are random here).
+QWEN3_VL_2B_TEXT = {
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 151936,
+    "max_position_embeddings": 262144,
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": 5000000.0,
+        "mrope_section": [24, 20, 20],
+        "mrope_interleaved": True,
+    },
+}
+QWEN3_VL_2B_VISION = {
+    "depth": 24,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_heads": 16,
+    "in_channels": 3,
+    "patch_size": 16,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "out_hidden_size": 2048,
+    "num_position_embeddings": 2304,
+    "deepstack_visual_indexes": [5, 11, 17],
+    "hidden_act": "gelu_pytorch_tanh",
+}
+QWEN3_VL_2B_TIE_WORD_EMBEDDINGS = True
+# Qwen3-VL's image processor: 32x32 pixels per merged token, 256..16384 tokens per image.
+QWEN3_VL_2B_PIXELS = {"min_pixels": 65536, "max_pixels": 16777216}
+
+SCREENSHOT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "data" / "miniwob_click_button.png"
+
+
+def build_qwen3_vl_2b_shape(cache_dir: pathlib.Path) -> pathlib.Path:
+    """Random Qwen3-VL-2B-shaped model folder (bfloat16), cached; built atomically like the tiny models."""
+    import shutil
+    import tempfile
+
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from actors import tiny_models
+
+    final = cache_dir / "random-qwen3-vl-2b-shape-v1"
+    if (final / "config.json").exists():
+        return final
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=".qwen3-vl-2b.", dir=cache_dir))
+    try:
+        # The tiny tokenizer padded with unused special tokens to the real vocabulary size, so every
+        # id the random model samples decodes.
+        tokenizer = tiny_models.build_tokenizer()
+        real_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tiny_models.SPECIAL_TOKENS}
+        pad = QWEN3_VL_2B_TEXT["vocab_size"] - len(tokenizer)
+        tokenizer.add_tokens([f"<|unused_{i}|>" for i in range(pad)], special_tokens=True)
+        config = Qwen3VLConfig(
+            text_config=dict(
+                QWEN3_VL_2B_TEXT,
+                bos_token_id=real_ids["<|endoftext|>"],
+                eos_token_id=real_ids["<|im_end|>"],
+                pad_token_id=real_ids["<|endoftext|>"],
+            ),
+            vision_config=QWEN3_VL_2B_VISION,
+            image_token_id=real_ids["<|image_pad|>"],
+            video_token_id=real_ids["<|video_pad|>"],
+            vision_start_token_id=real_ids["<|vision_start|>"],
+            vision_end_token_id=real_ids["<|vision_end|>"],
+            tie_word_embeddings=QWEN3_VL_2B_TIE_WORD_EMBEDDINGS,
+            torch_dtype="bfloat16",
+        )
+        torch.manual_seed(0)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = Qwen3VLForConditionalGeneration(config).to(torch.bfloat16)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        tiny_models._save_generation_config(tmp, tokenizer)
+        Qwen2VLImageProcessorPil(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3,
+                                 image_std=[0.5] * 3, **QWEN3_VL_2B_PIXELS).save_pretrained(tmp)
+        pre = json.loads((tmp / "preprocessor_config.json").read_text())
+        pre.update(image_processor_type="Qwen2VLImageProcessor", processor_class="Qwen3VLProcessor")
+        (tmp / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+        video = dict(json.loads((tiny_models.build_tiny_vl_model() / "video_preprocessor_config.json").read_text()))
+        video["size"] = {"shortest_edge": QWEN3_VL_2B_PIXELS["min_pixels"], "longest_edge": QWEN3_VL_2B_PIXELS["max_pixels"]}
+        (tmp / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
+        os.rename(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def model_for(shape: str, cache_dir: pathlib.Path | None) -> pathlib.Path:
+    from actors import tiny_models
+
+    if shape == "tiny-text":
+        return tiny_models.build_tiny_text_model(cache_dir)
+    if shape == "tiny-vl":
+        return tiny_models.build_tiny_vl_model(cache_dir)
+    return build_qwen3_vl_2b_shape(cache_dir or tiny_models.default_cache_dir().parent / "bench-models")
+
+
+def make_requests(n: int, image: bool):
+    from actors.engine import ChatRequest
+
+    goals = ["click the submit button", "enter the text 'hello'", "select the third option", "close the dialog"]
+    requests = []
+    for i in range(n):
+        text = f"Goal: {goals[i % len(goals)]}. Step {i}. [13] button 'submit' [14] link 'no'\nAction:"
+        if image:
+            content = [{"type": "image"}, {"type": "text", "text": text}]
+            requests.append(ChatRequest(messages=[{"role": "user", "content": content}], images=[SCREENSHOT.read_bytes()]))
+        else:
+            requests.append(ChatRequest(messages=[{"role": "user", "content": text}]))
+    return requests
+
+
+def time_generate(engine, requests, sampling, repeats: int) -> tuple[float, float]:
+    """(median seconds per call, median generated tokens per second) after one warm-up call."""
+    engine.generate(requests, sampling)  # warm-up: first call at a batch size is slow in vLLM
+    seconds, rates = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        gens = engine.generate(requests, sampling)
+        elapsed = time.perf_counter() - start
+        seconds.append(elapsed)
+        rates.append(sum(len(g.completion_ids) for g in gens) / elapsed)
+    return statistics.median(seconds), statistics.median(rates)
+
+
+def time_update(engine, model_path: pathlib.Path) -> tuple[float, float]:
+    """(seconds for one full-state-dict update, MB sent)."""
+    from safetensors.torch import load_file
+
+    state = {}  # the checkpoint's tensors (a tied lm_head is not stored: the embedding carries it)
+    for file in sorted(model_path.glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    weights = {n: t + 0.01 if t.is_floating_point() else t for n, t in state.items()}
+    mb = sum(t.numel() * t.element_size() for t in weights.values()) / 1e6
+    start = time.perf_counter()
+    engine.update_weights(engine.policy_version + 1, weights)
+    return time.perf_counter() - start, mb
+
+
+def time_async_llm(model_path: pathlib.Path, requests, sampling, repeats: int, args) -> tuple[float, float]:
+    """(median seconds, median tokens/s) of the same requests sent to vLLM's AsyncLLM as concurrent,
+    independent requests (how per-episode submission would use it), after one warm-up round."""
+    import asyncio
+    import uuid
+
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from actors.engines.config import EngineConfig
+    from actors.engines.processing import load_processor, render_prompt
+    from actors.engines.vllm_engine import _llm_kwargs, _platform_is_cpu
+
+    processor = load_processor(model_path)
+    vision = hasattr(processor, "image_processor")
+    config = EngineConfig(model=str(model_path), dtype=args.dtype, max_model_len=args.max_model_len,
+                          max_num_seqs=len(requests))
+    kwargs = _llm_kwargs(config, vision, _platform_is_cpu())
+    rendered = [render_prompt(processor, r) for r in requests]
+    prompts = [
+        {"prompt_token_ids": r.placeholder_ids, "multi_modal_data": {"image": r.images}} if r.images
+        else {"prompt_token_ids": r.prompt_ids}
+        for r in rendered
+    ]
+
+    async def one(engine, prompt, i) -> int:
+        params = SamplingParams(temperature=sampling.temperature, max_tokens=sampling.max_new_tokens,
+                                logprobs=0, seed=sampling.seed + i)
+        final = None
+        async for out in engine.generate(prompt, params, request_id=uuid.uuid4().hex):
+            final = out
+        return len(final.outputs[0].token_ids)
+
+    async def run() -> tuple[float, float]:
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        try:
+            await asyncio.gather(*(one(engine, p, i) for i, p in enumerate(prompts)))  # warm-up
+            seconds, rates = [], []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                tokens = await asyncio.gather(*(one(engine, p, i) for i, p in enumerate(prompts)))
+                elapsed = time.perf_counter() - start
+                seconds.append(elapsed)
+                rates.append(sum(tokens) / elapsed)
+            return statistics.median(seconds), statistics.median(rates)
+        finally:
+            engine.shutdown()
+
+    return asyncio.run(run())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=["tiny-text", "tiny-vl", "qwen3-vl-2b"], default="tiny-text")
+    parser.add_argument("--image", action="store_true", help="one MiniWoB screenshot per request (VL shapes)")
+    parser.add_argument("--batch-sizes", default="1,8,32")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--backends", default="transformers,vllm")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--cache-dir", type=pathlib.Path, default=None)
+    parser.add_argument("--async-batch", type=int, default=0,
+                        help="also time vLLM's AsyncLLM with this many concurrent requests (vs LLM batch)")
+    args = parser.parse_args(argv)
+    if args.image and args.shape == "tiny-text":
+        parser.error("--image needs a vision-language shape (tiny-vl or qwen3-vl-2b)")
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    import torch
+
+    from actors.engine import SamplingSettings
+    from actors.engines import EngineConfig, create_engine
+
+    model_path = model_for(args.shape, args.cache_dir)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    # Temperature 1 with a fixed seed: both engines sample (greedy would favour neither).
+    sampling = SamplingSettings(temperature=1.0, max_new_tokens=args.max_new_tokens, seed=0)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    print(f"model: {args.shape} ({model_path.name}), image: {args.image}, device: {device}, "
+          f"max_new_tokens: {args.max_new_tokens}, repeats: {args.repeats}")
+
+    results: dict[str, dict[int, tuple[float, float]]] = {}
+    updates: dict[str, tuple[float, float]] = {}
+    for backend in args.backends.split(","):
+        start = time.perf_counter()
+        engine = create_engine(EngineConfig(model=str(model_path), backend=backend, dtype=args.dtype,
+                                            max_model_len=args.max_model_len, max_num_seqs=max(batch_sizes)))
+        print(f"[{backend}] engine start {time.perf_counter() - start:.1f}s", flush=True)
+        results[backend] = {}
+        for bs in batch_sizes:
+            results[backend][bs] = time_generate(engine, make_requests(bs, args.image), sampling, args.repeats)
+            sec, tps = results[backend][bs]
+            print(f"[{backend}] batch {bs:>3}: {sec:.3f}s/call, {tps:,.0f} tokens/s", flush=True)
+        updates[backend] = time_update(engine, model_path)
+        print(f"[{backend}] weight update: {updates[backend][0]:.3f}s for {updates[backend][1]:.1f} MB", flush=True)
+        engine.close()
+        del engine
+
+    if {"vllm", "transformers"} <= results.keys():
+        print("\nbatch | transformers tok/s | vLLM tok/s | vLLM / transformers")
+        for bs in batch_sizes:
+            hf, vl = results["transformers"][bs][1], results["vllm"][bs][1]
+            print(f"{bs:>5} | {hf:>18,.0f} | {vl:>10,.0f} | {vl / hf:>6.2f}x")
+    for backend, (sec, mb) in updates.items():
+        print(f"weight update ({backend}): {sec:.3f}s, {mb:.1f} MB")
+    if args.async_batch:
+        requests = make_requests(args.async_batch, args.image)
+        if "vllm" not in results or args.async_batch not in results["vllm"]:
+            parser.error("--async-batch must be one of --batch-sizes with the vllm backend")
+        sec, tps = time_async_llm(model_path, requests, sampling, args.repeats, args)
+        llm_tps = results["vllm"][args.async_batch][1]
+        print(f"\nAsyncLLM, {args.async_batch} concurrent requests: {sec:.3f}s, {tps:,.0f} tokens/s; "
+              f"LLM batch: {llm_tps:,.0f} tokens/s; AsyncLLM / LLM = {tps / llm_tps:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+    raise SystemExit(main())
