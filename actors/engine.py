@@ -97,5 +97,10 @@ class InferenceEngine(abc.ABC):
     def policy_version(self) -> int:
         """Version of the weights the next `generate` samples with (0 = initial weights)."""
 
+    @property
+    def max_model_len(self) -> int:
+        """Context length in tokens (prompt + completion); a prompt this long or longer is refused."""
+        raise NotImplementedError
+
     def close(self) -> None:
         """Frees the engine's resources (processes, memory)."""
