@@ -237,20 +237,30 @@ class GenerationBatcher:
                     self._cv.wait(left)
                 batch, self._pending = self._pending, []
             # --- generate it ---
-            t0 = time.monotonic()
             try:
-                with self.engine_lock:
-                    gens = self.engine.generate([r for r, _ in batch], self.sampling)
-                if len(gens) != len(batch):
-                    raise RuntimeError(f"engine returned {len(gens)} generations for {len(batch)} requests")
-            except Exception as exc:  # noqa: BLE001 - handed to every waiting episode
-                for _, fut in batch:
-                    fut.set_exception(exc)
+                gens = self._generate(batch)
+            except Exception:  # noqa: BLE001
+                # One bad request (e.g. a prompt over the context) must not fail the others:
+                # retry them one by one, so only the culprit's episode gets the error.
+                for item in batch:
+                    try:
+                        item[1].set_result(self._generate([item])[0])
+                    except Exception as exc:  # noqa: BLE001 - handed to the waiting episode
+                        item[1].set_exception(exc)
                 continue
-            finally:
-                self.stats.calls += 1
-                self.stats.requests += len(batch)
-                self.stats.busy_s += time.monotonic() - t0
-                self.stats.max_batch = max(self.stats.max_batch, len(batch))
             for (_, fut), gen in zip(batch, gens):
                 fut.set_result(gen)
+
+    def _generate(self, batch: list[tuple[ChatRequest, Future]]) -> list[Generation]:
+        t0 = time.monotonic()
+        try:
+            with self.engine_lock:
+                gens = self.engine.generate([r for r, _ in batch], self.sampling)
+        finally:
+            self.stats.calls += 1
+            self.stats.requests += len(batch)
+            self.stats.busy_s += time.monotonic() - t0
+            self.stats.max_batch = max(self.stats.max_batch, len(batch))
+        if len(gens) != len(batch):
+            raise RuntimeError(f"engine returned {len(gens)} generations for {len(batch)} requests")
+        return gens
