@@ -49,6 +49,13 @@ class EnvServerError(EnvClientError):
 _OBSERVATION_FIELDS = set(BrowserGymObservation.model_fields)
 
 
+async def _cancel_pending_tasks() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def _png_from_nested_lists(pixels: Any) -> str:
     # An upstream server sends the screenshot as nested integer lists: convert once, here.
     import numpy as np
@@ -77,10 +84,20 @@ class BrowserGymEnvClient(EnvClient[BrowserGymAction, BrowserGymObservation, Bro
         )
         self.base_url = base_url
         self.connect_timeout_s = connect_timeout_s
-        self.message_timeout_s = message_timeout_s
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._loop_thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()  # one call at a time per client (one session)
+
+    @property
+    def message_timeout_s(self) -> float:
+        """Seconds to wait for each answer (settable, e.g. short steps after a slow reset)."""
+        return self._message_timeout
+
+    @message_timeout_s.setter
+    def message_timeout_s(self, seconds: float) -> None:
+        if seconds <= 0:
+            raise ValueError("message_timeout_s must be > 0")
+        self._message_timeout = seconds
 
     # --- openenv EnvClient hooks ---
 
@@ -143,8 +160,14 @@ class BrowserGymEnvClient(EnvClient[BrowserGymAction, BrowserGymObservation, Bro
                 future.result(timeout=self.connect_timeout_s + 5.0)
             except Exception:
                 pass  # closing a dead connection: nothing left to release
+            try:  # websockets' keepalive and close tasks must finish before the loop stops
+                asyncio.run_coroutine_threadsafe(_cancel_pending_tasks(), loop).result(timeout=5.0)
+            except Exception:
+                pass
             loop.call_soon_threadsafe(loop.stop)
             self._loop_thread.join(timeout=5.0)
+            if not self._loop_thread.is_alive():
+                loop.close()
         self._loop = None
         self._loop_thread = None
         self._ws = None
