@@ -814,7 +814,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bgrpo train: interrupted; every actor, server and browser was stopped", file=sys.stderr)
         return 130
-    except TrainingError as e:
+    except (TrainingError, ConfigError) as e:
+        print(f"bgrpo train: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - e.g. PlacementError: one clear line, the traceback in the log
+        from cluster.placement import PlacementError
+
+        if not isinstance(e, PlacementError):
+            raise
         print(f"bgrpo train: {e}", file=sys.stderr)
         return 1
     finally:

@@ -8,6 +8,7 @@ run folder and summary are inspected by several tests.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 
@@ -22,8 +23,16 @@ from cluster.metrics import read_metrics
 pytestmark = pytest.mark.browser
 
 
+# The e2e model is the tiny VLM; BGRPO_E2E_MODEL=tiny-lm runs the same tests with the tiny text
+# model (accessibility-tree prompts) to tell a vision-path problem from a driver problem.
+E2E_MODEL = os.environ.get("BGRPO_E2E_MODEL", "tiny-vlm")
+
+
 def local_config(run_dir, **overrides) -> C.TrainConfig:
-    base = {"cluster.run_dir": str(run_dir), "eval.at_end": "false", "logging.progress_bar": "false"}
+    base = {"cluster.run_dir": str(run_dir), "eval.at_end": "false", "logging.progress_bar": "false",
+            "model": E2E_MODEL}
+    if E2E_MODEL == "tiny-lm":
+        base.update({"rollout.prompt.include_screenshot": "false", "rollout.prompt.include_axtree": "true"})
     base.update({k: str(v) for k, v in overrides.items()})
     cfg = C.build_config("local", base, environ={})
     C.validate_config(cfg)
@@ -140,6 +149,7 @@ def async_run(ray_cluster, tmp_path_factory):
     return summary, run_dir
 
 
+@pytest.mark.slow  # ~5 min on 2 shared cores (drain of in-flight groups + eval)
 def test_async_never_trains_on_a_group_older_than_max_staleness(async_run):
     summary, run_dir = async_run
     check_common(summary, run_dir, steps=3)
@@ -153,6 +163,7 @@ def test_async_never_trains_on_a_group_older_than_max_staleness(async_run):
     assert "run_ended" in summary["accounting"]["dropped"]
 
 
+@pytest.mark.slow  # ~5 min on 2 shared cores (drain of in-flight groups + eval)
 def test_async_workers_keep_sampling_while_the_learner_trains(async_run):
     summary, _ = async_run
     overlap = summary["async_overlap"]
@@ -161,6 +172,7 @@ def test_async_workers_keep_sampling_while_the_learner_trains(async_run):
     assert all(o["rollout_in_flight_during_train"] == 2 for o in overlap), overlap
 
 
+@pytest.mark.slow  # ~5 min on 2 shared cores (drain of in-flight groups + eval)
 def test_async_eval_reports_per_task_success(async_run):
     summary, run_dir = async_run
     assert len(summary["eval"]) == 1
