@@ -158,3 +158,19 @@ def test_an_upstream_style_generic_client_can_drive_the_server(env_server_url):
         bid = next(e["bid"] for e in observation["clickable_elements"] if e["role"] == "button")
         result = generic.step({"action_str": f"click('{bid}')"})
         assert result.reward == 1.0 and result.done
+
+
+def test_two_sessions_interleave_on_one_server_and_a_third_is_refused(client, env_server_url):
+    # The module's client holds one session; the server accepts two (max_sessions=2 in the test config).
+    with BrowserGymEnvClient(env_server_url, message_timeout_s=60) as second:
+        a = client.reset(seed=8, task="miniwob.click-test").observation
+        b = second.reset(seed=8, task="miniwob.focus-text").observation
+        assert (a.task_name, b.task_name) == ("miniwob.click-test", "miniwob.focus-text")
+        with BrowserGymEnvClient(env_server_url, message_timeout_s=60) as third:
+            with pytest.raises(EnvServerError, match="capacity"):
+                third.reset(seed=1)
+        from envs.browsergym.scripted import scripted_action
+
+        rb = second.step(scripted_action(b))
+        ra = client.step(scripted_action(a))
+        assert ra.reward == 1.0 and rb.reward == 1.0

@@ -21,6 +21,7 @@ import asyncio
 import base64
 import concurrent.futures
 import io
+import json
 import threading
 from typing import Any, Coroutine, Optional
 
@@ -118,6 +119,23 @@ class BrowserGymEnvClient(EnvClient[BrowserGymAction, BrowserGymObservation, Bro
 
     def _parse_state(self, payload: dict[str, Any]) -> BrowserGymState:
         return BrowserGymState(**payload)
+
+    async def _send_and_receive(self, message: dict[str, Any]) -> dict[str, Any]:
+        # Like the base class, but a server that refuses the session (at capacity) sends its error
+        # and closes at once: our send then fails, yet the error is waiting to be read.
+        from websockets.exceptions import ConnectionClosed
+
+        await self._ensure_connected()
+        assert self._ws is not None
+        try:
+            await self._ws.send(json.dumps(message))
+        except ConnectionClosed:
+            pass  # _receive returns the buffered error, or raises ConnectionClosed
+        response = await self._receive()
+        if response.get("type") == "error":
+            data = response.get("data", {})
+            raise RuntimeError(f"Server error: {data.get('message', 'Unknown error')} (code: {data.get('code', 'UNKNOWN')})")
+        return response
 
     async def _ensure_connected(self) -> None:
         # The base class calls `self.connect()`, which is our blocking version: use the async one.
@@ -229,7 +247,9 @@ class BrowserGymEnvClient(EnvClient[BrowserGymAction, BrowserGymObservation, Bro
                 ) from e
             except RuntimeError as e:
                 if str(e).startswith("Server error:"):
-                    # The server is alive and the session still usable.
+                    # The server is alive; after these codes it has also closed the session.
+                    if any(code in str(e) for code in ("CAPACITY_REACHED", "SESSION_ERROR", "FACTORY_ERROR")):
+                        self._drop_connection()
                     raise EnvServerError(f"{what} on {self._ws_url}: {e}") from e
                 self._drop_connection()
                 raise EnvConnectionError(f"{what} on {self._ws_url}: {type(e).__name__}: {e}") from e
