@@ -193,7 +193,7 @@ def time_async_llm(model_path: pathlib.Path, requests, sampling, repeats: int, a
     vision = hasattr(processor, "image_processor")
     config = EngineConfig(model=str(model_path), dtype=args.dtype, max_model_len=args.max_model_len,
                           max_num_seqs=len(requests))
-    kwargs = _llm_kwargs(config, vision, _platform_is_cpu())
+    kwargs = _llm_kwargs(config, vision, _platform_is_cpu(), args.max_model_len)
     rendered = [render_prompt(processor, r) for r in requests]
     prompts = [
         {"prompt_token_ids": r.placeholder_ids, "multi_modal_data": {"image": r.images}} if r.images
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backends", default="transformers,vllm")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--cache-dir", type=pathlib.Path, default=None)
     parser.add_argument("--async-batch", type=int, default=0,
                         help="also time vLLM's AsyncLLM with this many concurrent requests (vs LLM batch)")

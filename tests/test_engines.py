@@ -38,7 +38,9 @@ class Case:
 
         self.backend, self.kind, self.model_path = backend, kind, model_path
         self.engine = create_engine(
-            EngineConfig(model=str(model_path), backend=backend, max_model_len=MAX_MODEL_LEN, dtype="float32")
+            EngineConfig(
+                model=str(model_path), backend=backend, max_model_len=MAX_MODEL_LEN, dtype="float32", max_num_seqs=8
+            )
         )
         self.processor = load_processor(model_path)
         self.tokenizer = tokenizer_of(self.processor)

@@ -128,6 +128,16 @@ def test_engine_config_validate() -> None:
             EngineConfig(**kwargs).validate()
 
 
+def test_resolve_max_model_len() -> None:
+    from actors.engines.config import resolve_max_model_len
+
+    vl = {"text_config": {"max_position_embeddings": 2048}}
+    assert resolve_max_model_len(EngineConfig(model="/m"), vl) == 2048
+    assert resolve_max_model_len(EngineConfig(model="/m", max_model_len=256), vl) == 256
+    with pytest.raises(ValueError, match="exceeds the model's limit of 2048"):
+        resolve_max_model_len(EngineConfig(model="/m", max_model_len=4096), vl)
+
+
 def test_vllm_plugin_makes_qwen3_vl_importable_and_is_idempotent() -> None:
     from actors.engines import vllm_plugin
 

@@ -17,8 +17,9 @@ class EngineConfig:
     """"auto" (float32 on CPU, bfloat16 on GPU), "float32", "bfloat16" or "float16"."""
     device: str = "auto"
     """transformers backend only: "auto" (cuda if available), "cpu" or "cuda[:N]"."""
-    max_model_len: int = 4096
-    """Context length (prompt + completion tokens); longer prompts are refused with EngineError."""
+    max_model_len: int | None = None
+    """Context length (prompt + completion tokens); longer prompts are refused with EngineError.
+    None: the model's own limit (max_position_embeddings)."""
     seed: int = 0
     """Engine seed (vLLM's global seed); per-call seeds come from `SamplingSettings.seed`."""
     max_num_seqs: int = 64
@@ -44,7 +45,7 @@ class EngineConfig:
             raise ValueError(f"engine.dtype must be auto/float32/bfloat16/float16, got {self.dtype!r}")
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ValueError(f"engine.device must be auto, cpu or cuda[:N], got {self.device!r}")
-        if self.max_model_len <= 0:
+        if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"engine.max_model_len must be > 0, got {self.max_model_len}")
         if self.max_num_seqs <= 0:
             raise ValueError(f"engine.max_num_seqs must be > 0, got {self.max_num_seqs}")
@@ -54,3 +55,16 @@ class EngineConfig:
             raise ValueError(f"engine.cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib}")
         if self.max_images_per_prompt < 0:
             raise ValueError(f"engine.max_images_per_prompt must be >= 0, got {self.max_images_per_prompt}")
+
+
+def resolve_max_model_len(config: EngineConfig, hf_config: dict) -> int:
+    """`config.max_model_len`, or the model's limit when unset; ValueError above the model's limit."""
+    text = hf_config.get("text_config", hf_config)
+    limit = int(text.get("max_position_embeddings") or hf_config.get("max_position_embeddings") or 0)
+    if config.max_model_len is None:
+        if not limit:
+            raise ValueError(f"{config.model}: config.json has no max_position_embeddings; set engine.max_model_len")
+        return limit
+    if limit and config.max_model_len > limit:
+        raise ValueError(f"engine.max_model_len {config.max_model_len} exceeds the model's limit of {limit} positions")
+    return config.max_model_len

@@ -15,8 +15,14 @@ from typing import Mapping, Sequence
 import torch
 
 from actors.engine import ChatRequest, EngineError, Generation, InferenceEngine, SamplingSettings
-from actors.engines.config import EngineConfig
-from actors.engines.processing import load_processor, mm_token_type_ids, render_prompt, tokenizer_of
+from actors.engines.config import EngineConfig, resolve_max_model_len
+from actors.engines.processing import (
+    load_processor,
+    mm_token_type_ids,
+    model_config,
+    render_prompt,
+    tokenizer_of,
+)
 from actors.engines.weights import hf_parameter_shapes, validate_update
 
 
@@ -57,6 +63,7 @@ class HFEngine(InferenceEngine):
         else:
             self.device = torch.device(config.device)
         self.dtype = _torch_dtype(config.dtype, self.device)
+        self._max_model_len = resolve_max_model_len(config, model_config(config.model))
         self.processor = load_processor(config.model)
         self.tokenizer = tokenizer_of(self.processor)
         self.is_vision_language = hasattr(self.processor, "image_processor")
@@ -80,7 +87,7 @@ class HFEngine(InferenceEngine):
     @property
     def max_model_len(self) -> int:
         """Context length: prompt + completion tokens."""
-        return self.config.max_model_len
+        return self._max_model_len
 
     def generate(self, requests: Sequence[ChatRequest], sampling: SamplingSettings) -> list[Generation]:
         from transformers import GenerationConfig

@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from actors.engine import ChatRequest, EngineError, Generation, InferenceEngine, SamplingSettings
-from actors.engines.config import EngineConfig
+from actors.engines.config import EngineConfig, resolve_max_model_len
 from actors.engines.processing import load_processor, model_config, render_prompt, tokenizer_of
 from actors.engines.weights import hf_parameter_shapes, is_tied_lm_head, validate_update
 
@@ -43,7 +43,7 @@ def _platform_is_cpu() -> bool:
     return current_platform.is_cpu()
 
 
-def _llm_kwargs(config: EngineConfig, vision_language: bool, on_cpu: bool) -> dict[str, Any]:
+def _llm_kwargs(config: EngineConfig, vision_language: bool, on_cpu: bool, max_model_len: int) -> dict[str, Any]:
     """Arguments for `vllm.LLM`. Every difference between vLLM versions/platforms lives here.
 
     Both supported versions (0.24 GPU, 0.32 CPU) accept the same arguments; the platform decides
@@ -54,7 +54,7 @@ def _llm_kwargs(config: EngineConfig, vision_language: bool, on_cpu: bool) -> di
         model=config.model,
         tokenizer=config.model,
         dtype=dtype,
-        max_model_len=config.max_model_len,
+        max_model_len=max_model_len,
         max_num_seqs=config.max_num_seqs,
         seed=config.seed,
         enforce_eager=config.enforce_eager,
@@ -91,7 +91,8 @@ class VLLMEngine(InferenceEngine):
         )
         self._expected_shapes = hf_parameter_shapes(config.model)
         self.on_cpu = _platform_is_cpu()
-        kwargs = _llm_kwargs(config, self.is_vision_language, self.on_cpu)
+        self._max_model_len = resolve_max_model_len(config, hf_config)
+        kwargs = _llm_kwargs(config, self.is_vision_language, self.on_cpu, self._max_model_len)
         self.dtype = getattr(torch, kwargs["dtype"])
         self.llm = LLM(**kwargs)
         self._version = 0
@@ -104,7 +105,7 @@ class VLLMEngine(InferenceEngine):
     @property
     def max_model_len(self) -> int:
         """Context length: prompt + completion tokens."""
-        return self.config.max_model_len
+        return self._max_model_len
 
     def generate(self, requests: Sequence[ChatRequest], sampling: SamplingSettings) -> list[Generation]:
         from vllm import SamplingParams
