@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import ray
 
@@ -47,16 +47,22 @@ def group_failed(group: TrajectoryGroup) -> bool:
 class ClientEnvSession:
     """`EnvSession` over the OpenEnv WebSocket client of our BrowserGym env server."""
 
-    def __init__(self, base_url: str, connect_timeout_s: float, message_timeout_s: float) -> None:
+    def __init__(self, base_url: str, connect_timeout_s: float, message_timeout_s: float,
+                 on_reset: Callable[[float], None] | None = None) -> None:
         from envs.browsergym.client import BrowserGymEnvClient
 
         self.base_url = base_url
+        self.on_reset = on_reset  # told each successful reset's seconds (resets relaunch browsers)
         self.client = BrowserGymEnvClient(
             base_url, connect_timeout_s=connect_timeout_s, message_timeout_s=message_timeout_s
         )
 
     def reset(self, task: str, seed: int) -> Any:
-        return self.client.reset(seed=seed, task=task).observation
+        t0 = time.monotonic()
+        observation = self.client.reset(seed=seed, task=task).observation
+        if self.on_reset is not None:
+            self.on_reset(time.monotonic() - t0)
+        return observation
 
     def step(self, action: str) -> tuple[Any, float, bool]:
         from envs.browsergym.models import BrowserGymAction
@@ -112,6 +118,9 @@ class RolloutStats:
     """Sum over steps of the time an episode waited for its action (batching included)."""
     env_s: float = 0.0
     """Sum over steps of env step round trips (browser + WebSocket transport)."""
+    resets: int = 0
+    reset_s: float = 0.0
+    """Sum of env reset round trips (BrowserGym relaunches its browsers at every reset)."""
     failure_reasons: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -346,7 +355,8 @@ class RolloutWorker:
         cfg = self.config
         if slot.session is None:
             try:
-                slot.session = ClientEnvSession(slot.url, cfg.connect_timeout_s, cfg.step_timeout_s)
+                slot.session = ClientEnvSession(slot.url, cfg.connect_timeout_s, cfg.step_timeout_s,
+                                                on_reset=self._count_reset)
             except Exception as exc:  # noqa: BLE001
                 self._repair(slot, f"connect failed: {exc}")
                 return Trajectory(episode_id, group_id, task, seed, status=FAILED, worker_id=self.worker_id,
@@ -359,6 +369,11 @@ class RolloutWorker:
         if is_env_failure(traj):
             self._repair(slot, traj.failure_reason)
         return traj
+
+    def _count_reset(self, seconds: float) -> None:
+        with self._lock:
+            self._stats.resets += 1
+            self._stats.reset_s += seconds
 
     def _repair(self, slot: _Slot, reason: str) -> None:
         """Drops the session's client and replaces its env server (embedded pool) so the next

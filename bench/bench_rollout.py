@@ -45,7 +45,8 @@ def _rollout_config(num_sessions: int, max_steps: int):
                          write_viewer=False)
 
 
-def _summary(name: str, trajectories, wall_s: float, engine_busy_s: float | None, engine_calls: int | None):
+def _summary(name: str, trajectories, wall_s: float, engine_busy_s: float | None, engine_calls: int | None,
+             reset_s: float):
     steps = [s for t in trajectories for s in t.steps]
     return {
         "name": name,
@@ -60,6 +61,7 @@ def _summary(name: str, trajectories, wall_s: float, engine_busy_s: float | None
         "episode_s": sum(t.wall_s for t in trajectories),
         "engine_busy_s": engine_busy_s,
         "mean_batch": (len(steps) / engine_calls) if engine_calls else None,
+        "reset_s": reset_s,
     }
 
 
@@ -76,6 +78,7 @@ def bench_gist(engine_config, env_config, groups, group_size, max_steps, seeds):
     parser = ActionParser(cfg.allowed_actions, cfg.max_action_chars, fallback_action=cfg.fallback_action)
     engine = create_engine(engine_config)
     busy = [0.0, 0]
+    resets = [0.0]
 
     def generate(request):
         t0 = time.monotonic()
@@ -85,7 +88,8 @@ def bench_gist(engine_config, env_config, groups, group_size, max_steps, seeds):
         return out
 
     with EnvServerPool(1, env_config) as pool:
-        session = ClientEnvSession(pool.urls[0], cfg.connect_timeout_s, cfg.step_timeout_s)
+        session = ClientEnvSession(pool.urls[0], cfg.connect_timeout_s, cfg.step_timeout_s,
+                                   on_reset=lambda sec: resets.__setitem__(0, resets[0] + sec))
         try:
             def one_group(seed):
                 gid = new_id()
@@ -94,6 +98,7 @@ def bench_gist(engine_config, env_config, groups, group_size, max_steps, seeds):
 
             one_group(seeds[0])  # warm-up: browser, engine
             busy[:] = [0.0, 0]
+            resets[0] = 0.0
             t0 = time.monotonic()
             trajs = [t for seed in seeds[1 : groups + 1] for t in one_group(seed)]
             wall = time.monotonic() - t0
@@ -101,7 +106,7 @@ def bench_gist(engine_config, env_config, groups, group_size, max_steps, seeds):
         finally:
             session.client.close()
     engine.close()
-    return _summary("(a) gist: 1 env, sequential", trajs, wall, busy[0], busy[1]), transport
+    return _summary("(a) gist: 1 env, sequential", trajs, wall, busy[0], busy[1], resets[0]), transport
 
 
 def _transport_round_trip(session, n: int = 20) -> float:
@@ -127,7 +132,7 @@ def bench_worker(engine_config, env_config, k, groups, group_size, max_steps, se
         wall = time.monotonic() - t0
         after = worker.stats()
     return _summary(f"(b) 1 worker, K={k}", trajs, wall, after["engine_busy_s"] - before["engine_busy_s"],
-                    after["engine_calls"] - before["engine_calls"])
+                    after["engine_calls"] - before["engine_calls"], after["reset_s"] - before["reset_s"])
 
 
 def bench_two_workers(engine_config, env_config, k, groups, group_size, max_steps, seeds, run_dir):
@@ -155,7 +160,8 @@ def bench_two_workers(engine_config, env_config, k, groups, group_size, max_step
         ray.shutdown()
     busy = sum(a["engine_busy_s"] - b["engine_busy_s"] for a, b in zip(after, before))
     calls = sum(a["engine_calls"] - b["engine_calls"] for a, b in zip(after, before))
-    return _summary(f"(c) 2 workers (Ray), K={k} each", trajs, wall, busy, calls)
+    reset_s = sum(a["reset_s"] - b["reset_s"] for a, b in zip(after, before))
+    return _summary(f"(c) 2 workers (Ray), K={k} each", trajs, wall, busy, calls, reset_s)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,19 +209,23 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print("where the time goes (sums over episodes; per step in brackets)")
-    print(f"  transport: WebSocket state() round trip, median {transport_s * 1000:.1f} ms (no browser work)")
+    print(f"  transport: WebSocket state() round trip, median {transport_s * 1000:.1f} ms (no browser work; "
+          "serialising the observation is inside 'env step': bench/bench_env.py splits it)")
     for r in results:
         n = max(r["steps"], 1)
         ep = max(r["episode_s"], 1e-9)
         env_browser = max(r["env_s"] - n * transport_s, 0.0)
-        rest = max(r["episode_s"] - r["engine_wait_s"] - r["env_s"], 0.0)
+        rest = max(r["episode_s"] - r["engine_wait_s"] - r["env_s"] - r["reset_s"], 0.0)
         print(f"  {r['name']}")
+        calls = n / r["mean_batch"] if r["mean_batch"] else n
         print(f"    engine wait {r['engine_wait_s']:7.1f} s ({r['engine_wait_s'] / n:.2f}/step, "
               f"{100 * r['engine_wait_s'] / ep:4.1f}%) | engine busy {r['engine_busy_s']:.1f} s "
-              f"({100 * r['engine_busy_s'] / r['wall_s']:.0f}% of wall)")
+              f"({100 * r['engine_busy_s'] / r['wall_s']:.0f}% of wall, {r['engine_busy_s'] / calls:.2f} s/call)")
         print(f"    env step    {r['env_s']:7.1f} s ({r['env_s'] / n:.2f}/step, {100 * r['env_s'] / ep:4.1f}%) "
               f"= browser ~{env_browser:.1f} s + transport ~{n * transport_s:.1f} s")
-        print(f"    reset+other {rest:7.1f} s ({100 * rest / ep:4.1f}%)")
+        print(f"    env reset   {r['reset_s']:7.1f} s ({r['reset_s'] / max(r['episodes'], 1):.2f}/episode, "
+              f"{100 * r['reset_s'] / ep:4.1f}%)  (BrowserGym relaunches both browsers per reset)")
+        print(f"    other       {rest:7.1f} s ({100 * rest / ep:4.1f}%)  (prompt building, parsing, queueing)")
     return 0
 
 
