@@ -476,6 +476,8 @@ class Trainer:
         return group
 
     def run_sync(self, pbar: Any) -> None:
+        import ray
+
         cfg = self.config.cluster
         while self.step < cfg.total_steps:
             # --- collect groups_per_step groups with policy v: one group per worker at a time ---
@@ -488,8 +490,6 @@ class Trainer:
                     i = free.pop(0)
                     ref, inst = self._dispatch(i)
                     in_flight[ref] = (i, inst)
-                import ray
-
                 done, _ = ray.wait(list(in_flight), num_returns=1)
                 i, inst = in_flight.pop(done[0])
                 free.append(i)

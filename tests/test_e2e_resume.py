@@ -10,6 +10,7 @@ import pytest
 from cluster import config as C
 from cluster import driver
 from cluster.metrics import read_metrics
+from tests.test_e2e import local_config
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -18,10 +19,7 @@ def test_interrupt_after_checkpoint_then_resume(ray_cluster, tmp_path):
     import ray
 
     run_dir = tmp_path / "run"
-    cfg = C.build_config("local", {
-        "cluster.run_dir": str(run_dir), "cluster.total_steps": "4", "checkpoint.every_steps": "2",
-        "eval.at_end": "false", "logging.progress_bar": "false",
-    }, environ={})
+    cfg = local_config(run_dir, **{"cluster.total_steps": 4, "checkpoint.every_steps": 2})
 
     def interrupt(trainer, step):
         if step == 2:  # after step 2's checkpoint was written

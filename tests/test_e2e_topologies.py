@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from cluster import config as C
 from cluster import driver
+from tests.test_e2e import local_config
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 def test_env_servers_as_ray_actors(ray_cluster, tmp_path):
     run_dir = tmp_path / "run"
-    cfg = C.build_config("local", {
-        "cluster.run_dir": str(run_dir), "cluster.total_steps": "1", "cluster.env_placement": "ray_actors",
-        "cluster.env_servers_per_worker": "1", "cluster.env_server_num_cpus": "0.5",
-        "eval.at_end": "false", "logging.progress_bar": "false", "checkpoint.every_steps": "0",
-    }, environ={})
+    cfg = local_config(run_dir, **{
+        "cluster.total_steps": 1, "cluster.env_placement": "ray_actors", "cluster.env_servers_per_worker": 1,
+        "cluster.env_server_num_cpus": 0.5, "checkpoint.every_steps": 0,
+    })
     seen: dict = {}
 
     def inspect(trainer, step):
