@@ -24,15 +24,18 @@ def _textbox_bid(observation) -> str:
     return next(e["bid"] for e in observation.clickable_elements if e["role"] in ("textbox", "input"))
 
 
-def _time_steps(step, first_observation, steps: int, warmup: int = 2) -> list[float]:
-    bid = _textbox_bid(first_observation)
-    samples = []
+def _time_interleaved(steppers: dict, first_observations: dict, steps: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Alternate one step of each setting per round, so that load from other processes on a busy
+    machine hits every setting alike; returns per-setting step times in seconds."""
+    bids = {label: _textbox_bid(obs) for label, obs in first_observations.items()}
+    samples: dict[str, list[float]] = {label: [] for label in steppers}
     for i in range(warmup + steps):
-        action = f"fill('{bid}', 'word {i}')"
-        started = time.perf_counter()
-        step(action)
-        if i >= warmup:
-            samples.append(time.perf_counter() - started)
+        for label, step in steppers.items():
+            action = f"fill('{bids[label]}', 'word {i}')"
+            started = time.perf_counter()
+            step(action)
+            if i >= warmup:
+                samples[label].append(time.perf_counter() - started)
     return samples
 
 
@@ -55,17 +58,18 @@ def main(argv: list[str] | None = None) -> int:
     from envs.browsergym.pool import EnvServerPool
     from envs.browsergym.server.environment import BrowserGymEnvironment
 
-    max_steps = args.steps + 10
-    results: dict[str, list[float]] = {}
-
-    # --- baseline: the env in this process, no serialization, no socket ---
+    max_steps = 2 * args.steps + 20
     config = EnvConfig(task=args.task, max_steps=max_steps)
-    env = BrowserGymEnvironment(config)
+    env = BrowserGymEnvironment(config)  # the baseline: same env in this process, no socket
+    phases = []  # (websocket label, samples per setting) measured side by side
     try:
         first = env.reset(seed=args.seed)
-        results["in-process"] = _time_steps(lambda a: env.step(BrowserGymAction(action_str=a)), first, args.steps)
+
+        def in_process(action: str):
+            return env.step(BrowserGymAction(action_str=action))
+
         # --- observation bytes: the JSON the server sends for one step ---
-        observation = env.step(BrowserGymAction(action_str=f"fill('{_textbox_bid(first)}', 'bytes')"))
+        observation = in_process(f"fill('{_textbox_bid(first)}', 'bytes')")
         with_png = len(json.dumps(serialize_observation(observation)).encode())
         without = len(json.dumps(serialize_observation(observation.model_copy(update={"screenshot_png_b64": ""}))).encode())
         png_bytes = len(observation.screenshot_png_b64) * 3 // 4
@@ -75,25 +79,33 @@ def main(argv: list[str] | None = None) -> int:
         nested = observation.model_copy(update={"screenshot_png_b64": "", "screenshot": raw.tolist()})
         with_nested = len(json.dumps(serialize_observation(nested)).encode())
         nested_seconds = time.perf_counter() - started
+
+        # --- the same env behind a server, over the WebSocket, interleaved with the baseline ---
+        for label, include_screenshot in (("websocket", True), ("websocket, no screenshot", False)):
+            server_config = EnvConfig(
+                task=args.task, max_steps=max_steps, include_screenshot=include_screenshot, max_sessions=1
+            )
+            with EnvServerPool(1, server_config) as pool:
+                with BrowserGymEnvClient(pool.urls[0], message_timeout_s=120) as client:
+                    remote_first = client.reset(seed=args.seed).observation
+                    local_first = env.reset(seed=args.seed)
+                    samples = _time_interleaved(
+                        {"in-process": in_process, label: client.step},
+                        {"in-process": local_first, label: remote_first},
+                        args.steps,
+                    )
+            phases.append((label, samples))
     finally:
         env.close()
 
-    # --- the same env behind a server, over the WebSocket (screenshot on, then off) ---
-    for label, include_screenshot in (("websocket", True), ("websocket, no screenshot", False)):
-        server_config = EnvConfig(task=args.task, max_steps=max_steps, include_screenshot=include_screenshot, max_sessions=1)
-        with EnvServerPool(1, server_config) as pool:
-            with BrowserGymEnvClient(pool.urls[0], message_timeout_s=120) as client:
-                first = client.reset(seed=args.seed).observation
-                results[label] = _time_steps(client.step, first, args.steps)
-
-    base = statistics.median(results["in-process"])
-    print(f"BrowserGym env benchmark: {args.task}, {args.steps} steps per setting (after 2 warm-up steps), one run")
+    print(f"BrowserGym env benchmark: {args.task}, {args.steps} steps per setting (after 2 warm-up steps), one run;")
+    print("each WebSocket setting is timed alternating step by step with the in-process env (same load)")
     print("step latency")
-    for label, samples in results.items():
-        print(f"  {label:26s} {_summary(samples)}   ratio vs in-process {statistics.median(samples) / base:5.2f}x")
-    print(
-        f"  websocket overhead per step (median): {(statistics.median(results['websocket']) - base) * 1000:.1f} ms"
-    )
+    for label, samples in phases:
+        base = statistics.median(samples["in-process"])
+        remote = statistics.median(samples[label])
+        print(f"  in-process                 {_summary(samples['in-process'])}")
+        print(f"  {label:26s} {_summary(samples[label])}   ratio vs in-process {remote / base:5.2f}x   ({(remote - base) * 1000:+.1f} ms)")
     print("observation bytes per step (JSON message)")
     print(f"  without screenshot          {without:9d} B")
     print(f"  with PNG screenshot (ours)  {with_png:9d} B   ratio {with_png / without:6.2f}x   (PNG itself {png_bytes} B)")

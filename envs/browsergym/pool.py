@@ -309,7 +309,7 @@ class EnvServerPool:
         try:
             server.process.wait(timeout=self.stop_timeout_s)
         except subprocess.TimeoutExpired:
-            logger.warning("env server pid %d ignored SIGTERM; killing it", server.process.pid)
+            logger.info("env server pid %d still running %.0f s after SIGTERM; killing it", server.process.pid, self.stop_timeout_s)
         self._signal_group(server, signal.SIGKILL)
         try:
             server.process.wait(timeout=5.0)
