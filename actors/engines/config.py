@@ -27,7 +27,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.5
     """vLLM on GPU: fraction of the card's memory vLLM may take (weights + KV cache)."""
     cpu_kv_cache_gib: int = 1
-    """vLLM on CPU: KV cache size in GiB (sets VLLM_CPU_KVCACHE_SPACE; 1 is plenty for tiny models)."""
+    """vLLM on CPU: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE, unless already set; 1 is plenty for tiny models)."""
     enforce_eager: bool = True
     """vLLM: skip CUDA graphs / compilation (faster start; turn off for throughput on GPU)."""
     enable_prefix_caching: bool = True
