@@ -16,111 +16,13 @@ Completion lengths differ per request (EOS), so throughput counts the tokens act
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import statistics
 import sys
 import time
 
-# Qwen/Qwen3-VL-2B-Instruct's config.json values (architecture only; weights are random here).
-QWEN3_VL_2B_TEXT = {
-    "hidden_size": 2048,
-    "intermediate_size": 6144,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 8,
-    "head_dim": 128,
-    "vocab_size": 151936,
-    "max_position_embeddings": 262144,
-    "rms_norm_eps": 1e-6,
-    "hidden_act": "silu",
-    "attention_bias": False,
-    "rope_parameters": {
-        "rope_type": "default",
-        "rope_theta": 5000000.0,
-        "mrope_section": [24, 20, 20],
-        "mrope_interleaved": True,
-    },
-}
-QWEN3_VL_2B_VISION = {
-    "depth": 24,
-    "hidden_size": 1024,
-    "intermediate_size": 4096,
-    "num_heads": 16,
-    "in_channels": 3,
-    "patch_size": 16,
-    "spatial_merge_size": 2,
-    "temporal_patch_size": 2,
-    "out_hidden_size": 2048,
-    "num_position_embeddings": 2304,
-    "deepstack_visual_indexes": [5, 11, 17],
-    "hidden_act": "gelu_pytorch_tanh",
-}
-QWEN3_VL_2B_TIE_WORD_EMBEDDINGS = True
-# Qwen3-VL's image processor: 32x32 pixels per merged token, 256..16384 tokens per image.
-QWEN3_VL_2B_PIXELS = {"min_pixels": 65536, "max_pixels": 16777216}
-
 SCREENSHOT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "data" / "miniwob_click_button.png"
-
-
-def build_qwen3_vl_2b_shape(cache_dir: pathlib.Path) -> pathlib.Path:
-    """Random Qwen3-VL-2B-shaped model folder (bfloat16), cached; built atomically like the tiny models."""
-    import shutil
-    import tempfile
-
-    import torch
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    from actors import tiny_models
-
-    final = cache_dir / "random-qwen3-vl-2b-shape-v1"
-    if (final / "config.json").exists():
-        return final
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=".qwen3-vl-2b.", dir=cache_dir))
-    try:
-        # The tiny tokenizer padded with unused special tokens to the real vocabulary size, so every
-        # id the random model samples decodes.
-        tokenizer = tiny_models.build_tokenizer()
-        real_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tiny_models.SPECIAL_TOKENS}
-        pad = QWEN3_VL_2B_TEXT["vocab_size"] - len(tokenizer)
-        tokenizer.add_tokens([f"<|unused_{i}|>" for i in range(pad)], special_tokens=True)
-        config = Qwen3VLConfig(
-            text_config=dict(
-                QWEN3_VL_2B_TEXT,
-                bos_token_id=real_ids["<|endoftext|>"],
-                eos_token_id=real_ids["<|im_end|>"],
-                pad_token_id=real_ids["<|endoftext|>"],
-            ),
-            vision_config=QWEN3_VL_2B_VISION,
-            image_token_id=real_ids["<|image_pad|>"],
-            video_token_id=real_ids["<|video_pad|>"],
-            vision_start_token_id=real_ids["<|vision_start|>"],
-            vision_end_token_id=real_ids["<|vision_end|>"],
-            tie_word_embeddings=QWEN3_VL_2B_TIE_WORD_EMBEDDINGS,
-            torch_dtype="bfloat16",
-        )
-        torch.manual_seed(0)
-        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            model = Qwen3VLForConditionalGeneration(config).to(torch.bfloat16)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        tiny_models._save_generation_config(tmp, tokenizer)
-        Qwen2VLImageProcessorPil(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3,
-                                 image_std=[0.5] * 3, **QWEN3_VL_2B_PIXELS).save_pretrained(tmp)
-        pre = json.loads((tmp / "preprocessor_config.json").read_text())
-        pre.update(image_processor_type="Qwen2VLImageProcessor", processor_class="Qwen3VLProcessor")
-        (tmp / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
-        video = dict(json.loads((tiny_models.build_tiny_vl_model() / "video_preprocessor_config.json").read_text()))
-        video["size"] = {"shortest_edge": QWEN3_VL_2B_PIXELS["min_pixels"], "longest_edge": QWEN3_VL_2B_PIXELS["max_pixels"]}
-        (tmp / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
-        os.rename(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def model_for(shape: str, cache_dir: pathlib.Path | None) -> pathlib.Path:
@@ -130,7 +32,7 @@ def model_for(shape: str, cache_dir: pathlib.Path | None) -> pathlib.Path:
         return tiny_models.build_tiny_text_model(cache_dir)
     if shape == "tiny-vl":
         return tiny_models.build_tiny_vl_model(cache_dir)
-    return build_qwen3_vl_2b_shape(cache_dir or tiny_models.default_cache_dir().parent / "bench-models")
+    return tiny_models.build_qwen3_vl_2b_shape(cache_dir)
 
 
 def make_requests(n: int, image: bool):

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     from actors.engine import SamplingSettings
     from actors.engines.config import EngineConfig
     from actors.engines.host import EngineHostActor
-    from actors.tiny_models import build_shaped_vl_model, build_tiny_vl_model
+    from actors.tiny_models import build_qwen3_vl_2b_shape, build_tiny_vl_model
     from learner.config import GRPOConfig, LearnerConfig
     from learner.learner import LearnerActor
 
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.shape == "tiny-vl":
         model_dir = str(build_tiny_vl_model())
     else:
-        model_dir = str(build_shaped_vl_model(args.shape, args.model_dir, dtype="bfloat16"))
+        model_dir = str(build_qwen3_vl_2b_shape(args.model_dir))
     build_s = time.perf_counter() - t0
 
     ray.init(address="local", num_gpus=2, include_dashboard=False,

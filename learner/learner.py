@@ -44,7 +44,8 @@ from .batching import (
 )
 from .config import LearnerConfig
 from .loss import grpo_loss
-from .weights import WeightHandle, hf_named_tensors, make_publisher
+from .nccl_transport import BucketLayout, NcclWeightSender, rendezvous_address
+from .weights import PinnedStaging, WeightHandle, hf_named_tensors, make_publisher
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -408,7 +409,43 @@ class Learner:
 
     def get_weights(self) -> dict[str, torch.Tensor]:
         """Named CPU tensors, Hugging Face checkpoint names, `publish_dtype`."""
-        return hf_named_tensors(self.model, _DTYPES[self.config.publish_dtype])
+        if self.device.type == "cuda" and getattr(self, "_staging", None) is None:
+            self._staging = PinnedStaging()
+        return hf_named_tensors(self.model, _DTYPES[self.config.publish_dtype],
+                                staging=getattr(self, "_staging", None))
+
+    # --- NCCL weight broadcast (GPU): rank 0 -> every vLLM worker, see nccl_transport.py -------
+
+    def prepare_weight_broadcast(self, bucket_mb: int = 256) -> dict:
+        """Rank 0: fixes the bucket layout and a rendezvous address. Returns what the engines need
+        to join: {"host", "port", "layout", "bytes"}. Then call `connect_weight_broadcast` here
+        while every engine joins."""
+        if self.rank != 0:
+            raise RuntimeError("only learner rank 0 broadcasts weights")
+        named = hf_named_tensors(self.model, to_cpu=False)
+        layout = BucketLayout.build(((n, t.shape) for n, t in named.items()),
+                                    _DTYPES[self.config.publish_dtype], bucket_mb << 20)
+        self._nccl_sender = NcclWeightSender(layout, self.device)
+        host, port = rendezvous_address()
+        self._nccl_address = (host, port)
+        return {"host": host, "port": port, "layout": layout.to_wire(), "bytes": layout.total_bytes}
+
+    def connect_weight_broadcast(self, world_size: int, timeout_s: float = 300.0) -> None:
+        """Rank 0 joins the weight-sync group as rank 0 of `world_size` (1 + engine workers)."""
+        host, port = self._nccl_address
+        self._nccl_sender.connect(host, port, world_size, timeout_s)
+
+    def broadcast_weights(self, timeout_s: float = 60.0) -> dict:
+        """Rank 0 broadcasts the current version; the engines call their receive concurrently."""
+        with torch.no_grad():
+            named = hf_named_tensors(self.model, to_cpu=False)
+            stats = self._nccl_sender.send(named, timeout_s)
+        stats["version"] = self._policy_version
+        return stats
+
+    def broadcast_probe(self, repeats: int = 3) -> dict:
+        """Raw NCCL bandwidth of the weight-sync group (the engines run their probe concurrently)."""
+        return self._nccl_sender.probe(repeats)
 
     def publish_weights(self) -> WeightHandle | None:
         """Rank 0: puts this version in the object store and returns its handle; other ranks

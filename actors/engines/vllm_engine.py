@@ -211,6 +211,40 @@ class VLLMEngine(InferenceEngine):
                 self.llm.llm_engine.reset_encoder_cache()
             self._version = version
 
+    # --- NCCL weight sync (GPU): the learner broadcasts, every worker receives and loads -----
+
+    def connect_weight_sync(self, host: str, port: int, rank_offset: int, world_size: int,
+                            layout: dict, timeout_s: float = 300.0) -> None:
+        """Joins the learner's NCCL weight-sync group (learner/nccl_transport.py). Each vLLM
+        worker takes rank `rank_offset + its tensor-parallel rank`."""
+        if self.on_cpu:
+            raise EngineError("NCCL weight sync needs CUDA; use the object-store path on CPU")
+        self.llm.collective_rpc("bgrpo_nccl_connect", timeout=timeout_s + 30,
+                                args=(host, port, rank_offset, world_size, layout, timeout_s))
+
+    def update_weights_nccl(self, version: int, timeout_s: float = 60.0) -> None:
+        """Receives one broadcast from the learner and loads it; the version moves only when every
+        worker has the whole update. On a timeout the weights and version stay as they were."""
+        skip = [n for n in self._expected_shapes if is_tied_lm_head(n, self._tied)]
+        with self._lock:
+            try:
+                self.llm.collective_rpc("bgrpo_nccl_receive", timeout=timeout_s + 30, args=(timeout_s, skip))
+            except Exception as err:
+                raise EngineError(f"NCCL weight sync to v{version} failed, engine stays at "
+                                  f"v{self._version}: {err}") from err
+            self.llm.reset_prefix_cache()
+            if self.is_vision_language:
+                self.llm.llm_engine.reset_encoder_cache()
+            self._version = version
+
+    def weight_sync_probe(self, repeats: int = 3) -> dict:
+        """The engine's end of the learner's raw NCCL bandwidth probe."""
+        return self.llm.collective_rpc("bgrpo_nccl_probe", timeout=120, args=(repeats,))[0]
+
+    def weight_digest(self) -> dict[str, str]:
+        """sha256 of each parameter of the first worker (bitwise comparisons in GPU tests)."""
+        return self.llm.collective_rpc("bgrpo_weight_digest", timeout=RPC_TIMEOUT_S)[0]
+
     def weight_checksum(self, contains: str = "") -> float:
         """Sum of |w| over vLLM parameters whose name contains `contains` (first worker; tests)."""
         return float(self.llm.collective_rpc("bgrpo_weight_checksum", timeout=RPC_TIMEOUT_S, args=(contains,))[0])

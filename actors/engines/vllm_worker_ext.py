@@ -15,6 +15,8 @@ from typing import Iterable
 
 import torch
 
+from actors.engines.nccl_worker import NcclReceiverExtension
+
 
 def _model(worker) -> torch.nn.Module:
     runner = worker.model_runner
@@ -49,7 +51,7 @@ def load_named_tensors(worker, named_tensors: Iterable[tuple[str, torch.Tensor]]
     return len(items)
 
 
-class BgrpoWorkerExtension:
+class BgrpoWorkerExtension(NcclReceiverExtension):
     """Weight loading entry points, called through `LLM.collective_rpc("bgrpo_...")`."""
 
     def bgrpo_load_weights_file(self, path: str) -> int:
