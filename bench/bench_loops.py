@@ -32,7 +32,7 @@ def run(mode: str, args: argparse.Namespace, extra: list[str], root: Path) -> di
     cl = C.parse_cli(["--config", args.config, *[f"--{k}={v}" for k, v in overrides.items()], *extra])
     t0 = time.monotonic()
     summary = driver.train(cl.config, root / mode)
-    wall = summary["wall_s"]
+    wall = summary["train_wall_s"]  # first dispatch -> last learner step (drain and eval excluded)
     return {
         "mode": mode,
         "total_s": time.monotonic() - t0,

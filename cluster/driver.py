@@ -188,6 +188,7 @@ class Trainer:
         engine calls the workers made meanwhile (measured: workers are busy while it trains)."""
         self._prev_stats: dict[str, float] = {}
         self._handle: Any = None
+        self.t_last_step = 0.0
 
     # --- start-up -------------------------------------------------------------------------------
 
@@ -408,6 +409,7 @@ class Trainer:
     def _after_step(self, record: dict[str, Any], pbar: Any) -> None:
         """Metrics, progress, checkpoint, evaluation, the test hook: the same in both loops."""
         cfg = self.config
+        self.t_last_step = time.monotonic()
         self.metrics.log(record, step=self.step)
         if pbar is not None:
             pbar.set_postfix(
@@ -696,6 +698,9 @@ class Trainer:
             "mode": self.config.cluster.mode,
             "max_staleness": self.config.cluster.max_staleness,
             "wall_s": time.monotonic() - self.t_start,
+            # from the first dispatch to the last learner step: what throughput is measured over
+            # (the end-of-run drain of in-flight groups and the final eval are excluded)
+            "train_wall_s": (self.t_last_step or time.monotonic()) - self.t_start,
             "learner_busy_s": self.learner_busy_s,
             "worker_stats": stats,
         }

@@ -141,13 +141,19 @@ def test_ray_job_submit_local_preset(ray_head, tmp_path):
     rt_path = tmp_path / "runtime_env.yaml"
     rt_path.write_text(yaml.safe_dump(runtime_env))
     run_dir = tmp_path / "run"
+    from tests.test_e2e import E2E_MODEL
+
+    model_args = ["--model", E2E_MODEL]
+    if E2E_MODEL == "tiny-lm":
+        model_args += ["--rollout.prompt.include_screenshot", "false", "--rollout.prompt.include_axtree", "true"]
     job_id = f"bgrpo-test-{uuid.uuid4().hex[:8]}"
     ray = str(VENV_BIN / "ray")
     submit = subprocess.run(
         [ray, "job", "submit", "--address", url, "--submission-id", job_id, "--no-wait",
          "--runtime-env", str(rt_path), "--working-dir", str(REPO), "--",
          "bgrpo", "train", "--config", "local", "--cluster.run_dir", str(run_dir),
-         "--cluster.total_steps", "2", "--eval.at_end", "false", "--logging.progress_bar", "false"],
+         "--cluster.total_steps", "2", "--eval.at_end", "false", "--logging.progress_bar", "false",
+         *model_args],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert submit.returncode == 0, submit.stdout + submit.stderr
