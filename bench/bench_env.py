@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             phases.append((label, samples))
     finally:
         env.close()
+        from envs.browsergym.chromium import stop_global_playwright
+
+        stop_global_playwright()  # this process's Playwright driver
 
     print(f"BrowserGym env benchmark: {args.task}, {args.steps} steps per setting (after 2 warm-up steps), one run;")
     print("each WebSocket setting is timed alternating step by step with the in-process env (same load)")

@@ -147,3 +147,25 @@ def test_owner_interrupted_or_killed_leaves_nothing_behind(how):
         if owner.poll() is None:
             owner.kill()
             owner.wait(timeout=10)
+
+
+def test_orphan_detector_sees_browsers_and_in_process_env_close_stops_them(env_no_orphans):
+    # The session-end check must not be vacuous: a running env's browsers are found by it.
+    from envs.browsergym.server.environment import BrowserGymEnvironment
+    from tests.fixtures.env import browser_or_server_processes
+
+    def browsers() -> set[int]:
+        return {pid for pid, cmd in browser_or_server_processes(env_no_orphans).items() if "chrom" in cmd}
+
+    before = browsers()
+    env = BrowserGymEnvironment(fast_env_config())
+    try:
+        env.reset(seed=1)
+        started = browsers() - before
+        assert started, "the detector did not see the env's Chromium"
+    finally:
+        env.close()
+    deadline = time.monotonic() + 20
+    while started & browsers() and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert not started & browsers()

@@ -100,3 +100,22 @@ def install_launch_wrapper(chromium_path: Optional[str], extra_args: list[str]) 
     _installed = wanted
     logger.info("BrowserGym launches Chromium from %s", executable or "Playwright's own download")
     return executable
+
+
+def stop_global_playwright() -> bool:
+    """Stop BrowserGym's global Playwright instance (its Node driver process) if this process
+    started one; call it on the thread that used BrowserGym, after closing every env. Returns
+    whether one was stopped. A later env starts a new instance (and re-installs the wrapper)."""
+    global _installed
+    import sys
+
+    core = sys.modules.get("browsergym.core")
+    pw = getattr(core, "_PLAYWRIGHT", None) if core is not None else None
+    if pw is None:
+        return False
+    try:
+        pw.stop()
+    finally:
+        core._PLAYWRIGHT = None  # type: ignore[union-attr]
+        _installed = None
+    return True

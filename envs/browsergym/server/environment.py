@@ -190,7 +190,12 @@ class BrowserGymEnvironment(Environment[BrowserGymAction, BrowserGymObservation,
 
         # --- start the episode (BrowserGym relaunches both browsers on every reset) ---
         self._episode_done = True  # stays so if the reset fails
-        obs, info = self._gym_env.reset(seed=seed)
+        try:
+            obs, info = self._gym_env.reset(seed=seed)
+        except Exception as e:
+            # A half-started BrowserGym env cannot be reset again: drop it, the next reset rebuilds.
+            self._close_gym_env()
+            raise RuntimeError(f"browser failure during reset of {qualified}: {type(e).__name__}: {e}") from e
         self._started = True
         self._episode_done = False
         self._state = BrowserGymState(
@@ -228,7 +233,13 @@ class BrowserGymEnvironment(Environment[BrowserGymAction, BrowserGymObservation,
 
         # The validator is BrowserEnv's action_mapping: its InvalidActionError becomes
         # obs["last_action_error"] inside BrowserGym's step, and the page is observed as usual.
-        obs, reward, terminated, truncated, info = self._gym_env.step(action.action_str)
+        try:
+            obs, reward, terminated, truncated, info = self._gym_env.step(action.action_str)
+        except Exception as e:
+            # Action errors are caught inside BrowserGym; reaching here means the browser itself
+            # failed (crash, closed page): an infrastructure error for the client, not a reward.
+            self._close_gym_env()
+            raise RuntimeError(f"browser failure during step: {type(e).__name__}: {e}") from e
         self._state.step_count += 1
         truncated = bool(truncated) or (not terminated and self._state.step_count >= self.config.max_steps)
         self._episode_done = bool(terminated) or truncated
