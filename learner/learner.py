@@ -299,6 +299,7 @@ class Learner:
         # Collation (image processing on CPU) of micro-batch i+1 runs in a thread while the
         # model works on micro-batch i; PIL and numpy release the GIL for most of it.
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collate")
+        failure: BaseException | None = None
         try:
             pending = pool.submit(prepare, chunks[0]) if chunks else None
             for i, mb in enumerate(chunks):
@@ -331,8 +332,18 @@ class Learner:
                 sums["staleness"] += float(sum(self._policy_version - x.policy_version for x in mb))
                 is_min = torch.minimum(is_min, s.is_ratio_min.to(f64))
                 is_max = torch.maximum(is_max, s.is_ratio_max.to(f64))
+        except Exception as e:  # e.g. a BatchError on this rank's shard
+            failure = e
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+        # Every rank learns whether any rank failed (one tiny collective) so that no rank is
+        # left waiting in the gradient all-reduce until the timeout; nobody steps.
+        failed = D.all_reduce_(torch.tensor([float(failure is not None)], device=dev), "max")
+        if failure is not None or float(failed) > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            if failure is not None:
+                raise failure
+            raise RuntimeError("train_step failed on another learner rank; no update was made")
 
         # --- gradients of the whole batch on every rank, clip, step ---
         self._sync()
