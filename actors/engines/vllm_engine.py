@@ -74,6 +74,17 @@ def _llm_kwargs(config: EngineConfig, vision_language: bool, on_cpu: bool, max_m
     return kwargs
 
 
+def _staging_dir(tensors: Mapping[str, torch.Tensor]) -> str:
+    """/dev/shm when the update fits there (memory-backed), else the temp dir: containers often
+    give /dev/shm only 64 MB, far less than a 2B model's 4.3 GB."""
+    import shutil
+
+    need = sum(t.numel() * t.element_size() for t in tensors.values()) * 1.1 + (1 << 20)
+    if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > need:
+        return "/dev/shm"
+    return tempfile.gettempdir()
+
+
 class VLLMEngine(InferenceEngine):
     """`InferenceEngine` on an in-process `vllm.LLM` with the bgrpo worker extension."""
 
@@ -193,8 +204,7 @@ class VLLMEngine(InferenceEngine):
             raise EngineError("weight update holds only the tied lm_head.weight; send the input embedding")
         from safetensors.torch import save_file
 
-        shm = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-        path = os.path.join(shm, f"bgrpo-weights-{os.getpid()}-{uuid.uuid4().hex}.safetensors")
+        path = os.path.join(_staging_dir(tensors), f"bgrpo-weights-{os.getpid()}-{uuid.uuid4().hex}.safetensors")
         with self._lock:
             try:
                 save_file(tensors, path)
