@@ -91,6 +91,7 @@ def test_exception_in_the_with_block_stops_servers_and_browsers():
     assert find_tagged_processes(POOL_TAG_VAR, tag) == []
 
 
+@pytest.mark.slow  # starts a whole server process only to see it fail
 def test_a_server_that_cannot_start_is_a_clear_error():
     from envs.browsergym.pool import EnvServerStartError
 

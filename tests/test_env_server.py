@@ -94,9 +94,9 @@ def test_episode_is_truncated_at_max_steps_and_then_refuses_steps(client):
     result = client.reset(seed=3, task="miniwob.click-test")
     for _ in range(8):  # max_steps of the test config
         assert not result.done
-        result = client.step("noop()")
+        result = client.step("noop(0)")  # noop() alone waits 1 s
     assert result.done and result.observation.truncated and not result.observation.terminated
-    after = client.step("noop()")
+    after = client.step("noop(0)")
     assert after.done and after.observation.last_action_error and "call reset" in after.observation.error
 
 
