@@ -34,6 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread for the CPU engine, in every configuration (and in the Ray workers): with
+# browsers and other processes on 2 cores, torch's default thread team made single generate calls
+# vary 0.05-3 s from one minute to the next, which would swamp the comparison.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 TASK = "miniwob.click-test"
 
@@ -149,7 +153,8 @@ def bench_two_workers(engine_config, env_config, k, groups, group_size, max_step
     from actors.rollout_worker import RolloutWorkerActor
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                                       "OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"]}})
     try:
         workers = [RolloutWorkerActor.options(num_cpus=1).remote(
             f"bench-w{i}", _rollout_config(k, max_steps), engine_config, env_config, str(run_dir / f"w{i}"))
@@ -190,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(range(100, 101 + args.groups))
     run_dir = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
     print(f"task {TASK}, G={args.group_size}, {args.groups} timed groups, max_steps {args.max_steps}, "
-          f"engine {args.engine}, tiny VLM, {os.cpu_count()} CPUs", flush=True)
+          f"engine {args.engine}, tiny VLM, {os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}, "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
 
     results = []
     gist, transport_s = bench_gist(engine_config, env_config, args.groups, args.group_size, args.max_steps, seeds)
