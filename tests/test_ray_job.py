@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -100,7 +101,9 @@ def ray_head(tmp_path):
         while True:
             probe = subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", url], env=env,
                                    capture_output=True, text=True, timeout=60)
-            if probe.returncode == 0:
+            # Ready = the job API answers AND `ray start` finished starting every process (it
+            # prints the --block banner); the dashboard can answer before the raylet is up.
+            if probe.returncode == 0 and "block forever" in (tmp_path / "ray-head.log").read_text():
                 break
             if head.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"Ray head did not come up: {(tmp_path / 'ray-head.log').read_text()[-3000:]}")
@@ -127,6 +130,7 @@ def ray_head(tmp_path):
                 pass
         log.close()
         assert not _pids_mentioning(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -163,7 +167,9 @@ def test_ray_job_submit_local_preset(ray_head, tmp_path):
         proc = subprocess.run([ray, "job", "status", "--address", url, job_id], env=env,
                               capture_output=True, text=True, timeout=60)
         out = proc.stdout + proc.stderr  # the CLI logs the status line to stderr
-        status = next((s for s in ("SUCCEEDED", "FAILED", "STOPPED") if s in out), "")
+        low = out.lower()  # "Job 'ID' succeeded" / "failed" / "was stopped", or RUNNING/PENDING
+        status = next((s.upper() for s in ("succeeded", "failed", "stopped")
+                       if f"'{job_id}' {s}" in low or f"'{job_id}' was {s}" in low), "")
         if status:
             break
         time.sleep(5)
