@@ -88,13 +88,20 @@ def to_groups(generations, num_groups: int, group_size: int, step: int):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="qwen3-vl-2b", help="qwen3-vl-2b or tiny-vl")
-    p.add_argument("--model-dir", default="/tmp/bgrpo-shaped-model")
+    p.add_argument("--model-dir", default=None, help="cache folder of the shaped model")
+    p.add_argument("--learner-ranks", type=int, default=1)
+    p.add_argument("--engines", type=int, default=1)
+    p.add_argument("--transport", choices=["nccl", "object_store"], default="nccl",
+                   help="transport of the timed loop; the other one is timed after it (nccl only)")
+    p.add_argument("--gpu-fraction", type=float, default=1.0,
+                   help="GPUs per actor (0.5: learner and engine share one GPU, object_store only)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--groups", type=int, default=4)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--bucket-mb", type=int, default=256)
     p.add_argument("--sync-repeats", type=int, default=3)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.6)
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
 
@@ -108,96 +115,112 @@ def main(argv: list[str] | None = None) -> int:
     from learner.config import GRPOConfig, LearnerConfig
     from learner.learner import LearnerActor
 
-    assert torch.cuda.device_count() >= 2, "needs 2 GPUs"
+    R, M, frac = args.learner_ranks, args.engines, args.gpu_fraction
+    need = (R + M) * frac
+    assert torch.cuda.device_count() >= need, f"needs {need} GPUs"
     gpu_name = torch.cuda.get_device_name(0)
     t0 = time.perf_counter()
-    if args.shape == "tiny-vl":
-        model_dir = str(build_tiny_vl_model())
-    else:
-        model_dir = str(build_qwen3_vl_2b_shape(args.model_dir))
+    model_dir = str(build_tiny_vl_model() if args.shape == "tiny-vl" else build_qwen3_vl_2b_shape(args.model_dir))
     build_s = time.perf_counter() - t0
 
-    ray.init(address="local", num_gpus=2, include_dashboard=False,
+    ray.init(address="local", num_gpus=torch.cuda.device_count(), include_dashboard=False,
              runtime_env={"env_vars": {k: os.environ[k] for k in (
                  "PYTHONPATH", "VLLM_WORKER_MULTIPROC_METHOD", "VLLM_USE_FLASHINFER_SAMPLER",
                  "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "NCCL_NVLS_ENABLE",
                  "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS") if k in os.environ}})
-    result: dict = {"gpu": gpu_name, "shape": args.shape, "model_build_s": round(build_s, 1)}
+    result: dict = {"gpu": gpu_name, "shape": args.shape, "learner_ranks": R, "engines": M,
+                    "transport": args.transport, "model_build_s": round(build_s, 1)}
     try:
+        # --- actors: R learner ranks, M engines, one GPU each (Ray sets CUDA_VISIBLE_DEVICES) ---
         lcfg = LearnerConfig(model_path=model_dir, device="cuda", dtype="bfloat16", lr=1e-6,
                              gradient_checkpointing=True, micro_batch_size=8, total_steps=1000,
-                             warmup_steps=0, publish_dtype="bfloat16",
+                             warmup_steps=0, publish_dtype="bfloat16", num_ranks=R,
                              grpo=GRPOConfig(num_generations=args.group_size, temperature=0.5,
                                              max_completion_length=args.max_new_tokens))
-        learner = LearnerActor.options(num_gpus=1).remote(lcfg)
-        engine = EngineHostActor.options(num_gpus=1).remote(
-            EngineConfig(model=model_dir, backend="vllm", dtype="bfloat16", max_model_len=4096,
-                         gpu_memory_utilization=0.6, enforce_eager=False, max_num_seqs=128))
+        learners = [LearnerActor.options(num_gpus=frac).remote(lcfg, rank=r, world_size=R) for r in range(R)]
+        engines = [EngineHostActor.options(num_gpus=frac).remote(
+            EngineConfig(model=model_dir, backend="vllm", dtype="bfloat16", max_model_len=2048,
+                         gpu_memory_utilization=args.gpu_memory_utilization * (frac if frac < 1 else 1),
+                         enforce_eager=True, max_num_seqs=128)) for _ in range(M)]
+        if R > 1:
+            addr, port = ray.get(learners[0].rendezvous_address.remote())
+            ray.get([lr.connect.remote(addr, port) for lr in learners])
+        rank0 = learners[0]
         t0 = time.perf_counter()
-        info = ray.get(learner.prepare_weight_broadcast.remote(bucket_mb=args.bucket_mb))
-        ray.get([learner.connect_weight_broadcast.remote(world_size=2),
-                 engine.connect_weight_sync.remote(info["host"], info["port"], 1, 2, info["layout"])])
-        result["nccl_group_setup_s"] = round(time.perf_counter() - t0, 2)
-        result["sync_bytes"] = info["bytes"]
+        if args.transport == "nccl":
+            info = ray.get(rank0.prepare_weight_broadcast.remote(bucket_mb=args.bucket_mb))
+            ray.get([rank0.connect_weight_broadcast.remote(world_size=1 + M)]
+                    + [e.connect_weight_sync.remote(info["host"], info["port"], 1 + i, 1 + M, info["layout"])
+                       for i, e in enumerate(engines)])
+            result["sync_bytes"] = info["bytes"]
+        result["setup_s"] = round(time.perf_counter() - t0, 2)
+
+        def sync_nccl(version: int) -> tuple[float, dict]:
+            t = time.perf_counter()
+            out = ray.get([rank0.broadcast_weights.remote()]
+                          + [e.update_weights_nccl.remote(version) for e in engines])
+            return time.perf_counter() - t, out[0]
+
+        def sync_store(version: int) -> tuple[float, dict]:
+            t = time.perf_counter()
+            handle = ray.get(rank0.publish_weights.remote())
+            t_pub = time.perf_counter() - t
+            details = ray.get([e.update_weights_from_handle.remote(handle) for e in engines])
+            assert handle.version == version and all(d["version"] == version for d in details)
+            result["sync_bytes"] = handle.num_bytes
+            return time.perf_counter() - t, {"publish_s": t_pub, "fetch_s": max(d["fetch_s"] for d in details),
+                                             "load_s": max(d["load_s"] for d in details)}
 
         sampling = SamplingSettings(temperature=0.5, top_k=10, max_new_tokens=args.max_new_tokens)
-        n = args.groups * args.group_size
-        requests = build_requests(n)
-        ray.get(engine.generate.remote(requests, sampling))  # warm-up at this batch size
-        steps = []
-        for step in range(1, args.steps + 1):
-            t0 = time.perf_counter()
-            gens = ray.get(engine.generate.remote(requests, sampling))
-            t1 = time.perf_counter()
-            assert {g.policy_version for g in gens} == {step - 1}, "engine sampled with a stale version"
-            metrics = ray.get(learner.train_step.remote(to_groups(gens, args.groups, args.group_size, step)))
-            t2 = time.perf_counter()
-            sent, got = ray.get([learner.broadcast_weights.remote(),
-                                 engine.update_weights_nccl.remote(step)])
-            t3 = time.perf_counter()
-            lv, ev = ray.get([learner.get_policy_version.remote(), engine.policy_version.remote()])
-            assert lv == ev == step, f"versions diverged: learner {lv}, engine {ev}"
-            steps.append({"step": step, "generate_s": round(t1 - t0, 3), "train_s": round(t2 - t1, 3),
-                          "nccl_sync_s": round(t3 - t2, 4), "sender_pack_s": round(sent["pack_s"], 4),
-                          "sender_send_s": round(sent["send_s"], 4),
-                          "engine_receive_load_s": round(got["receive_load_s"], 4),
-                          "learner_version": lv, "engine_version": ev,
-                          "tokens": metrics.get("tokens"), "loss": metrics.get("loss"),
-                          "completion_tokens": sum(len(g.completion_ids) for g in gens)})
-            print(json.dumps(steps[-1]), flush=True)
-        result["steps"] = steps
+        requests = build_requests(args.groups * args.group_size)
+        ray.get([e.generate.remote(requests, sampling) for e in engines])  # warm-up at this batch size
 
-        # --- weight sync: NCCL (the steps above) vs the object store (the same loop, more steps) ---
-        store = []
-        for step in range(args.steps + 1, args.steps + 1 + args.sync_repeats):
-            gens = ray.get(engine.generate.remote(requests, sampling))
-            ray.get(learner.train_step.remote(to_groups(gens, args.groups, args.group_size, step)))
+        def one_step(step: int, sync) -> dict:
             t0 = time.perf_counter()
-            handle = ray.get(learner.publish_weights.remote())
+            # each engine samples its share of the groups (one engine: all of them)
+            per = [requests[i::M] for i in range(M)]
+            outs = ray.get([e.generate.remote(rq, sampling) for e, rq in zip(engines, per)])
+            gens = [None] * len(requests)
+            for i, out in enumerate(outs):
+                gens[i::M] = out
             t1 = time.perf_counter()
-            detail = ray.get(engine.update_weights_from_handle.remote(handle))
-            store.append((time.perf_counter() - t0, t1 - t0, detail["fetch_s"], detail["load_s"]))
-            assert detail["version"] == handle.version == step
-        link = ray.get([learner.broadcast_probe.remote(), engine.broadcast_probe.remote()])[0]
-        nccl = [s["nccl_sync_s"] for s in steps]
-        gb = info["bytes"] / 1e9
-        nccl_med = statistics.median(nccl)
-        store_med = statistics.median(s[0] for s in store)
-        result["sync"] = {
-            "bytes": info["bytes"],
-            "nccl_end_to_end_s": nccl,
-            "nccl_median_s": round(nccl_med, 4),
-            "nccl_GBps": round(gb / nccl_med, 1),
-            "object_store_end_to_end_s": [round(s[0], 3) for s in store],
-            "object_store_publish_s": [round(s[1], 3) for s in store],
-            "object_store_fetch_s": [round(s[2], 3) for s in store],
-            "object_store_load_s": [round(s[3], 3) for s in store],
-            "object_store_median_s": round(store_med, 3),
-            "object_store_over_nccl": round(store_med / nccl_med, 1),
-            "raw_link_GBps": round(link["GBps"], 1),
-            "raw_broadcast_s": round(link["seconds"], 4),
-        }
-        print(json.dumps(result["sync"]), flush=True)
+            assert {g.policy_version for g in gens} == {step - 1}, "an engine sampled with a stale version"
+            groups = to_groups(gens, args.groups, args.group_size, step)
+            metrics = ray.get([lr.train_step.remote(groups) for lr in learners])[0]
+            t2 = time.perf_counter()
+            sync_s, detail = sync(step)
+            versions = ray.get([lr.get_policy_version.remote() for lr in learners]
+                               + [e.policy_version.remote() for e in engines])
+            assert set(versions) == {step}, f"versions diverged: {versions}"
+            row = {"step": step, "generate_s": round(t1 - t0, 3), "train_s": round(t2 - t1, 3),
+                   "sync_s": round(sync_s, 4), "versions": versions,
+                   "train_tokens": metrics.get("tokens"), "train_tokens_per_s": round(metrics.get("tokens", 0) / (t2 - t1), 1),
+                   "loss": metrics.get("loss"),
+                   "detail": {k: round(v, 4) for k, v in detail.items() if isinstance(v, float)}}
+            if R > 1:
+                digests = ray.get([lr.parameters_digest.remote() for lr in learners])
+                row["ranks_identical"] = all(d == digests[0] for d in digests)
+                assert row["ranks_identical"], "learner ranks diverged"
+            print(json.dumps(row), flush=True)
+            return row
+
+        main_sync = sync_nccl if args.transport == "nccl" else sync_store
+        steps = [one_step(step, main_sync) for step in range(1, args.steps + 1)]
+        result["steps"] = steps
+        sync_times = [r["sync_s"] for r in steps]
+        result["sync_median_s"] = round(statistics.median(sync_times), 4)
+        result["train_tokens_per_s_median"] = round(statistics.median(r["train_tokens_per_s"] for r in steps), 1)
+        result["sync_GBps"] = round(result["sync_bytes"] / 1e9 / result["sync_median_s"], 2)
+
+        if args.transport == "nccl":
+            # --- the object store in the same run: the same loop, more steps ---
+            store = [one_step(step, sync_store) for step in range(args.steps + 1, args.steps + 1 + args.sync_repeats)]
+            store_med = statistics.median(r["sync_s"] for r in store)
+            link = ray.get([rank0.broadcast_probe.remote()] + [e.broadcast_probe.remote() for e in engines])[0]
+            result["object_store"] = {"sync_s": [r["sync_s"] for r in store], "median_s": round(store_med, 3),
+                                      "detail": [r["detail"] for r in store],
+                                      "over_nccl": round(store_med / result["sync_median_s"], 1)}
+            result["raw_link"] = {"GBps": round(link["GBps"], 1), "seconds": round(link["seconds"], 4)}
     finally:
         ray.shutdown()
     text = json.dumps(result, indent=2)

@@ -117,6 +117,10 @@ class Learner:
         )
         self.model.config.use_cache = False
         self.vision = self._vision_spec()
+        self.placeholder_ids = {
+            int(i) for i in (getattr(self.model.config, "image_token_id", None),
+                             getattr(self.model.config, "video_token_id", None)) if i is not None
+        } if self.vision is not None else set()
         self.pad_token_id = self._pad_token_id()
         if config.lora.enabled:
             self.model = self._wrap_lora(self.model)
@@ -270,6 +274,13 @@ class Learner:
 
         # --- samples and the whole batch's normaliser ---
         samples, adv_stats = build_samples(groups, cfg)
+        # A completion holding an image/video placeholder token cannot be re-run faithfully:
+        # transformers would try to put image features there, while the engine embedded it as
+        # plain text. Trained models practically never emit one; random ones do. Counted, dropped.
+        placeholder_steps = 0
+        if self.placeholder_ids:
+            kept = [s for s in samples if not self.placeholder_ids.intersection(s.completion_ids)]
+            placeholder_steps, samples = len(samples) - len(kept), kept
         normalizer = batch_normalizer(samples, cfg)
         mine = shard(samples, self.rank, self.world_size)
 
@@ -391,6 +402,7 @@ class Learner:
             "policy_version": float(self._policy_version),
             "step": float(self.step),
             "step_time_s": time.perf_counter() - t0,
+            "dropped_placeholder_steps": float(placeholder_steps),
             # Where this rank's time went: collate (incl. image processing on CPU), forward +
             # backward, gradient all-reduce + clip + optimizer.
             "time/collate_wait_s": collate_s,
@@ -427,7 +439,7 @@ class Learner:
 
     # --- NCCL weight broadcast (GPU): rank 0 -> every vLLM worker, see nccl_transport.py -------
 
-    def prepare_weight_broadcast(self, bucket_mb: int = 256) -> dict:
+    def prepare_weight_broadcast(self, bucket_mb: float = 256) -> dict:
         """Rank 0: fixes the bucket layout and a rendezvous address. Returns what the engines need
         to join: {"host", "port", "layout", "bytes"}. Then call `connect_weight_broadcast` here
         while every engine joins."""
@@ -435,7 +447,7 @@ class Learner:
             raise RuntimeError("only learner rank 0 broadcasts weights")
         named = hf_named_tensors(self.model, to_cpu=False)
         layout = BucketLayout.build(((n, t.shape) for n, t in named.items()),
-                                    _DTYPES[self.config.publish_dtype], bucket_mb << 20)
+                                    _DTYPES[self.config.publish_dtype], int(bucket_mb * (1 << 20)))
         self._nccl_sender = NcclWeightSender(layout, self.device)
         host, port = rendezvous_address()
         self._nccl_address = (host, port)

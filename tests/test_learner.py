@@ -221,6 +221,16 @@ def test_vl_train_step_with_images(tiny_vl_model):
         learner.train_step([TrajectoryGroup("bg", "t", 0, bad)])
     assert learner.policy_version == 1  # the bad batch changed nothing
 
+    # A random model can sample the image placeholder token in its completion (seen on the GPU
+    # loop); such a step is dropped and counted, the rest of the batch trains.
+    odd = [Trajectory(episode_id=f"p{i}", group_id="pg", task="t", seed=0,
+                      steps=[step(images[i % 2], 0)], episode_return=float(i % 2)) for i in range(4)]
+    odd[0].steps[0].completion_ids.append(vs.image_token_id)
+    odd[0].steps[0].logprobs.append(-3.0)
+    m = learner.train_step([TrajectoryGroup("pg", "t", 0, odd)])
+    assert m["dropped_placeholder_steps"] == 1 and m["samples"] == 3
+    assert learner.policy_version == 2
+
 
 # --- checkpoints ---------------------------------------------------------------------------
 

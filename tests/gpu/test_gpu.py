@@ -49,6 +49,13 @@ def _groups(gens, group_size: int, step: int):
     return groups
 
 
+def _get(refs, timeout: float = 300.0):
+    """ray.get with a deadline: a stuck collective fails the test instead of hanging the run."""
+    import ray
+
+    return ray.get(refs, timeout=timeout)
+
+
 @pytest.fixture(scope="module")
 def gpu_ray():
     import ray
@@ -128,7 +135,7 @@ def test_learner_bf16_vl_step_on_cuda(tiny_vl_model):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL weight sync needs 2 GPUs")
-def test_nccl_sync_is_bitwise_equal_to_the_object_store_path(gpu_ray, tiny_vl_model):
+def test_nccl_sync_is_bitwise_equal_to_the_object_store_path(gpu_ray, tiny_vl_model, request):
     """Learner (GPU 0) -> vLLM engine (GPU 1) over NCCL: the engine's parameters after the sync are
     bitwise those that the object-store path loads for the same version, and differ from before."""
     import ray
@@ -145,28 +152,29 @@ def test_nccl_sync_is_bitwise_equal_to_the_object_store_path(gpu_ray, tiny_vl_mo
     engine = EngineHostActor.options(num_gpus=1).remote(EngineConfig(
         model=str(tiny_vl_model), backend="vllm", dtype="bfloat16", gpu_memory_utilization=0.3,
         max_model_len=1024))
-    info = ray.get(learner.prepare_weight_broadcast.remote(bucket_mb=1))
+    request.addfinalizer(lambda: [ray.kill(a) for a in (learner, engine)])  # free both GPUs
+    info = _get(learner.prepare_weight_broadcast.remote(bucket_mb=0.05))
     assert len(info["layout"]["bucket_numels"]) > 1  # several buckets on a tiny model
-    ray.get([learner.connect_weight_broadcast.remote(world_size=2),
+    _get([learner.connect_weight_broadcast.remote(world_size=2),
              engine.connect_weight_sync.remote(info["host"], info["port"], 1, 2, info["layout"])])
 
-    d0 = ray.get(engine.weight_digest.remote())
-    gens = ray.get(engine.generate.remote(_requests(8), SamplingSettings(temperature=1.0, max_new_tokens=8)))
-    ray.get(learner.train_step.remote(_groups(gens, 4, 1)))  # the perturbation: a real update
-    ray.get([learner.broadcast_weights.remote(), engine.update_weights_nccl.remote(1)])
-    d_nccl = ray.get(engine.weight_digest.remote())
-    assert ray.get(engine.policy_version.remote()) == 1 == ray.get(learner.get_policy_version.remote())
+    d0 = _get(engine.weight_digest.remote())
+    gens = _get(engine.generate.remote(_requests(8), SamplingSettings(temperature=1.0, max_new_tokens=8)))
+    _get(learner.train_step.remote(_groups(gens, 4, 1)))  # the perturbation: a real update
+    _get([learner.broadcast_weights.remote(), engine.update_weights_nccl.remote(1)])
+    d_nccl = _get(engine.weight_digest.remote())
+    assert _get(engine.policy_version.remote()) == 1 == _get(learner.get_policy_version.remote())
     assert d_nccl != d0, "the NCCL sync changed nothing"
 
-    handle = ray.get(learner.publish_weights.remote())
-    ray.get(engine.update_weights_from_handle.remote(handle))
-    d_store = ray.get(engine.weight_digest.remote())
+    handle = _get(learner.publish_weights.remote())
+    _get(engine.update_weights_from_handle.remote(handle))
+    d_store = _get(engine.weight_digest.remote())
     changed = [n for n in d_nccl if d_nccl[n] != d_store[n]]
     assert not changed, f"NCCL and object-store paths loaded different bytes: {changed[:5]}"
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL weight sync needs 2 GPUs")
-def test_nccl_sync_timeout_keeps_previous_version(gpu_ray, tiny_vl_model):
+def test_nccl_sync_timeout_keeps_previous_version(gpu_ray, tiny_vl_model, request):
     """The engine waits for a broadcast the learner never sends: a clear error within the timeout,
     and the engine keeps serving with its previous weights and version."""
     import ray
@@ -182,13 +190,14 @@ def test_nccl_sync_timeout_keeps_previous_version(gpu_ray, tiny_vl_model):
     engine = EngineHostActor.options(num_gpus=1).remote(EngineConfig(
         model=str(tiny_vl_model), backend="vllm", dtype="bfloat16", gpu_memory_utilization=0.3,
         max_model_len=1024))
-    info = ray.get(learner.prepare_weight_broadcast.remote(bucket_mb=1))
-    ray.get([learner.connect_weight_broadcast.remote(world_size=2),
+    request.addfinalizer(lambda: [ray.kill(a) for a in (learner, engine)])  # free both GPUs
+    info = _get(learner.prepare_weight_broadcast.remote(bucket_mb=0.05))
+    _get([learner.connect_weight_broadcast.remote(world_size=2),
              engine.connect_weight_sync.remote(info["host"], info["port"], 1, 2, info["layout"])])
-    d0 = ray.get(engine.weight_digest.remote())
+    d0 = _get(engine.weight_digest.remote())
     with pytest.raises(Exception, match="timeout|did not complete"):
-        ray.get(engine.update_weights_nccl.remote(1, 2.0))
-    assert ray.get(engine.policy_version.remote()) == 0
-    assert ray.get(engine.weight_digest.remote()) == d0
-    gens = ray.get(engine.generate.remote(_requests(2), SamplingSettings(max_new_tokens=4)))
+        _get(engine.update_weights_nccl.remote(1, 2.0))
+    assert _get(engine.policy_version.remote()) == 0
+    assert _get(engine.weight_digest.remote()) == d0
+    gens = _get(engine.generate.remote(_requests(2), SamplingSettings(max_new_tokens=4)))
     assert all(g.policy_version == 0 for g in gens)
