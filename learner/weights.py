@@ -23,6 +23,8 @@ from typing import Any, Mapping
 
 import torch
 
+from actors.engines.weights import decode_weights, encode_for_object_store
+
 
 @dataclass(frozen=True)
 class WeightHandle:
@@ -39,7 +41,7 @@ class WeightHandle:
         """The consumer's side: every tensor of exactly this version, or a timeout error."""
         import ray
 
-        return ray.get(self.ref, timeout=timeout_s)
+        return decode_weights(ray.get(self.ref, timeout=timeout_s))
 
 
 def hf_named_tensors(
@@ -176,7 +178,7 @@ class ObjectStoreWeightPublisher(WeightPublisher):
             )
         t0 = time.perf_counter()
         tensors = dict(named)
-        ref = ray.put(tensors)
+        ref = ray.put(encode_for_object_store(tensors))
         dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
         handle = WeightHandle(
             version=version,

@@ -33,7 +33,7 @@ import torch
 from actors.engine import ChatRequest, EngineError, Generation, InferenceEngine, SamplingSettings
 from actors.engines.config import EngineConfig, resolve_max_model_len
 from actors.engines.processing import load_processor, model_config, render_prompt, tokenizer_of
-from actors.engines.weights import hf_parameter_shapes, is_tied_lm_head, validate_update
+from actors.engines.weights import decode_weights, hf_parameter_shapes, is_tied_lm_head, validate_update
 
 WORKER_EXTENSION = "actors.engines.vllm_worker_ext.BgrpoWorkerExtension"
 RPC_TIMEOUT_S = 600.0  # one weight load; a 2B model from /dev/shm takes seconds
@@ -193,6 +193,7 @@ class VLLMEngine(InferenceEngine):
         return generations
 
     def update_weights(self, version: int, weights: Mapping[str, torch.Tensor]) -> None:
+        weights = decode_weights(weights)
         validate_update(version, weights, self._expected_shapes, self._tied)
         # vLLM ties the output layer to the embedding itself and skips a tied lm_head.weight.
         tensors = {
