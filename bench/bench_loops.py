@@ -1,6 +1,6 @@
 """Sync vs async loop on the same preset and machine: learner idle fraction and trained samples/s.
 
-    .venv/bin/python bench/bench_loops.py [--config local] [--steps 4] [--max-staleness 1] [--x.y VALUE ...]
+    .venv/bin/python bench/bench_loops.py [--config local] [--steps 4] [--repeats 1] [--max-staleness 1] [--x.y VALUE ...]
 
 Both runs use one fresh local Ray cluster, the same preset, seed and number of learner steps; only
 `cluster.mode` differs. Printed per mode: wall time, trained episodes/s, learner idle fraction
@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="local")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--max-staleness", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run sync, async, sync, async, ... and sum over the repeats (machine-load drift hits both)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args, extra = parser.parse_known_args(argv)
 
@@ -63,11 +65,20 @@ def main(argv: list[str] | None = None) -> int:
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
     try:
         with tempfile.TemporaryDirectory(prefix="bgrpo-bench-") as tmp:
-            results = [run(mode, args, extra, Path(tmp)) for mode in ("sync", "async")]
+            runs = [run(mode, args, extra, Path(tmp) / str(i)) for i in range(args.repeats) for mode in ("sync", "async")]
     finally:
         ray.shutdown()
+    results = []
+    for mode in ("sync", "async"):
+        mine = [r for r in runs if r["mode"] == mode]
+        wall = sum(r["loop_wall_s"] for r in mine)
+        trained = sum(r["trained_episodes"] for r in mine)
+        busy = sum(r["learner_busy_s"] for r in mine)
+        results.append({"mode": mode, "loop_wall_s": wall, "trained_episodes": trained, "samples_per_s": trained / wall,
+                        "learner_idle_frac": 1.0 - busy / wall, "max_lag": max(r["max_lag"] for r in mine)})
     sync, async_ = results
-    print(f"\npreset {args.config}, {args.steps} learner steps, max_staleness {args.max_staleness}")
+    print(f"\npreset {args.config} {' '.join(extra)}, {args.steps} learner steps x {args.repeats} repeat(s), "
+          f"max_staleness {args.max_staleness}")
     print(f"{'mode':<6} {'loop wall s':>11} {'trained eps':>11} {'samples/s':>10} {'learner idle':>12} {'max lag':>7}")
     for r in results:
         print(f"{r['mode']:<6} {r['loop_wall_s']:>11.1f} {r['trained_episodes']:>11d} {r['samples_per_s']:>10.3f} "
@@ -77,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"async/sync trained samples/s ratio: {ratio_samples:.2f}x")
     print(f"async/sync learner idle fraction ratio: {ratio_idle:.2f}")
     if args.out:
-        Path(args.out).write_text(json.dumps({"results": results, "samples_ratio": ratio_samples,
+        Path(args.out).write_text(json.dumps({"runs": runs, "results": results, "samples_ratio": ratio_samples,
                                               "idle_ratio": ratio_idle}, indent=1))
     return 0
 
