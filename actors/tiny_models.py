@@ -399,11 +399,33 @@ QWEN3_VL_2B_TIE_WORD_EMBEDDINGS = True
 QWEN3_VL_2B_PIXELS = {"min_pixels": 65536, "max_pixels": 16777216}
 
 
+def qwen3_vl_2b_config(special_ids: dict[str, int]):
+    """Qwen3-VL-2B-Instruct's architecture as a `Qwen3VLConfig`, with the given special-token ids
+    (keys: the `SPECIAL_TOKENS` strings)."""
+    from transformers import Qwen3VLConfig
+
+    return Qwen3VLConfig(
+        text_config=dict(
+            QWEN3_VL_2B_TEXT,
+            bos_token_id=special_ids["<|endoftext|>"],
+            eos_token_id=special_ids["<|im_end|>"],
+            pad_token_id=special_ids["<|endoftext|>"],
+        ),
+        vision_config=QWEN3_VL_2B_VISION,
+        image_token_id=special_ids["<|image_pad|>"],
+        video_token_id=special_ids["<|video_pad|>"],
+        vision_start_token_id=special_ids["<|vision_start|>"],
+        vision_end_token_id=special_ids["<|vision_end|>"],
+        tie_word_embeddings=QWEN3_VL_2B_TIE_WORD_EMBEDDINGS,
+        torch_dtype="bfloat16",
+    )
+
+
 def build_qwen3_vl_2b_shape(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     """Random Qwen3-VL-2B-shaped model folder (bfloat16, ~4.3 GB), cached; built atomically like
     the tiny models. For GPU benchmarks and tests: the real architecture, no download."""
     import torch
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers import Qwen3VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     cache_dir = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir().parent / "shaped-models"
@@ -419,21 +441,7 @@ def build_qwen3_vl_2b_shape(cache_dir: str | os.PathLike | None = None) -> pathl
         real_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
         pad = QWEN3_VL_2B_TEXT["vocab_size"] - len(tokenizer)
         tokenizer.add_tokens([f"<|unused_{i}|>" for i in range(pad)], special_tokens=True)
-        config = Qwen3VLConfig(
-            text_config=dict(
-                QWEN3_VL_2B_TEXT,
-                bos_token_id=real_ids["<|endoftext|>"],
-                eos_token_id=real_ids["<|im_end|>"],
-                pad_token_id=real_ids["<|endoftext|>"],
-            ),
-            vision_config=QWEN3_VL_2B_VISION,
-            image_token_id=real_ids["<|image_pad|>"],
-            video_token_id=real_ids["<|video_pad|>"],
-            vision_start_token_id=real_ids["<|vision_start|>"],
-            vision_end_token_id=real_ids["<|vision_end|>"],
-            tie_word_embeddings=QWEN3_VL_2B_TIE_WORD_EMBEDDINGS,
-            torch_dtype="bfloat16",
-        )
+        config = qwen3_vl_2b_config(real_ids)
         torch.manual_seed(0)
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
             model = Qwen3VLForConditionalGeneration(config).to(torch.bfloat16)

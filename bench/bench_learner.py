@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import random
 import shutil
@@ -35,52 +34,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-# Qwen/Qwen3-VL-2B-Instruct's config.json (architecture fields), written here: no download.
-QWEN3_VL_2B = {
-    "architectures": ["Qwen3VLForConditionalGeneration"],
-    "model_type": "qwen3_vl",
-    "image_token_id": 151655,
-    "video_token_id": 151656,
-    "vision_start_token_id": 151652,
-    "vision_end_token_id": 151653,
-    "tie_word_embeddings": True,
-    "text_config": {
-        "model_type": "qwen3_vl_text",
-        "vocab_size": 151936,
-        "hidden_size": 2048,
-        "intermediate_size": 6144,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 16,
-        "num_key_value_heads": 8,
-        "head_dim": 128,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "max_position_embeddings": 262144,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 5000000,
-        "rope_scaling": {"rope_type": "default", "mrope_interleaved": True, "mrope_section": [24, 20, 20]},
-        "tie_word_embeddings": True,
-        "bos_token_id": 151643,
-        "eos_token_id": 151645,
-        "initializer_range": 0.02,
-    },
-    "vision_config": {
-        "model_type": "qwen3_vl",
-        "depth": 24,
-        "hidden_size": 1024,
-        "intermediate_size": 4096,
-        "num_heads": 16,
-        "hidden_act": "gelu_pytorch_tanh",
-        "in_channels": 3,
-        "patch_size": 16,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-        "out_hidden_size": 2048,
-        "num_position_embeddings": 2304,
-        "deepstack_visual_indexes": [5, 11, 17],
-        "initializer_range": 0.02,
-    },
+# Qwen/Qwen3-VL-2B-Instruct's real special-token ids (the architecture is actors.tiny_models').
+QWEN3_VL_2B_SPECIAL_IDS = {
+    "<|endoftext|>": 151643, "<|im_end|>": 151645, "<|image_pad|>": 151655,
+    "<|video_pad|>": 151656, "<|vision_start|>": 151652, "<|vision_end|>": 151653,
 }
 
 # Dense bf16 tensor-core peak (no sparsity), FLOP/s, by a substring of the device name.
@@ -170,7 +127,9 @@ def qwen3_vl_2b_folder() -> Path:
         min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 1024,
         image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
     ).save_pretrained(folder)
-    (folder / "config.json").write_text(json.dumps(QWEN3_VL_2B, indent=2))
+    from actors.tiny_models import qwen3_vl_2b_config
+
+    qwen3_vl_2b_config(QWEN3_VL_2B_SPECIAL_IDS).save_pretrained(folder)
     return folder
 
 
