@@ -14,13 +14,13 @@ from typing import Mapping, Sequence
 
 import torch
 
-from actors.engine import ChatRequest, EngineError, Generation, InferenceEngine, SamplingSettings
+from actors.engine import ChatRequest, Generation, InferenceEngine, SamplingSettings
 from actors.engines.config import EngineConfig, resolve_max_model_len
 from actors.engines.processing import (
     load_processor,
     mm_token_type_ids,
     model_config,
-    render_prompt,
+    render_requests,
     tokenizer_of,
 )
 from actors.engines.weights import decode_weights, hf_parameter_shapes, validate_update
@@ -92,16 +92,7 @@ class HFEngine(InferenceEngine):
     def generate(self, requests: Sequence[ChatRequest], sampling: SamplingSettings) -> list[Generation]:
         from transformers import GenerationConfig
 
-        try:
-            sampling.validate()
-        except ValueError as err:
-            raise EngineError(f"bad sampling settings: {err}") from None
-        rendered = [render_prompt(self.processor, r) for r in requests]
-        for i, r in enumerate(rendered):
-            if len(r.prompt_ids) >= self.max_model_len:
-                raise EngineError(
-                    f"request {i}: prompt has {len(r.prompt_ids)} tokens, context is {self.max_model_len}"
-                )
+        rendered = render_requests(self.processor, requests, sampling, self.max_model_len)
         if not rendered:
             return []
 

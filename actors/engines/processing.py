@@ -175,3 +175,17 @@ def image_inputs(processor, images: Sequence[Any]) -> dict[str, torch.Tensor]:
 def mm_token_type_ids(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
     """Qwen3-VL's per-token modality (0 text, 1 image), needed for its multimodal rotary positions."""
     return (input_ids == image_token_id).to(torch.int32)
+
+
+def render_requests(processor, requests: Sequence[ChatRequest], sampling, max_model_len: int) -> list[RenderedPrompt]:
+    """What both engines do before sampling: validate the sampling settings, render every request
+    once, and refuse a prompt that leaves no room in the context. Raises `EngineError`."""
+    try:
+        sampling.validate()
+    except ValueError as err:
+        raise EngineError(f"bad sampling settings: {err}") from None
+    rendered = [render_prompt(processor, r) for r in requests]
+    for i, r in enumerate(rendered):
+        if len(r.prompt_ids) >= max_model_len:
+            raise EngineError(f"request {i}: prompt has {len(r.prompt_ids)} tokens, context is {max_model_len}")
+    return rendered

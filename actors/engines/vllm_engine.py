@@ -32,7 +32,7 @@ import torch
 
 from actors.engine import ChatRequest, EngineError, Generation, InferenceEngine, SamplingSettings
 from actors.engines.config import EngineConfig, resolve_max_model_len
-from actors.engines.processing import load_processor, model_config, render_prompt, tokenizer_of
+from actors.engines.processing import load_processor, model_config, render_requests, tokenizer_of
 from actors.engines.weights import decode_weights, hf_parameter_shapes, is_tied_lm_head, validate_update
 
 WORKER_EXTENSION = "actors.engines.vllm_worker_ext.BgrpoWorkerExtension"
@@ -123,17 +123,9 @@ class VLLMEngine(InferenceEngine):
     def generate(self, requests: Sequence[ChatRequest], sampling: SamplingSettings) -> list[Generation]:
         from vllm import SamplingParams
 
-        try:
-            sampling.validate()
-        except ValueError as err:
-            raise EngineError(f"bad sampling settings: {err}") from None
-        rendered = [render_prompt(self.processor, r) for r in requests]
+        rendered = render_requests(self.processor, requests, sampling, self.max_model_len)
         prompts, params = [], []
         for i, r in enumerate(rendered):
-            if len(r.prompt_ids) >= self.max_model_len:
-                raise EngineError(
-                    f"request {i}: prompt has {len(r.prompt_ids)} tokens, context is {self.max_model_len}"
-                )
             if len(r.images) > self.config.max_images_per_prompt:
                 raise EngineError(
                     f"request {i}: {len(r.images)} images, engine allows {self.config.max_images_per_prompt}"
