@@ -28,7 +28,6 @@ import ray
 from actors.action_parser import ActionParser
 from actors.config import RolloutConfig
 from actors.episode import (
-    EnvSession,
     GenerationBatcher,
     is_env_failure,
     run_episode,
@@ -236,6 +235,19 @@ class RolloutWorker:
         """Loads new weights into the engine (between batches) and returns the new version."""
         with self._engine_lock:
             self.engine.update_weights(version, weights)
+            return self.engine.policy_version
+
+    def connect_weight_sync(self, host: str, port: int, rank_offset: int, world_size: int,
+                            layout: dict, timeout_s: float = 300.0) -> None:
+        """Joins the learner's NCCL weight-sync group (vLLM engines on GPU only)."""
+        if not hasattr(self.engine, "connect_weight_sync"):
+            raise RuntimeError(f"worker {self.worker_id}: NCCL weight sync needs the vLLM engine")
+        self.engine.connect_weight_sync(host, port, rank_offset, world_size, layout, timeout_s)
+
+    def update_weights_nccl(self, version: int, timeout_s: float = 60.0) -> int:
+        """Receives one NCCL broadcast (between batches) and returns the new version."""
+        with self._engine_lock:
+            self.engine.update_weights_nccl(version, timeout_s)
             return self.engine.policy_version
 
     @property

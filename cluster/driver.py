@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import json
 import logging
 import os
@@ -43,7 +42,6 @@ from cluster.config import (
     ConfigError,
     TrainConfig,
     help_text,
-    normalize_task,
     num_generations,
     parse_cli,
     save_config,
@@ -271,6 +269,15 @@ class Trainer:
         ray.get([w.get_policy_version.remote() for w in self.workers], timeout=600)
         ray.get([lr.get_policy_version.remote() for lr in self.learners], timeout=600)
 
+        # --- NCCL weight sync: learner rank 0 + every worker's engine form one group, once ---
+        if cfg.cluster.weight_sync == "nccl":
+            info = ray.get(self.learners[0].prepare_weight_broadcast.remote(cfg.cluster.weight_sync_bucket_mb), timeout=600)
+            world = 1 + len(self.workers)  # one vLLM worker per engine (no tensor parallelism here)
+            ray.get([self.learners[0].connect_weight_broadcast.remote(world)]
+                    + [w.connect_weight_sync.remote(info["host"], info["port"], 1 + i, world, info["layout"])
+                       for i, w in enumerate(self.workers)], timeout=600)
+            log.info("NCCL weight sync: %d ranks, %.2f GB per sync", world, info["bytes"] / 1e9)
+
         # --- resume: learner state, data cursor, and the workers at the learner's version ---
         if self.resume:
             ckpt_root = self.run_dir / CHECKPOINTS
@@ -304,20 +311,31 @@ class Trainer:
         import ray
 
         t0 = time.monotonic()
-        handle = self._publish()
-        versions = ray.get([w.update_weights.remote(handle.version, handle.ref) for w in self.workers], timeout=600)
-        if any(v != handle.version for v in versions):
-            raise TrainingError(f"workers loaded versions {versions}, expected {handle.version}")
-        self.version = handle.version
+        version, refs = self._send_weights()
+        versions = ray.get(refs, timeout=600)
+        if any(v != version for v in versions):
+            raise TrainingError(f"workers loaded versions {versions}, expected {version}")
+        self.version = version
         return time.monotonic() - t0
+
+    def _send_weights(self) -> tuple[int, list[Any]]:
+        """Starts sending the learner's current version to every worker: (version, one ref per
+        worker resolving to the version it loaded). NCCL: one broadcast from learner rank 0 that
+        every worker receives; object store: the published handle."""
+        import ray
+
+        if self.config.cluster.weight_sync == "nccl":
+            timeout = self.config.cluster.weight_sync_timeout_s
+            version = ray.get(self.learners[0].get_policy_version.remote(), timeout=600)
+            self._broadcast_ref = self.learners[0].broadcast_weights.remote(timeout)
+            return version, [w.update_weights_nccl.remote(version, timeout) for w in self.workers]
+        handle = self._publish()
+        return handle.version, [w.update_weights.remote(handle.version, handle.ref) for w in self.workers]
 
     def _publish_async(self) -> list[Any]:
         """Publishes and sends the new weights without waiting (async loop)."""
-        import ray
-
-        handle = self._publish()
-        self.version = handle.version
-        return [w.update_weights.remote(handle.version, handle.ref) for w in self.workers]
+        self.version, refs = self._send_weights()
+        return refs
 
     # --- training --------------------------------------------------------------------------------
 

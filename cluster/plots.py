@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any
 
 from cluster.metrics import read_metrics
 

@@ -78,6 +78,9 @@ def test_dotted_overrides_are_typed():
         ({"cluster": "1"}, r"is a section"),
         ({"cluster.env_placement": "remote"}, r"env_server_urls is empty"),
         ({"engine.backend": "tgi"}, r"engine.backend must be"),
+        ({"cluster.weight_sync": "nccl"}, r"weight_sync nccl needs engine.backend vllm"),
+        ({"cluster.weight_sync": "nccl", "engine.backend": "vllm"}, r"weight_sync nccl needs whole GPUs"),
+        ({"cluster.weight_sync": "gloo"}, r"'gloo' is not one of \['object_store', 'nccl'\]"),
     ],
 )
 def test_bad_configs_are_rejected_with_clear_messages(overrides, message):
