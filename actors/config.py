@@ -71,8 +71,11 @@ class RolloutConfig:
     names; keep them inside the env's `action_subsets`)."""
     max_action_chars: int = 512
     """A parsed action longer than this is rejected (fallback)."""
-    fallback_action: str = "noop()"
-    """Sent when the completion holds no valid action; the step records that it was used."""
+    fallback_action: str = "noop(0)"
+    """Sent when the completion holds no valid action; the step records that it was used. The
+    seed gist's `noop()`, but with BrowserGym's wait set to 0 ms: its default waits 1 s (a
+    fallback step of the local preset took 1.2 s of env time, other steps 0.3-0.5 s in
+    bench_rollout), and an unparseable completion is no reason to wait."""
     prompt: PromptConfig = field(default_factory=PromptConfig)
     """Prompt construction options."""
     sampling: SamplingSettings = field(
