@@ -262,7 +262,7 @@ def _write_text_model(out: pathlib.Path) -> None:
 
 def _write_vl_model(out: pathlib.Path) -> None:
     import torch
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers import Qwen3VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tokenizer = build_tokenizer()
@@ -273,16 +273,7 @@ def _write_vl_model(out: pathlib.Path) -> None:
     )
     tie = text.pop("tie_word_embeddings")
     vision = dict(VISION_SPEC, out_hidden_size=TEXT_SPEC["hidden_size"])
-    config = Qwen3VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=tie,
-        torch_dtype="float32",
-    )
+    config = _qwen3_vl_config(text, vision, ids, tie, "float32")
     torch.manual_seed(SEED)
     model = Qwen3VLForConditionalGeneration(config).eval()
     model.save_pretrained(out, safe_serialization=True)
@@ -399,26 +390,28 @@ QWEN3_VL_2B_TIE_WORD_EMBEDDINGS = True
 QWEN3_VL_2B_PIXELS = {"min_pixels": 65536, "max_pixels": 16777216}
 
 
-def qwen3_vl_2b_config(special_ids: dict[str, int]):
-    """Qwen3-VL-2B-Instruct's architecture as a `Qwen3VLConfig`, with the given special-token ids
-    (keys: the `SPECIAL_TOKENS` strings)."""
+def _qwen3_vl_config(text: dict, vision: dict, ids: dict[str, int], tie: bool, dtype: str):
+    """A `Qwen3VLConfig` from text/vision fields and the special-token ids (keys: `SPECIAL_TOKENS`)."""
     from transformers import Qwen3VLConfig
 
     return Qwen3VLConfig(
-        text_config=dict(
-            QWEN3_VL_2B_TEXT,
-            bos_token_id=special_ids["<|endoftext|>"],
-            eos_token_id=special_ids["<|im_end|>"],
-            pad_token_id=special_ids["<|endoftext|>"],
-        ),
-        vision_config=QWEN3_VL_2B_VISION,
-        image_token_id=special_ids["<|image_pad|>"],
-        video_token_id=special_ids["<|video_pad|>"],
-        vision_start_token_id=special_ids["<|vision_start|>"],
-        vision_end_token_id=special_ids["<|vision_end|>"],
-        tie_word_embeddings=QWEN3_VL_2B_TIE_WORD_EMBEDDINGS,
-        torch_dtype="bfloat16",
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=tie,
+        torch_dtype=dtype,
     )
+
+
+def qwen3_vl_2b_config(special_ids: dict[str, int]):
+    """Qwen3-VL-2B-Instruct's architecture as a `Qwen3VLConfig`, with the given special-token ids
+    (keys: the `SPECIAL_TOKENS` strings)."""
+    text = dict(QWEN3_VL_2B_TEXT, bos_token_id=special_ids["<|endoftext|>"],
+                eos_token_id=special_ids["<|im_end|>"], pad_token_id=special_ids["<|endoftext|>"])
+    return _qwen3_vl_config(text, QWEN3_VL_2B_VISION, special_ids, QWEN3_VL_2B_TIE_WORD_EMBEDDINGS, "bfloat16")
 
 
 def build_qwen3_vl_2b_shape(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
