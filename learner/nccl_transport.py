@@ -163,58 +163,9 @@ def _wait(event: torch.cuda.Event, deadline: float, what: str, comm=None) -> Non
         time.sleep(0.0005)
 
 
-class NcclWeightSender:
-    """Learner rank 0's end: rank 0 of the weight-sync group, broadcasting bucket by bucket."""
-
-    def __init__(self, layout: BucketLayout, device: torch.device | str = "cuda") -> None:
-        self.layout = layout
-        self.device = torch.device(device)
-        self._comm = None
-        self._buckets: list[torch.Tensor] | None = None
-        self.broken = False
-
-    def connect(self, host: str, port: int, world_size: int, timeout_s: float = 300.0) -> None:
-        """Blocks until every receiver has joined (call concurrently with the receivers')."""
-        self._comm = _communicator(host, port, 0, world_size, self.device, timeout_s)
-        # A stream of its own: a collective stuck on it never blocks the training stream.
-        self._stream = torch.cuda.Stream(self.device)
-        # Persistent buckets: allocated once, refilled each sync (no allocator churn).
-        self._buckets = [
-            torch.empty(n, dtype=self.layout.torch_dtype, device=self.device)
-            for n in self.layout.bucket_numels
-        ]
-
-    def send(self, named: Mapping[str, torch.Tensor], timeout_s: float = 60.0) -> dict:
-        """Broadcasts one version. Returns {"bytes", "pack_s", "send_s"}."""
-        if self._comm is None or self._buckets is None:
-            raise WeightSyncError("sender is not connected")
-        if self.broken:
-            raise WeightSyncError("weight-sync group is broken by an earlier timeout; re-form it")
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            self.layout.pack_into(named, self._buckets)
-        torch.cuda.current_stream(self.device).synchronize()
-        t1 = time.perf_counter()
-        stream = self._stream
-        for b in self._buckets:
-            self._comm.broadcast(b, src=0, stream=stream)
-        done = torch.cuda.Event()
-        done.record(stream)
-        try:
-            _wait(done, time.monotonic() + timeout_s, "NCCL weight broadcast (sender)", self._comm)
-        except WeightSyncError:
-            self.broken = True
-            raise
-        return {"bytes": self.layout.total_bytes, "pack_s": t1 - t0, "send_s": time.perf_counter() - t1}
-
-    def probe(self, repeats: int = 3, timeout_s: float = 60.0) -> dict:
-        """Raw link speed: broadcasts the buckets as they are (no pack, no load), best of
-        `repeats`. The receivers must call `probe` with the same `repeats` at the same time."""
-        return _probe(self._comm, self._buckets, self._stream, repeats, timeout_s)
-
-
-class NcclWeightReceiver:
-    """One vLLM worker's end. Receives into its own buckets; the caller loads the views."""
+class _NcclEnd:
+    """What both ends share: the communicator, a stream of their own, persistent bucket buffers,
+    and one deadline-bounded broadcast of every bucket. A timeout breaks the group for good."""
 
     def __init__(self, layout: BucketLayout, device: torch.device | str) -> None:
         self.layout = layout
@@ -223,55 +174,83 @@ class NcclWeightReceiver:
         self._buckets: list[torch.Tensor] | None = None
         self.broken = False
 
-    def connect(self, host: str, port: int, rank: int, world_size: int,
-                timeout_s: float = 300.0) -> None:
+    def _connect(self, host: str, port: int, rank: int, world_size: int, timeout_s: float) -> None:
         self._comm = _communicator(host, port, rank, world_size, self.device, timeout_s)
-        # A stream of its own: a receive stuck on it never blocks vLLM's inference stream.
+        # A stream of its own: a collective stuck on it never blocks the training or inference
+        # stream of the process.
         self._stream = torch.cuda.Stream(self.device)
+        # Persistent buckets: allocated once, refilled each sync (no allocator churn).
         self._buckets = [
             torch.empty(n, dtype=self.layout.torch_dtype, device=self.device)
             for n in self.layout.bucket_numels
         ]
 
-    def receive(self, timeout_s: float = 60.0) -> list[tuple[str, torch.Tensor]]:
-        """Waits for every bucket (or raises `WeightSyncError`), then returns named views."""
+    def _check(self) -> None:
         if self._comm is None or self._buckets is None:
-            raise WeightSyncError("receiver is not connected")
+            raise WeightSyncError(f"{type(self).__name__} is not connected")
         if self.broken:
             raise WeightSyncError("weight-sync group is broken by an earlier timeout; re-form it")
-        stream = self._stream
-        # The buckets may still be read by the previous load on the current stream.
-        stream.wait_stream(torch.cuda.current_stream(self.device))
+
+    def _broadcast(self, timeout_s: float, what: str) -> None:
         for b in self._buckets:
-            self._comm.broadcast(b, src=0, stream=stream)
+            self._comm.broadcast(b, src=0, stream=self._stream)
         done = torch.cuda.Event()
-        done.record(stream)
+        done.record(self._stream)
         try:
-            _wait(done, time.monotonic() + timeout_s, "NCCL weight broadcast (receiver)", self._comm)
+            _wait(done, time.monotonic() + timeout_s, what, self._comm)
         except WeightSyncError:
             self.broken = True
             raise
-        # The loader's copies run on the current stream: order them after the receive.
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        return list(self.layout.unpack(self._buckets))
 
     def probe(self, repeats: int = 3, timeout_s: float = 60.0) -> dict:
-        """The receiving end of `NcclWeightSender.probe` (the buckets are not loaded)."""
-        return _probe(self._comm, self._buckets, self._stream, repeats, timeout_s)
+        """Raw link speed: broadcasts the buckets as they are (no pack, no load), best of
+        `repeats`. Every end of the group must call `probe` with the same `repeats` at once."""
+        self._check()
+        nbytes = sum(b.numel() * b.element_size() for b in self._buckets)
+        best = float("inf")
+        for _ in range(repeats):
+            self._stream.synchronize()
+            t0 = time.perf_counter()
+            self._broadcast(timeout_s, "NCCL probe broadcast")
+            best = min(best, time.perf_counter() - t0)
+        return {"bytes": nbytes, "seconds": best, "GBps": nbytes / best / 1e9}
 
 
-def _probe(comm, buckets, stream, repeats: int, timeout_s: float) -> dict:
-    if comm is None or buckets is None:
-        raise WeightSyncError("not connected")
-    nbytes = sum(b.numel() * b.element_size() for b in buckets)
-    best = float("inf")
-    for _ in range(repeats):
-        stream.synchronize()
+class NcclWeightSender(_NcclEnd):
+    """Learner rank 0's end: rank 0 of the weight-sync group, broadcasting bucket by bucket."""
+
+    def __init__(self, layout: BucketLayout, device: torch.device | str = "cuda") -> None:
+        super().__init__(layout, device)
+
+    def connect(self, host: str, port: int, world_size: int, timeout_s: float = 300.0) -> None:
+        """Blocks until every receiver has joined (call concurrently with the receivers')."""
+        self._connect(host, port, 0, world_size, timeout_s)
+
+    def send(self, named: Mapping[str, torch.Tensor], timeout_s: float = 60.0) -> dict:
+        """Broadcasts one version. Returns {"bytes", "pack_s", "send_s"}."""
+        self._check()
         t0 = time.perf_counter()
-        for b in buckets:
-            comm.broadcast(b, src=0, stream=stream)
-        done = torch.cuda.Event()
-        done.record(stream)
-        _wait(done, time.monotonic() + timeout_s, "NCCL probe broadcast", comm)
-        best = min(best, time.perf_counter() - t0)
-    return {"bytes": nbytes, "seconds": best, "GBps": nbytes / best / 1e9}
+        with torch.no_grad():
+            self.layout.pack_into(named, self._buckets)
+        torch.cuda.current_stream(self.device).synchronize()
+        t1 = time.perf_counter()
+        self._broadcast(timeout_s, "NCCL weight broadcast (sender)")
+        return {"bytes": self.layout.total_bytes, "pack_s": t1 - t0, "send_s": time.perf_counter() - t1}
+
+
+class NcclWeightReceiver(_NcclEnd):
+    """One vLLM worker's end. Receives into its own buckets; the caller loads the views."""
+
+    def connect(self, host: str, port: int, rank: int, world_size: int,
+                timeout_s: float = 300.0) -> None:
+        self._connect(host, port, rank, world_size, timeout_s)
+
+    def receive(self, timeout_s: float = 60.0) -> list[tuple[str, torch.Tensor]]:
+        """Waits for every bucket (or raises `WeightSyncError`), then returns named views."""
+        self._check()
+        # The buckets may still be read by the previous load on the current stream.
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        self._broadcast(timeout_s, "NCCL weight broadcast (receiver)")
+        # The loader's copies run on the current stream: order them after the receive.
+        torch.cuda.current_stream(self.device).wait_stream(self._stream)
+        return list(self.layout.unpack(self._buckets))
