@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--cache-dir", type=pathlib.Path, default=None)
+    parser.add_argument("--enforce-eager", choices=["auto", "true", "false"], default="auto",
+                        help="vLLM without CUDA graphs; auto = graphs on GPU (as the GPU presets), eager on CPU")
     parser.add_argument("--async-batch", type=int, default=0,
                         help="also time vLLM's AsyncLLM with this many concurrent requests (vs LLM batch)")
     args = parser.parse_args(argv)
@@ -160,14 +162,17 @@ def main(argv: list[str] | None = None) -> int:
     sampling = SamplingSettings(temperature=1.0, max_new_tokens=args.max_new_tokens, seed=0)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     print(f"model: {args.shape} ({model_path.name}), image: {args.image}, device: {device}, "
-          f"max_new_tokens: {args.max_new_tokens}, repeats: {args.repeats}")
+          f"max_new_tokens: {args.max_new_tokens}, repeats: {args.repeats}, vLLM CUDA graphs: "
+          f"{args.enforce_eager == 'false' or (args.enforce_eager == 'auto' and torch.cuda.is_available())}")
 
     results: dict[str, dict[int, tuple[float, float]]] = {}
     updates: dict[str, tuple[float, float]] = {}
     for backend in args.backends.split(","):
         start = time.perf_counter()
+        eager = {"true": True, "false": False}.get(args.enforce_eager, not torch.cuda.is_available())
         engine = create_engine(EngineConfig(model=str(model_path), backend=backend, dtype=args.dtype,
-                                            max_model_len=args.max_model_len, max_num_seqs=max(batch_sizes)))
+                                            max_model_len=args.max_model_len, max_num_seqs=max(batch_sizes),
+                                            enforce_eager=eager))
         print(f"[{backend}] engine start {time.perf_counter() - start:.1f}s", flush=True)
         results[backend] = {}
         for bs in batch_sizes:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import random
 import shutil
@@ -163,16 +164,16 @@ def param_counts(model) -> tuple[int, int]:
 class Case:
     """One learner on one batch; `step()` times one train_step."""
 
-    def __init__(self, args, shape: str, model_path: Path, gc: bool) -> None:
+    def __init__(self, args, shape: str, model_path: Path, gc: bool, compiled: bool = False) -> None:
         from learner.config import GRPOConfig, LearnerConfig
         from learner.learner import Learner
 
-        self.args, self.shape, self.gc = args, shape, gc
+        self.args, self.shape, self.gc, self.compiled = args, shape, gc, compiled
         self.device = torch.device(args.device)
         cfg = LearnerConfig(
             model_path=str(model_path), lr=1e-6, micro_batch_size=args.micro_batch_size,
             device=args.device, dtype=args.dtype if args.device == "cuda" else "float32",
-            gradient_checkpointing=gc, seed=0,
+            gradient_checkpointing=gc, compile=compiled, seed=0,
             grpo=GRPOConfig(max_completion_length=args.completion_len),
         )
         self.learner = Learner(cfg, model=build_model(shape, model_path, self.device))
@@ -209,7 +210,7 @@ class Case:
         patches = self.image_tokens * 4 * self.samples  # 2x2 merge: 4 patches per image token
         flops = 6 * (self.n_text * self.tokens + self.n_vision * patches)
         r = {
-            "shape": self.shape, "gc": self.gc, "samples_per_s": self.samples / self.elapsed,
+            "shape": self.shape, "gc": self.gc, "compile": self.compiled, "samples_per_s": self.samples / self.elapsed,
             "tokens_per_s": self.tokens / self.elapsed, "step_s": self.elapsed / self.args.steps,
             "params_text": self.n_text, "params_vision": self.n_vision,
             "image_tokens": self.image_tokens, "achieved_tflops": flops / self.elapsed / 1e12,
@@ -227,12 +228,20 @@ class Case:
             torch.cuda.empty_cache()
 
 
+def variants(args) -> list[tuple[bool, bool]]:
+    """(gradient checkpointing, compile) of each case; the first is the baseline of the ratios."""
+    cases = [(False, False), (True, False)]
+    if args.compile:
+        cases += [(False, True), (True, True)]
+    return cases
+
+
 def measure(args, shape: str, model_path: Path) -> list[dict]:
-    """Without and with gradient checkpointing. On CPU both learners exist at once and their
-    timed steps alternate, so load from other processes hits both alike; on a GPU (dedicated,
-    and too small for two 2B learners) they run one after the other."""
+    """Every variant. On CPU all learners exist at once and their timed steps alternate, so load
+    from other processes hits them alike; on a GPU (dedicated, and too small for several 2B
+    learners) they run one after the other."""
     if args.device == "cpu":
-        cases = [Case(args, shape, model_path, gc) for gc in (False, True)]
+        cases = [Case(args, shape, model_path, gc, c) for gc, c in variants(args)]
         for _ in range(args.warmup):
             for c in cases:
                 c.step(timed=False)
@@ -241,16 +250,47 @@ def measure(args, shape: str, model_path: Path) -> list[dict]:
                 c.step(timed=True)
         return [c.result() for c in cases]
     rows = []
-    for gc in (False, True):
-        c = Case(args, shape, model_path, gc)
+    for gc, compiled in variants(args):
+        c = Case(args, shape, model_path, gc, compiled)
         for _ in range(args.warmup):
             c.step(timed=False)
         torch.cuda.reset_peak_memory_stats()
         for _ in range(args.steps):
             c.step(timed=True)
         rows.append(c.result())
+        print_row(rows[-1], rows[0])  # as soon as measured: a GPU run may be cut short
+        if args.profile and not gc:
+            profile_step(c)
         c.close()
     return rows
+
+
+def print_row(r: dict, base: dict) -> None:
+    line = (f"{r['shape']:12s} grad_ckpt={'on ' if r['gc'] else 'off'} compile={'on ' if r['compile'] else 'off'}  "
+            f"{r['samples_per_s']:8.2f} samples/s  {r['tokens_per_s']:10.0f} tokens/s  "
+            f"{r['step_s']:7.3f} s/step  {r['achieved_tflops']:8.3f} TFLOP/s  "
+            f"x{r['tokens_per_s'] / base['tokens_per_s']:.2f} vs first row")
+    if "mfu" in r:
+        line += f"  MFU {100 * r['mfu']:5.1f}%  peak mem {r['peak_mem_gib']:.1f} GiB"
+    print(line)
+    print(" " * 14 + "time shares: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["phases"].items()), flush=True)
+
+
+def profile_step(case: Case) -> None:
+    """One more step under torch.profiler: where the time goes (GPU kernels vs host)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        case.step(timed=False)
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx"))
+    print(f"profile ({'compiled' if case.compiled else 'eager'}): step {wall:.3f} s, GPU kernels busy "
+          f"{gpu_us / 1e6:.3f} s ({100 * gpu_us / 1e6 / wall:.0f}% of the step), {launches} kernel launches")
+    print(events.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=70))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=70))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-height", type=int, default=321)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--out", default="", help="write the rows as JSON here")
+    p.add_argument("--compile", action="store_true", help="also measure learner.compile (torch.compile per layer)")
+    p.add_argument("--profile", action="store_true", help="cuda: profile one extra step of each variant without grad-ckpt")
     args = p.parse_args(argv)
 
     big = args.shape == "qwen3-vl-2b"
@@ -296,17 +339,14 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if shape == "qwen3-vl-2b":
                 shutil.rmtree(model_path, ignore_errors=True)
-        for r in rows:
-            line = (f"{r['shape']:12s} grad_ckpt={'on ' if r['gc'] else 'off'}  "
-                    f"{r['samples_per_s']:8.2f} samples/s  {r['tokens_per_s']:10.0f} tokens/s  "
-                    f"{r['step_s']:7.3f} s/step  {r['achieved_tflops']:8.3f} TFLOP/s")
-            if "mfu" in r:
-                line += f"  MFU {100 * r['mfu']:5.1f}%  peak mem {r['peak_mem_gib']:.1f} GiB"
-            print(line)
-            print(" " * 14 + "time shares: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["phases"].items()))
+        if args.device == "cpu":
+            for r in rows:
+                print_row(r, rows[0])
         print(f"{shape:12s} params: text {rows[0]['params_text'] / 1e6:.1f}M, vision "
               f"{rows[0]['params_vision'] / 1e6:.1f}M; image tokens/sample {rows[0]['image_tokens']}; "
               f"grad-ckpt on/off tokens/s ratio {rows[1]['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}")
+        if args.out:
+            Path(args.out).write_text(json.dumps({"device": device_name, "args": vars(args), "rows": rows}, indent=1, default=str))
     return 0
 
 

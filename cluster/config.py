@@ -291,7 +291,8 @@ class TrainConfig:
 
     model: str = "tiny-vlm"
     """Model to train: a Hugging Face id or folder ("Qwen/Qwen3-VL-2B-Instruct"), or "tiny-vlm"
-    / "tiny-lm" for the tiny random models built offline (actors.tiny_models)."""
+    / "tiny-lm" for the tiny random models built offline (actors.tiny_models), or
+    "random-qwen3-vl-2b" for a random model of Qwen3-VL-2B's exact shape built offline (GPU)."""
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     """Ray connection, actor counts and resources, sync/async loop, steps, seed, run folder."""
     env: EnvConfig = field(default_factory=EnvConfig)  # type: ignore[valid-type]
@@ -777,9 +778,21 @@ def validate_config(config: TrainConfig) -> None:
     if not config.model:
         raise ConfigError("model is empty")
     # tasks must exist in BrowserGym's registry: a typo would otherwise fail minutes later in a worker.
-    known = miniwob_task_names()
-    for task in config.sampler.tasks:
-        t = normalize_task(task)
+    from envs.recorded.environment import TASKS as RECORDED_TASKS, is_recorded_task
+
+    tasks = [normalize_task(t) for t in config.sampler.tasks]
+    # One env server runs either BrowserGym or the browser-free recorded page, chosen by env.task.
+    if any(is_recorded_task(t) for t in tasks) and hasattr(config.env, "task"):
+        if not all(is_recorded_task(t) for t in tasks):
+            raise ConfigError("sampler.tasks mixes recorded.* tasks with BrowserGym tasks; one run uses one kind")
+        if not is_recorded_task(config.env.task):
+            raise ConfigError(f"sampler.tasks are recorded tasks: set --env.task {tasks[0]} so the env "
+                              "servers replay them instead of starting browsers")
+        unknown = sorted(set(tasks) - set(RECORDED_TASKS))
+        if unknown:
+            raise ConfigError(f"sampler.tasks: unknown recorded task(s) {unknown}; known: {list(RECORDED_TASKS)}")
+    known = miniwob_task_names() if any(t.startswith("miniwob.") for t in tasks) else set()
+    for task, t in zip(config.sampler.tasks, tasks):
         if t.startswith("miniwob.") and t not in known:
             close = difflib.get_close_matches(t, sorted(known), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""

@@ -59,6 +59,16 @@ class TrainingError(RuntimeError):
     """The run cannot continue (too many actor failures, a broken invariant)."""
 
 
+@dataclass
+class _WeightSend:
+    """A weight sync in flight: the version sent, one ref per worker resolving to the version
+    it loaded, and (NCCL) the learner's broadcast ref."""
+
+    version: int
+    worker_refs: list[Any]
+    sender_ref: Any = None
+
+
 # --- accounting ------------------------------------------------------------------------------------
 
 
@@ -127,7 +137,13 @@ class StepRecord:
 
 
 def resolve_model(name: str) -> str:
-    """'tiny-vlm' / 'tiny-lm' -> the folder of the tiny model built offline; else as given."""
+    """'tiny-vlm' / 'tiny-lm' -> the folder of the tiny model built offline; 'random-qwen3-vl-2b'
+    -> a random-initialised model of Qwen3-VL-2B's exact shape, built offline (GPU smoke runs and
+    benchmarks: the real sizes without a download); else as given."""
+    if name == "random-qwen3-vl-2b":
+        from actors.tiny_models import build_qwen3_vl_2b_shape
+
+        return str(build_qwen3_vl_2b_shape())
     if name in ("tiny-vlm", "tiny-vl"):
         from actors.tiny_models import build_tiny_vl_model
 
@@ -308,34 +324,39 @@ class Trainer:
 
     def _sync_weights(self) -> float:
         """Publishes the learner's weights and waits until every worker loaded them."""
-        import ray
-
         t0 = time.monotonic()
-        version, refs = self._send_weights()
-        versions = ray.get(refs, timeout=600)
-        if any(v != version for v in versions):
-            raise TrainingError(f"workers loaded versions {versions}, expected {version}")
-        self.version = version
+        self._wait_weights(self._send_weights())
         return time.monotonic() - t0
 
-    def _send_weights(self) -> tuple[int, list[Any]]:
-        """Starts sending the learner's current version to every worker: (version, one ref per
-        worker resolving to the version it loaded). NCCL: one broadcast from learner rank 0 that
-        every worker receives; object store: the published handle."""
+    def _send_weights(self) -> "_WeightSend":
+        """Starts sending the learner's current version to every worker without waiting. NCCL:
+        one broadcast from learner rank 0 that every worker receives; object store: the
+        published handle, which every worker fetches."""
         import ray
 
         if self.config.cluster.weight_sync == "nccl":
             timeout = self.config.cluster.weight_sync_timeout_s
             version = ray.get(self.learners[0].get_policy_version.remote(), timeout=600)
-            self._broadcast_ref = self.learners[0].broadcast_weights.remote(timeout)
-            return version, [w.update_weights_nccl.remote(version, timeout) for w in self.workers]
+            sender = self.learners[0].broadcast_weights.remote(timeout)
+            return _WeightSend(version, [w.update_weights_nccl.remote(version, timeout) for w in self.workers], sender)
         handle = self._publish()
-        return handle.version, [w.update_weights.remote(handle.version, handle.ref) for w in self.workers]
+        return _WeightSend(handle.version, [w.update_weights.remote(handle.version, handle.ref) for w in self.workers])
 
-    def _publish_async(self) -> list[Any]:
-        """Publishes and sends the new weights without waiting (async loop)."""
-        self.version, refs = self._send_weights()
-        return refs
+    def _wait_weights(self, send: "_WeightSend | None") -> None:
+        """Waits for a `_send_weights` to finish everywhere; the driver's version moves only when
+        every worker reports the new one. The sender's ref comes first: when the learner's side
+        of a broadcast fails, the workers' receives time out, and ray.get (which raises the
+        first error in list order once all are done) reports the learner's error, the cause."""
+        import ray
+
+        if send is None:
+            return
+        head = [send.sender_ref] if send.sender_ref is not None else []
+        results = ray.get(head + send.worker_refs, timeout=600)
+        versions = results[len(head):]
+        if any(v != send.version for v in versions):
+            raise TrainingError(f"workers loaded versions {versions}, expected {send.version}")
+        self.version = send.version
 
     # --- training --------------------------------------------------------------------------------
 
@@ -542,7 +563,7 @@ class Trainer:
         train_batch: list[Any] = []
         train_t0 = step_t0 = time.monotonic()
         version_before = self.version
-        pending_updates: list[Any] = []
+        pending_updates: _WeightSend | None = None
         stale_this_step = 0
         calls_at_train_start = 0.0
         in_flight_at_start = 0
@@ -583,8 +604,10 @@ class Trainer:
                     self.async_overlap.append(overlap)
                     # --- publish v+1; workers load it between engine batches, without stopping ---
                     t2 = time.monotonic()
-                    ray.get(pending_updates, timeout=600)  # the previous version reached everyone
-                    pending_updates = self._publish_async()
+                    self._wait_weights(pending_updates)  # the previous version reached everyone
+                    pending_updates = self._send_weights()
+                    # Groups sampled from here on may carry the new version; staleness counts it.
+                    self.version = pending_updates.version
                     sync_s = time.monotonic() - t2
                     self.step += 1
                     self._account_trained(train_batch, metrics, version_before)
@@ -609,7 +632,7 @@ class Trainer:
                     stale_this_step += 1
                 else:
                     buffer.append(group)
-            ray.get(pending_updates, timeout=600)
+            self._wait_weights(pending_updates)
         except BaseException:
             in_flight.clear()  # an error or Ctrl-C: close() stops the workers, nothing to wait for
             raise

@@ -183,6 +183,10 @@ class LearnerConfig:
     """Recompute activations in the backward pass (less memory, ~30% more compute)."""
     attn_implementation: str = "sdpa"
     """transformers attention backend (sdpa, eager, flash_attention_2)."""
+    compile: bool = False
+    """torch.compile every transformer layer of the text model (norms, rotary embedding,
+    activations and residual adds fused into fewer kernels; on GPU the step is bound by kernel
+    launches, see README). The first micro-batches pay the compile time."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """Optional LoRA."""
     seed: int = 0

@@ -86,6 +86,22 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def compile_layers(model: torch.nn.Module) -> int:
+    """torch.compile each text decoder layer in place (per layer, as torchtitan does: identical
+    layers share one compiled graph, and a graph break stays inside one layer). dynamic=True:
+    micro-batches differ in length, and one graph must serve them all. Returns how many."""
+    import torch._dynamo
+
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    if not layers:
+        raise ValueError(f"learner.compile: no decoder layers found in {type(model).__name__}")
+    # One cache entry per layer object in the worst case: keep every layer compiled.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(layers))
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
 class Learner:
     """One learner rank. See the module docstring for the multi-rank protocol."""
 
@@ -130,6 +146,7 @@ class Learner:
             )
         self.model.to(self.device)
         self.model.train()
+        self.compiled_layers = compile_layers(self.model) if config.compile else 0
 
         # --- frozen reference model, only when the KL term is on (TRL: beta == 0 loads none) ---
         self.ref_model = None

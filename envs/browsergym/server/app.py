@@ -32,11 +32,17 @@ def build_app(config):
     from openenv.core.env_server.types import ConcurrencyConfig
 
     from envs.browsergym.models import BrowserGymAction, BrowserGymObservation
-    from envs.browsergym.server.environment import BrowserGymEnvironment
+    from envs.recorded.environment import RecordedEnvironment, is_recorded_task
 
     config.validate()
+    # The configured task decides what this server runs: `recorded.*` replays a recorded page
+    # without a browser (machines without Chromium); anything else is BrowserGym.
+    if is_recorded_task(config.task):
+        environment = RecordedEnvironment
+    else:
+        from envs.browsergym.server.environment import BrowserGymEnvironment as environment
     # A functools.partial of the class lets openenv see REQUIRES_SINGLE_THREAD_EXECUTOR.
-    factory = functools.partial(BrowserGymEnvironment, config)
+    factory = functools.partial(environment, config)
     app = create_fastapi_app(
         factory,
         BrowserGymAction,

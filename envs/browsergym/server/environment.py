@@ -273,6 +273,9 @@ class BrowserGymEnvironment(Environment[BrowserGymAction, BrowserGymObservation,
         import gymnasium as gym
 
         benchmark = task.split(".", 1)[0]
+        if benchmark == "recorded":
+            raise ValueError(f"{task} is browser-free: it is served by an env server started with a "
+                             "recorded task (--task recorded.click-button), not by a BrowserGym one")
         try:
             importlib.import_module(f"browsergym.{benchmark}")  # registers its tasks with gym
         except ModuleNotFoundError:
