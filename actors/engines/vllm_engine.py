@@ -14,29 +14,28 @@ gets the placeholder form and the engine checks that vLLM's expanded prompt equa
 the ids returned are exactly those the engine ran on. Logprobs are
 vLLM's "processed" logprobs: those of the distribution actually sampled from.
 
-Weight updates: validated against the HF parameter names and shapes, written to one safetensors
-file in shared memory and loaded by every worker through `vllm_worker_ext` (collective_rpc's
-msgpack drops tensor data). Then the prefix and encoder caches are reset: their entries were
-computed with the old weights.
+Weight updates (object-store path): validated against the HF parameter names and shapes, copied
+into the engine's shared-memory staging file (shm_staging.py: created once, reused) and loaded by
+every worker through `vllm_worker_ext` (collective_rpc's msgpack drops tensor data). Then the
+prefix and encoder caches are reset: their entries were computed with the old weights.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
-import uuid
 from typing import Any, Mapping, Sequence
 
 import torch
 
 from actors.engine import ChatRequest, EngineError, Generation, InferenceEngine, SamplingSettings
 from actors.engines.config import EngineConfig, resolve_max_model_len
+from actors.engines.shm_staging import StagingFile
 from actors.engines.processing import load_processor, model_config, render_requests, tokenizer_of
 from actors.engines.weights import decode_weights, hf_parameter_shapes, is_tied_lm_head, validate_update
 
 WORKER_EXTENSION = "actors.engines.vllm_worker_ext.BgrpoWorkerExtension"
-RPC_TIMEOUT_S = 600.0  # one weight load; a 2B model from /dev/shm takes seconds
+RPC_TIMEOUT_S = 600.0  # one weight load (a 2B model from the staging file: about a second)
 
 
 def _platform_is_cpu() -> bool:
@@ -74,17 +73,6 @@ def _llm_kwargs(config: EngineConfig, vision_language: bool, on_cpu: bool, max_m
     return kwargs
 
 
-def _staging_dir(tensors: Mapping[str, torch.Tensor]) -> str:
-    """/dev/shm when the update fits there (memory-backed), else the temp dir: containers often
-    give /dev/shm only 64 MB, far less than a 2B model's 4.3 GB."""
-    import shutil
-
-    need = sum(t.numel() * t.element_size() for t in tensors.values()) * 1.1 + (1 << 20)
-    if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > need:
-        return "/dev/shm"
-    return tempfile.gettempdir()
-
-
 class VLLMEngine(InferenceEngine):
     """`InferenceEngine` on an in-process `vllm.LLM` with the bgrpo worker extension."""
 
@@ -110,6 +98,7 @@ class VLLMEngine(InferenceEngine):
         self.llm = LLM(**kwargs)
         self._version = 0
         self._lock = threading.Lock()
+        self._staging: StagingFile | None = None  # created by the first object-store update
 
     @property
     def policy_version(self) -> int:
@@ -188,27 +177,23 @@ class VLLMEngine(InferenceEngine):
         weights = decode_weights(weights)
         validate_update(version, weights, self._expected_shapes, self._tied)
         # vLLM ties the output layer to the embedding itself and skips a tied lm_head.weight.
-        tensors = {
-            name: t.detach().to(device="cpu", dtype=self.dtype).contiguous()
-            for name, t in weights.items()
-            if not is_tied_lm_head(name, self._tied)
-        }
+        tensors = {name: t.detach().cpu() for name, t in weights.items() if not is_tied_lm_head(name, self._tied)}
         if not tensors:
             raise EngineError("weight update holds only the tied lm_head.weight; send the input embedding")
-        from safetensors.torch import save_file
-
-        path = os.path.join(_staging_dir(tensors), f"bgrpo-weights-{os.getpid()}-{uuid.uuid4().hex}.safetensors")
         with self._lock:
             try:
-                save_file(tensors, path)
-                self.llm.collective_rpc("bgrpo_load_weights_file", timeout=RPC_TIMEOUT_S, args=(path,))
+                if self._staging is None or not self._staging.fits(tensors):
+                    if self._staging is not None:
+                        self._staging.close()
+                        self._staging = None
+                    self._staging = StagingFile(tensors, self.dtype)
+                self._staging.write(tensors)
+                self.llm.collective_rpc("bgrpo_load_weights_shm", timeout=RPC_TIMEOUT_S,
+                                        args=(self._staging.path, self._staging.layout_message()))
             except Exception as err:
                 # Validation passed, so this is an infrastructure failure inside vLLM: the
                 # weights may be partly loaded. Say so; the version stays.
                 raise EngineError(f"vLLM workers failed to load weights v{version}: {err!r}") from err
-            finally:
-                if os.path.exists(path):
-                    os.remove(path)
             self.llm.reset_prefix_cache()
             if self.is_vision_language:
                 self.llm.llm_engine.reset_encoder_cache()
@@ -253,6 +238,9 @@ class VLLMEngine(InferenceEngine):
         return float(self.llm.collective_rpc("bgrpo_weight_checksum", timeout=RPC_TIMEOUT_S, args=(contains,))[0])
 
     def close(self) -> None:
+        staging, self._staging = getattr(self, "_staging", None), None
+        if staging is not None:
+            staging.close()
         llm, self.llm = getattr(self, "llm", None), None
         if llm is None:
             return

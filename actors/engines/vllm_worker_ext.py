@@ -3,7 +3,8 @@
 vLLM mixes this class into its worker, so `self` is the worker (`self.model_runner` holds the
 model). Method names carry a `bgrpo_` prefix because vLLM refuses an extension that shadows a
 worker attribute. Arguments cross vLLM's msgpack IPC, where a torch.Tensor loses its data, so the
-object-store path hands over the path of a safetensors file in shared memory (/dev/shm) instead.
+object-store path hands over the path and layout of the engine's shared-memory staging file
+(actors/engines/shm_staging.py) instead.
 
 `load_named_tensors` is the one function that puts Hugging Face-named tensors into the model; any
 transport (this file path, a NCCL receive on GPU) ends there.
@@ -35,30 +36,48 @@ def load_named_tensors(worker, named_tensors: Iterable[tuple[str, torch.Tensor]]
     """
     from vllm.platforms import current_platform
 
-    items = list(named_tensors)
+    count = 0
+
+    def counted():
+        # Lazily: on GPU each tensor is copied to the device only when vLLM takes it, so a whole
+        # update never sits in GPU memory twice.
+        nonlocal count
+        for item in named_tensors:
+            count += 1
+            yield item
+
     model = _model(worker)
     if current_platform.is_cpu():
         from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
-        worker.model_runner.reload_weights(weights_iterator=iter(items), is_checkpoint_format=True)
+        worker.model_runner.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)
         for module in model.modules():
             if isinstance(module, VocabParallelEmbedding):
                 module.quant_method.process_weights_after_loading(module)
     else:
-        model.load_weights(weights=iter(items))
+        model.load_weights(weights=counted())
         if torch.cuda.is_available():
-            torch.cuda.synchronize()
-    return len(items)
+            torch.cuda.synchronize()  # the staging file may be rewritten once we return
+    return count
 
 
 class BgrpoWorkerExtension(NcclReceiverExtension):
     """Weight loading entry points, called through `LLM.collective_rpc("bgrpo_...")`."""
 
-    def bgrpo_load_weights_file(self, path: str) -> int:
-        """Loads every tensor of the safetensors file at `path` (HF names); returns the count."""
-        from safetensors.torch import load_file
+    def bgrpo_load_weights_shm(self, path: str, layout: list) -> int:
+        """Loads every tensor of the engine's staging file (HF names); returns the count. The file
+        is mapped (and on CUDA page-locked) once and reused by every later update."""
+        from vllm.platforms import current_platform
 
-        return load_named_tensors(self, load_file(path, device="cpu").items())
+        from actors.engines.shm_staging import StagingReader
+
+        reader = getattr(self, "_bgrpo_staging", None)
+        if reader is None or reader.file.path != path:
+            if reader is not None:
+                reader.close()
+            device = torch.device("cpu") if current_platform.is_cpu() else torch.device("cuda", torch.cuda.current_device())
+            reader = self._bgrpo_staging = StagingReader(path, layout, device)
+        return load_named_tensors(self, reader.tensors())
 
     def bgrpo_weight_checksum(self, contains: str = "") -> float:
         """Sum of |w| over the model's (vLLM-named) parameters whose name contains `contains` (tests)."""
