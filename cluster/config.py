@@ -223,7 +223,8 @@ class SamplerConfig:
     """Which task instances the rollout workers play: tasks x seeds, train and held-out eval."""
 
     tasks: list[str] = field(default_factory=lambda: ["miniwob.click-test"])
-    """BrowserGym task names ("miniwob.click-test"; the "miniwob." prefix may be left out)."""
+    """BrowserGym task names ("miniwob.click-test"; the "miniwob." prefix may be left out), or
+    the browser-free "recorded.click-button" (with env.task set to it; envs/recorded/)."""
     train_seeds: list[int] = field(default_factory=lambda: [0, 1_000_000])
     """Half-open range [start, stop) of training seeds."""
     eval_seeds: list[int] = field(default_factory=lambda: [1_000_000, 1_001_000])

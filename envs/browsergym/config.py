@@ -38,7 +38,8 @@ class EnvConfig:
 
     task: str = "miniwob.click-test"
     """Default task, `<benchmark>.<task>` (e.g. `miniwob.click-test`) or a bare MiniWoB name
-    (`click-test`). `reset(task=...)` can switch task per episode."""
+    (`click-test`). `reset(task=...)` can switch task per episode. A `recorded.*` task makes the
+    server replay a recorded page without a browser (envs/recorded/)."""
 
     max_steps: int = 10
     """Steps per episode; the step that reaches it returns `done=True, truncated=True`."""
