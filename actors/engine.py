@@ -102,5 +102,13 @@ class InferenceEngine(abc.ABC):
         """Context length in tokens (prompt + completion); a prompt this long or longer is refused."""
         raise NotImplementedError
 
+    def sleep(self) -> None:
+        """Frees accelerator memory until `wake_up`, for a learner that shares the GPU (colocated
+        runs); `generate` is refused meanwhile. The default has nothing to free (CPU engines)."""
+
+    def wake_up(self) -> None:
+        """Undoes `sleep`: the engine generates again, with the weights it had (plus any update
+        loaded while asleep, where the backend allows it)."""
+
     def close(self) -> None:
         """Frees the engine's resources (processes, memory)."""

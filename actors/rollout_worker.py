@@ -155,6 +155,7 @@ class RolloutWorker:
         self._stats = RolloutStats()
         self._lock = threading.Lock()  # guards _stats
         self._engine_lock = threading.Lock()  # generate vs update_weights
+        self._engine_sleeps = 0
         self._repair_lock = threading.Lock()  # one server restart at a time
         self._pool = None
         self.engine = None
@@ -250,6 +251,17 @@ class RolloutWorker:
             self.engine.update_weights_nccl(version, timeout_s)
             return self.engine.policy_version
 
+    def sleep_engine(self) -> None:
+        """Frees the engine's GPU memory for a learner on the same GPU (colocated sync runs; the
+        driver calls it only between collections, when no episode is running)."""
+        with self._engine_lock:
+            self.engine.sleep()
+            self._engine_sleeps += 1
+
+    def wake_engine(self) -> None:
+        with self._engine_lock:
+            self.engine.wake_up()
+
     @property
     def policy_version(self) -> int:
         return self.engine.policy_version
@@ -283,6 +295,7 @@ class RolloutWorker:
             engine_requests=b.requests if b else 0,
             engine_busy_s=b.busy_s if b else 0.0,
             engine_max_batch=b.max_batch if b else 0,
+            engine_sleeps=self._engine_sleeps,
             uptime_s=time.monotonic() - self._started,
             last_group_window=self._last_group_window,  # (start, end) wall-clock of the last run_group
         )

@@ -107,6 +107,14 @@ class ClusterConfig:
     """Rollout-worker failures (crash or timeout) tolerated before the run stops with an error."""
     shutdown_timeout_s: float = 30.0
     """How long shutdown waits for each actor to close its engine and browsers before killing it."""
+    colocate: bool = False
+    """Hybrid placement: learner rank i and rollout worker i share one placement bundle, i.e. one
+    GPU. Give each a fraction (learner_num_gpus 0.5, rollout_num_gpus 0.5) and keep
+    engine.gpu_memory_utilization within the engine's fraction. In sync mode the engines sleep
+    while the learner trains (vLLM with engine.enable_sleep_mode: weights to CPU memory, KV cache
+    freed; transformers: the model moves to CPU) and wake before loading the new version; the
+    learner releases its cached GPU memory after each step. Needs learner_num_ranks ==
+    num_rollout_workers and weight_sync object_store (NCCL cannot join two ranks on one GPU)."""
     weight_sync: Literal["object_store", "nccl"] = "object_store"
     """How new weights reach the engines. "object_store": one immutable Ray object per version
     (works everywhere, CPU included). "nccl": learner rank 0 broadcasts bucketed bf16 weights into
@@ -357,6 +365,7 @@ DERIVED_FIELDS: dict[str, str] = {
     "engine.model": "model",
     "engine.seed": "cluster.seed",
     "env.max_steps": "rollout.max_steps",
+    "learner.release_memory_after_step": "cluster.colocate",
 }
 
 
@@ -832,6 +841,7 @@ def validate_config(config: TrainConfig) -> None:
                 f"(learner_num_gpus={config.cluster.learner_num_gpus}, "
                 f"rollout_num_gpus={config.cluster.rollout_num_gpus}); use object_store on CPU"
             )
+    _validate_colocation(config)
     if config.cluster.mode == "sync" and config.cluster.max_staleness < 0:
         raise ConfigError("cluster.max_staleness must be >= 0")
     if config.eval.every_steps or config.eval.at_end:
@@ -841,6 +851,31 @@ def validate_config(config: TrainConfig) -> None:
                 f"sampler.eval_seeds has {stop - start} seeds, fewer than eval.episodes_per_task "
                 f"({config.eval.episodes_per_task})"
             )
+
+
+def _validate_colocation(config: TrainConfig) -> None:
+    c = config.cluster
+    sleep_mode = bool(_get(config.engine, "enable_sleep_mode", default=False))
+    if sleep_mode and _get(config.engine, "backend") == "vllm" and c.rollout_num_gpus <= 0:
+        raise ConfigError("engine.enable_sleep_mode needs vLLM on a GPU (cluster.rollout_num_gpus > 0)")
+    if not c.colocate:
+        return
+    if c.learner_num_ranks != c.num_rollout_workers:
+        raise ConfigError(f"cluster.colocate pairs learner rank i with rollout worker i: learner_num_ranks "
+                          f"({c.learner_num_ranks}) must equal num_rollout_workers ({c.num_rollout_workers})")
+    if c.weight_sync != "object_store":
+        raise ConfigError("cluster.colocate needs weight_sync object_store: NCCL cannot join two ranks on one GPU")
+    if c.learner_num_gpus + c.rollout_num_gpus > 1:
+        raise ConfigError(f"cluster.colocate shares one GPU: learner_num_gpus + rollout_num_gpus must be <= 1, "
+                          f"got {c.learner_num_gpus:g} + {c.rollout_num_gpus:g}")
+    if c.rollout_num_gpus > 0 and _get(config.engine, "backend") == "vllm":
+        util = float(_get(config.engine, "gpu_memory_utilization", default=0.0))
+        if util > c.rollout_num_gpus:
+            raise ConfigError(f"cluster.colocate: engine.gpu_memory_utilization ({util:g}) is vLLM's share of the "
+                              f"whole GPU and must fit the engine's fraction rollout_num_gpus ({c.rollout_num_gpus:g})")
+    if sleep_mode and c.mode != "sync":
+        raise ConfigError("engine.enable_sleep_mode with cluster.colocate needs cluster.mode sync: engines can "
+                          "only sleep while no episode runs")
 
 
 # --- help ------------------------------------------------------------------------------------------

@@ -187,6 +187,10 @@ class Trainer:
         self.step = 0
         self.version = 0
         self.owns_ray = False
+        # Colocated sync runs put the engines to sleep while the learner trains: vLLM only with
+        # its sleep mode on (CUDA); the transformers engine can always (a no-op on CPU).
+        self._engines_sleep = config.cluster.colocate and config.cluster.mode == "sync" and (
+            config.engine.backend == "transformers" or bool(getattr(config.engine, "enable_sleep_mode", False)))
         self.placement = None
         self.learners: list[Any] = []
         self.workers: list[Any] = []
@@ -236,7 +240,9 @@ class Trainer:
         model_path = resolve_model(cfg.model)
 
         # --- placement, then learner ranks ---
-        self.placement = Placement.create(cfg.cluster)
+        # The evaluation worker (greedy, its own engine) needs what a rollout worker needs.
+        eval_on = bool(cfg.eval.every_steps or cfg.eval.at_end)
+        self.placement = Placement.create(cfg.cluster, eval_gpus=cfg.cluster.rollout_num_gpus if eval_on else 0.0)
         from learner.learner import LearnerActor
 
         learner_cfg = copy.deepcopy(cfg.learner)
@@ -541,7 +547,11 @@ class Trainer:
             # --- train on them, then every worker loads v+1 before sampling again ---
             version_before = self.version
             t1 = time.monotonic()
+            if self._engines_sleep:  # colocated: the learner gets the GPU memory while it trains
+                ray.get([w.sleep_engine.remote() for w in self.workers], timeout=600)
             metrics = self._train(batch)
+            if self._engines_sleep:
+                ray.get([w.wake_engine.remote() for w in self.workers], timeout=600)
             train_s = time.monotonic() - t1
             sync_s = self._sync_weights()
             self.step += 1
@@ -675,7 +685,9 @@ class Trainer:
             if cfg.eval.greedy:
                 rollout.sampling = dataclasses.replace(rollout.sampling, temperature=0.0, top_k=-1, top_p=1.0)
             rollout.num_sessions = 1
-            self.eval_worker = RolloutWorkerActor.options(num_cpus=0).remote(
+            # Its own GPU share when engines use GPUs (a vLLM engine needs a visible GPU); counted
+            # in the resource check at start-up.
+            self.eval_worker = RolloutWorkerActor.options(num_cpus=0, num_gpus=cfg.cluster.rollout_num_gpus).remote(
                 "eval", rollout, self._engine_cfg, cfg.env, str(self.run_dir / "eval"), self._env_urls[0]
             )
         handle = self._publish()

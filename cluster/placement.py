@@ -5,7 +5,9 @@ Two placement groups:
   NVLink on one node), PACK otherwise;
 - rollout: one bundle per rollout worker ({CPU, GPU for its engine}), strategy from the config
   (PACK on one machine, SPREAD over GPU nodes on a cluster).
-Env-server hosts (env_placement = ray_actors) are CPU-only actors outside both groups, scheduled
+With `cluster.colocate` there is one group instead: bundle i holds learner rank i and rollout
+worker i together ({CPU and GPU of both}), so the two share one GPU.
+Env-server hosts (env_placement = ray_actors) are CPU-only actors outside the groups, scheduled
 with Ray's SPREAD strategy, so browsers land on whichever nodes have CPUs.
 
 Actors never pick their own resources: the driver asks this module for `.options(...)`.
@@ -41,9 +43,20 @@ class Placement:
     rollout_pg: PlacementGroup
 
     @classmethod
-    def create(cls, config: ClusterConfig, timeout_s: float = 120.0) -> "Placement":
-        """Reserves both groups; PlacementError (with what is missing) if not ready in time."""
-        check_resources(config)
+    def create(cls, config: ClusterConfig, timeout_s: float = 120.0, eval_gpus: float = 0.0) -> "Placement":
+        """Reserves both groups; PlacementError (with what is missing) if not ready in time.
+        `eval_gpus`: GPUs the evaluation worker will ask for later, outside the groups."""
+        check_resources(config, eval_gpus)
+        if config.colocate:
+            shared = placement_group(
+                [_bundle(config.learner_num_cpus + config.rollout_num_cpus,
+                         config.learner_num_gpus + config.rollout_num_gpus)] * config.learner_num_ranks,
+                strategy=config.placement_strategy,
+                name="bgrpo-colocated",
+            )
+            placement = cls(config, shared, shared)
+            placement._wait(timeout_s)
+            return placement
         learner_strategy = "STRICT_PACK" if config.learner_num_gpus > 0 else "PACK"
         learner_pg = placement_group(
             [_bundle(config.learner_num_cpus, config.learner_num_gpus)] * config.learner_num_ranks,
@@ -56,9 +69,15 @@ class Placement:
             name="bgrpo-rollout",
         )
         placement = cls(config, learner_pg, rollout_pg)
+        placement._wait(timeout_s)
+        return placement
+
+    def _wait(self, timeout_s: float) -> None:
+        config = self.config
+        groups = list({id(pg): pg for pg in (self.learner_pg, self.rollout_pg)}.values())
         try:
-            ready, _ = ray.wait([learner_pg.ready(), rollout_pg.ready()], num_returns=2, timeout=timeout_s)
-            if len(ready) != 2:
+            ready, _ = ray.wait([pg.ready() for pg in groups], num_returns=len(groups), timeout=timeout_s)
+            if len(ready) != len(groups):
                 raise PlacementError(
                     f"placement groups not ready after {timeout_s:.0f} s: the cluster lacks the resources "
                     f"for {config.learner_num_ranks} learner rank(s) x {_bundle(config.learner_num_cpus, config.learner_num_gpus)} "
@@ -66,9 +85,8 @@ class Placement:
                     f"(strategy {config.placement_strategy}); available: {ray.available_resources()}"
                 )
         except BaseException:
-            placement.remove()
+            self.remove()
             raise
-        return placement
 
     def learner_options(self, rank: int) -> dict[str, Any]:
         return {
@@ -98,25 +116,26 @@ class Placement:
         }
 
     def remove(self) -> None:
-        for pg in (self.learner_pg, self.rollout_pg):
+        for pg in {id(pg): pg for pg in (self.learner_pg, self.rollout_pg)}.values():
             try:
                 remove_placement_group(pg)
             except Exception:  # already gone (cluster shut down): nothing left to free
                 pass
 
 
-def check_resources(config: ClusterConfig) -> None:
+def check_resources(config: ClusterConfig, eval_gpus: float = 0.0) -> None:
     """Fails fast (before waiting) when the whole cluster cannot ever hold the request."""
     total = ray.cluster_resources()
     need_cpu = config.learner_num_ranks * config.learner_num_cpus + config.num_rollout_workers * config.rollout_num_cpus
     if config.env_placement == "ray_actors":
         need_cpu += config.num_rollout_workers * config.env_servers_per_worker * config.env_server_num_cpus
     need_gpu = config.learner_num_ranks * config.learner_num_gpus + config.num_rollout_workers * config.rollout_num_gpus
-    if need_gpu > total.get("GPU", 0):
+    if need_gpu + eval_gpus > total.get("GPU", 0):
         raise PlacementError(
-            f"the run needs {need_gpu:g} GPUs (learner {config.learner_num_ranks} x {config.learner_num_gpus:g}, "
-            f"rollout {config.num_rollout_workers} x {config.rollout_num_gpus:g}) but the cluster has "
-            f"{total.get('GPU', 0):g}; lower cluster.*_num_gpus (0 = CPU)"
+            f"the run needs {need_gpu + eval_gpus:g} GPUs (learner {config.learner_num_ranks} x {config.learner_num_gpus:g}, "
+            f"rollout {config.num_rollout_workers} x {config.rollout_num_gpus:g}, evaluation worker {eval_gpus:g}) "
+            f"but the cluster has {total.get('GPU', 0):g}; lower cluster.*_num_gpus (0 = CPU) or turn "
+            "evaluation off (eval.every_steps 0, eval.at_end false)"
         )
     if need_cpu > total.get("CPU", 0):
         raise PlacementError(

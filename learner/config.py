@@ -187,6 +187,9 @@ class LearnerConfig:
     """torch.compile every transformer layer of the text model (norms, rotary embedding,
     activations and residual adds fused into fewer kernels; on GPU the step is bound by kernel
     launches, see README). The first micro-batches pay the compile time."""
+    release_memory_after_step: bool = False
+    """Return the CUDA caching allocator's free blocks to the GPU after every step, so an engine
+    sharing the GPU can wake up (set from cluster.colocate)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """Optional LoRA."""
     seed: int = 0

@@ -388,6 +388,8 @@ class Learner:
             self._policy_version += 1
         self.optimizer.zero_grad(set_to_none=True)
         self._sync()
+        if self.config.release_memory_after_step and self.device.type == "cuda":
+            torch.cuda.empty_cache()  # a colocated engine wakes into this memory
         optimizer_s = time.perf_counter() - t_opt
 
         # --- metrics of the whole batch ---

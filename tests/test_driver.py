@@ -70,3 +70,24 @@ def test_placement_rejects_impossible_requests(ray_cluster):
     with pytest.raises(PlacementError, match="CPUs"):
         check_resources(ClusterConfig(num_rollout_workers=100, rollout_num_cpus=1))
     check_resources(ClusterConfig())  # the local preset's request fits the test cluster
+    with pytest.raises(PlacementError, match="evaluation worker 1"):
+        check_resources(ClusterConfig(num_rollout_workers=1, rollout_num_gpus=0), eval_gpus=1)
+
+
+def test_colocated_placement_shares_one_bundle_per_pair(ray_cluster):
+    """cluster.colocate: one placement group; learner rank i and rollout worker i are scheduled
+    into the same bundle (so on a GPU cluster they share its GPU)."""
+    from cluster.placement import Placement
+
+    cfg = ClusterConfig(num_rollout_workers=2, learner_num_ranks=2, colocate=True,
+                        learner_num_cpus=0.5, rollout_num_cpus=0.5)
+    placement = Placement.create(cfg, timeout_s=60)
+    try:
+        assert placement.learner_pg is placement.rollout_pg
+        assert placement.learner_pg.bundle_specs == [{"CPU": 1.0}, {"CPU": 1.0}]
+        for i in range(2):
+            lo, ro = placement.learner_options(i)["scheduling_strategy"], placement.rollout_options(i)["scheduling_strategy"]
+            assert lo.placement_group is ro.placement_group
+            assert lo.placement_group_bundle_index == ro.placement_group_bundle_index == i
+    finally:
+        placement.remove()

@@ -149,3 +149,30 @@ def test_vllm_plugin_makes_qwen3_vl_importable_and_is_idempotent() -> None:
     from transformers.video_processing_utils import BaseVideoProcessor
 
     assert issubclass(qwen3_vl.Qwen3VLVideoProcessor, BaseVideoProcessor)
+
+
+def test_sleep_mode_is_cuda_only_and_a_sleeping_engine_refuses_to_generate(tiny_text_model) -> None:
+    """vLLM's sleep mode needs CUDA: on CPU the engine refuses it before starting vLLM. The
+    transformers engine sleeps anywhere (on CPU nothing to free) and refuses to generate until
+    woken, then generates as before."""
+    from actors.engine import SamplingSettings
+    from actors.engines import create_engine
+    from actors.engines.vllm_engine import _llm_kwargs
+
+    cfg = EngineConfig(model=str(tiny_text_model), backend="vllm", enable_sleep_mode=True)
+    with pytest.raises(EngineError, match="CUDA-only"):
+        _llm_kwargs(cfg, vision_language=False, on_cpu=True, max_model_len=256)
+    assert _llm_kwargs(cfg, vision_language=False, on_cpu=False, max_model_len=256)["enable_sleep_mode"]
+
+    engine = create_engine(EngineConfig(model=str(tiny_text_model), backend="transformers", device="cpu"))
+    try:
+        request = [ChatRequest(messages=[{"role": "user", "content": "click the button"}])]
+        greedy = SamplingSettings(temperature=0.0, max_new_tokens=6)
+        before = engine.generate(request, greedy)[0].completion_ids
+        engine.sleep()
+        with pytest.raises(EngineError, match="asleep"):
+            engine.generate(request, greedy)
+        engine.wake_up()
+        assert engine.generate(request, greedy)[0].completion_ids == before
+    finally:
+        engine.close()

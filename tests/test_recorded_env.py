@@ -88,6 +88,32 @@ def test_config_must_name_one_kind_of_task():
     C.validate_config(C.build_config("local", {**base, "env.task": TASK}, environ={}))
 
 
+def recorded_config(run_dir, **overrides) -> C.TrainConfig:
+    cfg = C.build_config("local", {
+        "cluster.run_dir": str(run_dir), "eval.at_end": "false", "logging.progress_bar": "false",
+        "sampler.tasks": f"[{TASK}]", "env.task": TASK, "cluster.total_steps": "2",
+        **{k: str(v) for k, v in overrides.items()},
+    }, environ={})
+    C.validate_config(cfg)
+    return cfg
+
+
+def test_colocated_run_sleeps_the_engine_while_the_learner_trains(ray_cluster, tmp_path):
+    """cluster.colocate in a sync run: learner rank 0 and the rollout worker share one bundle,
+    the worker's engine is put to sleep for every learner step and woken before the new weights
+    load (on CPU the transformers engine has no memory to free, so this checks the sequence)."""
+    from cluster import driver
+
+    run_dir = tmp_path / "run"
+    cfg = recorded_config(run_dir, **{"cluster.colocate": "true", "cluster.num_rollout_workers": 1,
+                                      "cluster.run_name": "colocated"})
+    assert cfg.learner.release_memory_after_step  # derived from cluster.colocate
+    summary = driver.train(cfg, run_dir)
+    assert summary["steps"] == 2 and summary["worker_versions"] == [2]
+    assert [w["engine_sleeps"] for w in summary["worker_stats"]] == [2]
+    assert summary["accounting"]["balanced"]
+
+
 def test_training_run_on_the_recorded_env(ray_cluster, tmp_path):
     """The local preset's whole loop (2 Ray rollout workers, env servers as subprocesses, the
     tiny VLM, the learner) on the recorded page: every step trains and every worker ends on the
@@ -95,13 +121,7 @@ def test_training_run_on_the_recorded_env(ray_cluster, tmp_path):
     from cluster import driver
 
     run_dir = tmp_path / "run"
-    cfg = C.build_config("local", {
-        "cluster.run_dir": str(run_dir), "eval.at_end": "false", "logging.progress_bar": "false",
-        "sampler.tasks": f"[{TASK}]", "env.task": TASK, "cluster.total_steps": "2",
-        "cluster.run_name": "recorded-e2e",
-    }, environ={})
-    C.validate_config(cfg)
-    summary = driver.train(cfg, run_dir)
+    summary = driver.train(recorded_config(run_dir, **{"cluster.run_name": "recorded-e2e"}), run_dir)
     assert summary["steps"] == 2 and summary["learner_version"] == 2
     assert summary["worker_versions"] == [2, 2]
     acc = summary["accounting"]

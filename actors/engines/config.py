@@ -32,6 +32,9 @@ class EngineConfig:
     """vLLM: skip CUDA graphs / compilation (faster start; turn off for throughput on GPU)."""
     enable_prefix_caching: bool = True
     """vLLM: reuse KV of shared prompt prefixes (the G samples of a GRPO group share their prompt)."""
+    enable_sleep_mode: bool = False
+    """vLLM on GPU: allow `sleep()` (weights offloaded to CPU memory, KV cache dropped) while a
+    learner on the same GPU trains (`cluster.colocate`), then `wake_up()`. CUDA only."""
     max_images_per_prompt: int = 1
     """Vision-language models: most images in one prompt (vLLM's limit_mm_per_prompt)."""
 

@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from actors.engine import ChatRequest, Generation, InferenceEngine, SamplingSettings
+from actors.engine import ChatRequest, EngineError, Generation, InferenceEngine, SamplingSettings
 from actors.engines.config import EngineConfig, resolve_max_model_len
 from actors.engines.processing import (
     load_processor,
@@ -77,6 +77,7 @@ class HFEngine(InferenceEngine):
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.image_token_id = getattr(self.model.config, "image_token_id", None)
         self._version = 0
+        self._asleep = False
         # generate and update_weights never interleave, even from a threaded Ray actor.
         self._lock = threading.Lock()
 
@@ -92,6 +93,8 @@ class HFEngine(InferenceEngine):
     def generate(self, requests: Sequence[ChatRequest], sampling: SamplingSettings) -> list[Generation]:
         from transformers import GenerationConfig
 
+        if self._asleep:
+            raise EngineError("the engine is asleep (a colocated learner has its GPU memory); call wake_up() first")
         rendered = render_requests(self.processor, requests, sampling, self.max_model_len)
         if not rendered:
             return []
@@ -164,6 +167,21 @@ class HFEngine(InferenceEngine):
             for name, tensor in weights.items():
                 state[name].copy_(tensor.to(device=self.device, dtype=state[name].dtype))
             self._version = version
+
+    def sleep(self) -> None:
+        """On a GPU: the model moves to CPU memory and the cached GPU memory is released (updates
+        still load, into the CPU copy); on CPU there is nothing to free."""
+        with self._lock:
+            if self.device.type == "cuda" and not self._asleep:
+                self.model.to("cpu")
+                torch.cuda.empty_cache()
+            self._asleep = True
+
+    def wake_up(self) -> None:
+        with self._lock:
+            if self.device.type == "cuda" and self._asleep:
+                self.model.to(self.device)
+            self._asleep = False
 
     def close(self) -> None:
         self.model = None

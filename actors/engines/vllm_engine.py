@@ -70,6 +70,10 @@ def _llm_kwargs(config: EngineConfig, vision_language: bool, on_cpu: bool, max_m
         kwargs["limit_mm_per_prompt"] = {"image": config.max_images_per_prompt, "video": 0}
     if not on_cpu:
         kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+    if config.enable_sleep_mode:
+        if on_cpu:
+            raise EngineError("engine.enable_sleep_mode needs a CUDA GPU: vLLM's sleep mode is CUDA-only")
+        kwargs["enable_sleep_mode"] = True
     return kwargs
 
 
@@ -99,6 +103,7 @@ class VLLMEngine(InferenceEngine):
         self._version = 0
         self._lock = threading.Lock()
         self._staging: StagingFile | None = None  # created by the first object-store update
+        self._asleep = False
 
     @property
     def policy_version(self) -> int:
@@ -112,6 +117,8 @@ class VLLMEngine(InferenceEngine):
     def generate(self, requests: Sequence[ChatRequest], sampling: SamplingSettings) -> list[Generation]:
         from vllm import SamplingParams
 
+        if self._asleep:
+            raise EngineError("the engine is asleep (a colocated learner has its GPU memory); call wake_up() first")
         rendered = render_requests(self.processor, requests, sampling, self.max_model_len)
         prompts, params = [], []
         for i, r in enumerate(rendered):
@@ -174,6 +181,8 @@ class VLLMEngine(InferenceEngine):
         return generations
 
     def update_weights(self, version: int, weights: Mapping[str, torch.Tensor]) -> None:
+        if self._asleep:
+            raise EngineError("the engine is asleep: wake_up() before loading weights")
         weights = decode_weights(weights)
         validate_update(version, weights, self._expected_shapes, self._tied)
         # vLLM ties the output layer to the embedding itself and skips a tied lm_head.weight.
@@ -198,6 +207,24 @@ class VLLMEngine(InferenceEngine):
             if self.is_vision_language:
                 self.llm.llm_engine.reset_encoder_cache()
             self._version = version
+
+    # --- sleep / wake (a learner colocated on the same GPU) ------------------------------------
+
+    def sleep(self) -> None:
+        """vLLM sleep level 1: weights to CPU memory, KV cache dropped, GPU memory released."""
+        if not self.config.enable_sleep_mode:
+            raise EngineError("sleep() needs engine.enable_sleep_mode (set it for colocated runs)")
+        with self._lock:
+            if not self._asleep:
+                self.llm.sleep(level=1)
+                self._asleep = True
+
+    def wake_up(self) -> None:
+        with self._lock:
+            if self._asleep:
+                self.llm.wake_up()
+                self.llm.reset_prefix_cache()  # the KV cache was dropped
+                self._asleep = False
 
     # --- NCCL weight sync (GPU): the learner broadcasts, every worker receives and loads -----
 

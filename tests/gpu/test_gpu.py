@@ -108,6 +108,39 @@ def test_vllm_cuda_logprobs_match_transformers(tiny_vl_model):
     assert float(d.mean()) < 0.05 and float(d.max()) < 0.3
 
 
+def test_vllm_sleep_frees_gpu_memory_and_wakes_with_its_weights(tiny_vl_model):
+    """engine.enable_sleep_mode (cluster.colocate): sleep() gives the KV cache and weights' GPU
+    memory back, generate is refused while asleep, wake_up() restores the same greedy output, and
+    an object-store update after waking loads and moves the version."""
+    from actors.engine import EngineError, SamplingSettings
+    from actors.engines.config import EngineConfig
+    from actors.engines.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(EngineConfig(model=str(tiny_vl_model), backend="vllm", dtype="bfloat16",
+                                     gpu_memory_utilization=0.3, max_model_len=1024, enable_sleep_mode=True))
+    try:
+        greedy = SamplingSettings(temperature=0.0, max_new_tokens=8)
+        before = [g.completion_ids for g in engine.generate(_requests(2), greedy)]
+        free_awake = torch.cuda.mem_get_info()[0]
+        engine.sleep()
+        free_asleep = torch.cuda.mem_get_info()[0]
+        print(f"vLLM sleep released {(free_asleep - free_awake) / 2**30:.2f} GiB")
+        assert free_asleep - free_awake > 1 << 30  # at least the KV cache (0.3 of the card) came back
+        with pytest.raises(EngineError, match="asleep"):
+            engine.generate(_requests(1), greedy)
+        engine.wake_up()
+        assert [g.completion_ids for g in engine.generate(_requests(2), greedy)] == before
+        from safetensors.torch import load_file
+
+        state = {}
+        for f in sorted(Path(tiny_vl_model).glob("*.safetensors")):
+            state.update(load_file(str(f)))
+        engine.update_weights(1, state)
+        assert engine.policy_version == 1
+    finally:
+        engine.close()
+
+
 def test_learner_bf16_vl_step_on_cuda(tiny_vl_model):
     from actors.engine import Generation
     from learner.config import GRPOConfig, LearnerConfig
