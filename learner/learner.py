@@ -86,6 +86,14 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _rope_index_fn(model: torch.nn.Module):
+    """The model's own multimodal position-id function (Qwen-VL's `get_rope_index`), if any."""
+    for module in model.modules():
+        if hasattr(module, "get_rope_index") and hasattr(module, "visual"):
+            return module.get_rope_index
+    return None
+
+
 def compile_layers(model: torch.nn.Module) -> int:
     """torch.compile each text decoder layer in place (per layer, as torchtitan does: identical
     layers share one compiled graph, and a graph break stays inside one layer). dynamic=True:
@@ -147,6 +155,7 @@ class Learner:
         self.model.to(self.device)
         self.model.train()
         self.compiled_layers = compile_layers(self.model) if config.compile else 0
+        self._rope_index = _rope_index_fn(self.model) if self.vision is not None else None
 
         # --- frozen reference model, only when the KL term is on (TRL: beta == 0 loads none) ---
         self.ref_model = None
@@ -267,7 +276,7 @@ class Learner:
             "logits_to_keep": T + 1,
             "use_cache": False,
         }
-        for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids"):
+        for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids", "position_ids"):
             if k in batch:
                 kwargs[k] = batch[k]
         with self._autocast():
@@ -319,10 +328,18 @@ class Learner:
         chunks = micro_batches(mine, self.config.micro_batch_size)
 
         def prepare(mb):
-            return collate(
+            batch = collate(
                 mb, self.pad_token_id, cfg.mask_truncated_completions, self.vision, "cpu",
                 image_cache,
             )
+            if self._rope_index is not None and "image_grid_thw" in batch and "mm_token_type_ids" in batch:
+                # The model's own function, on CPU here in the collation thread: inside the forward
+                # it walks the batch sample by sample with a GPU sync each time.
+                batch["position_ids"] = self._rope_index(
+                    batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+                    image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"],
+                )[0]
+            return batch
 
         # Collation (image processing on CPU) of micro-batch i+1 runs in a thread while the
         # model works on micro-batch i; PIL and numpy release the GIL for most of it.

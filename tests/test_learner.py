@@ -208,6 +208,21 @@ def test_vl_train_step_with_images(tiny_vl_model):
 
     trajs = [Trajectory(episode_id=f"v{i}", group_id="vg", task="t", seed=0,
                         steps=[step(images[i % 2], 0)], episode_return=float(i % 2)) for i in range(4)]
+    # Multimodal position ids computed on CPU ahead of the forward (as train_step does) give
+    # exactly the logprobs of the model computing them itself.
+    samples, _ = build_samples([TrajectoryGroup("vg", "t", 0, trajs)], learner.cfg)
+    batch = collate(samples, learner.pad_token_id, False, vs, "cpu")
+    assert learner._rope_index is not None
+    positions = learner._rope_index(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+                                    image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"])[0]
+    assert positions.shape[0] == 3 and positions[0].max() < batch["input_ids"].shape[1]  # images compress positions
+    with torch.no_grad():
+        own, _ = learner._completion_logps(learner.model, batch, with_entropy=False)
+        given, _ = learner._completion_logps(learner.model, {**batch, "position_ids": positions}, with_entropy=False)
+        wrong, _ = learner._completion_logps(learner.model, {**batch, "position_ids": torch.zeros_like(positions)},
+                                             with_entropy=False)
+    assert torch.equal(own, given)
+    assert not torch.allclose(own, wrong)  # the given positions are the ones used
     before = learner.get_weights()
     m = learner.train_step([TrajectoryGroup("vg", "t", 0, trajs)])
     assert m["samples"] == 4 and m["grad_norm"] > 0
