@@ -102,6 +102,12 @@ class InferenceEngine(abc.ABC):
         """Context length in tokens (prompt + completion); a prompt this long or longer is refused."""
         raise NotImplementedError
 
+    _asleep = False  # engines that free memory in sleep() set it; generate refuses meanwhile
+
+    def _refuse_if_asleep(self) -> None:
+        if self._asleep:
+            raise EngineError("the engine is asleep (a colocated learner has its GPU memory); call wake_up() first")
+
     def sleep(self) -> None:
         """Frees accelerator memory until `wake_up`, for a learner that shares the GPU (colocated
         runs); `generate` is refused meanwhile. The default has nothing to free (CPU engines)."""

@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from actors.engine import ChatRequest, EngineError, Generation, InferenceEngine, SamplingSettings
+from actors.engine import ChatRequest, Generation, InferenceEngine, SamplingSettings
 from actors.engines.config import EngineConfig, resolve_max_model_len
 from actors.engines.processing import (
     load_processor,
@@ -93,8 +93,7 @@ class HFEngine(InferenceEngine):
     def generate(self, requests: Sequence[ChatRequest], sampling: SamplingSettings) -> list[Generation]:
         from transformers import GenerationConfig
 
-        if self._asleep:
-            raise EngineError("the engine is asleep (a colocated learner has its GPU memory); call wake_up() first")
+        self._refuse_if_asleep()
         rendered = render_requests(self.processor, requests, sampling, self.max_model_len)
         if not rendered:
             return []

@@ -117,8 +117,7 @@ class VLLMEngine(InferenceEngine):
     def generate(self, requests: Sequence[ChatRequest], sampling: SamplingSettings) -> list[Generation]:
         from vllm import SamplingParams
 
-        if self._asleep:
-            raise EngineError("the engine is asleep (a colocated learner has its GPU memory); call wake_up() first")
+        self._refuse_if_asleep()
         rendered = render_requests(self.processor, requests, sampling, self.max_model_len)
         prompts, params = [], []
         for i, r in enumerate(rendered):

@@ -164,6 +164,23 @@ class EnvConfig:
         return cls(**data).validate()
 
 
+MAX_SEED = 2**32 - 1  # numpy RandomState's range, which BrowserGym tasks seed
+
+
+def reset_seed(seed: Any, extra_kwargs: dict[str, Any]) -> int:
+    """The checks every env's `reset` makes on its arguments: no unknown keyword, a seed in
+    [0, MAX_SEED] (a random one when None). Returns the seed; ValueError otherwise."""
+    import random
+
+    if extra_kwargs:
+        raise ValueError(f"unknown reset arguments: {', '.join(sorted(extra_kwargs))} (accepted: seed, episode_id, task)")
+    if seed is None:
+        seed = random.randrange(MAX_SEED)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
+    return seed
+
+
 def qualify_task_name(task: str) -> str:
     """`click-test` -> `miniwob.click-test`; names that already carry a benchmark are kept."""
     task = task.strip()

@@ -25,12 +25,11 @@ from typing import Any, Optional
 
 from openenv.core.env_server.interfaces import Environment
 
-from envs.browsergym.config import EnvConfig, qualify_task_name
+from envs.browsergym.config import EnvConfig, qualify_task_name, reset_seed
 from envs.browsergym.models import BrowserGymAction, BrowserGymObservation, BrowserGymState
 
 BENCHMARK = "recorded"
 TASKS = ("recorded.click-button",)
-MAX_SEED = 2**32 - 1
 URL = "recorded://miniwob/click-button.html"
 SCREENSHOT = Path(__file__).with_name("click-button.png")
 
@@ -96,12 +95,7 @@ class RecordedEnvironment(Environment[BrowserGymAction, BrowserGymObservation, B
         task_name: Optional[str] = None,
         **kwargs: Any,
     ) -> BrowserGymObservation:
-        if kwargs:
-            raise ValueError(f"unknown reset arguments: {', '.join(sorted(kwargs))} (accepted: seed, episode_id, task)")
-        if seed is None:
-            seed = random.randrange(MAX_SEED)
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-            raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
+        seed = reset_seed(seed, kwargs)
         qualified = qualify_task_name(task or task_name or self.config.task)
         if qualified not in TASKS:
             raise ValueError(f"unknown task {qualified!r}: this server replays {', '.join(TASKS)} only "

@@ -12,7 +12,6 @@ import base64
 import importlib
 import io
 import logging
-import random
 import threading
 import uuid
 from pathlib import Path
@@ -22,12 +21,11 @@ from openenv.core.env_server.interfaces import Environment
 
 from envs.browsergym.actions import ActionValidator
 from envs.browsergym.chromium import install_launch_wrapper
-from envs.browsergym.config import EnvConfig, qualify_task_name
+from envs.browsergym.config import EnvConfig, qualify_task_name, reset_seed
 from envs.browsergym.models import BrowserGymAction, BrowserGymObservation, BrowserGymState
 
 logger = logging.getLogger(__name__)
 
-MAX_SEED = 2**32 - 1  # numpy RandomState's range, which BrowserGym tasks seed
 ELEMENT_TEXT_CHARS = 80
 LAST_ACTION_CHARS = 200
 
@@ -173,13 +171,8 @@ class BrowserGymEnvironment(Environment[BrowserGymAction, BrowserGymObservation,
         **kwargs: Any,
     ) -> BrowserGymObservation:
         """Start an episode of `task` (default: the configured one) with `seed` (random if None)."""
-        if kwargs:
-            raise ValueError(f"unknown reset arguments: {', '.join(sorted(kwargs))} (accepted: seed, episode_id, task)")
+        seed = reset_seed(seed, kwargs)
         self._check_thread()
-        if seed is None:
-            seed = random.randrange(MAX_SEED)
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-            raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
         qualified = qualify_task_name(task or task_name or self.config.task)
 
         # --- (re)build the BrowserGym env when the task changes ---
