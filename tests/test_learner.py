@@ -17,7 +17,7 @@ import torch
 
 from actors.trajectory import FAILED, Step, Trajectory, TrajectoryGroup
 from learner.advantages import compute_advantages
-from learner.batching import BatchError, VisionSpec, batch_normalizer, build_samples, collate
+from learner.batching import BatchError, batch_normalizer, build_samples, collate
 from learner.config import GRPOConfig, LearnerConfig
 from tests.fixtures.learner import png_bytes, synthetic_groups
 

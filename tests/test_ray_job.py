@@ -121,7 +121,7 @@ def ray_head(tmp_path):
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=10)
         deadline = time.monotonic() + 20
-        while (left := _pids_mentioning(temp_dir)) and time.monotonic() < deadline:
+        while _pids_mentioning(temp_dir) and time.monotonic() < deadline:
             time.sleep(1)
         for pid in _pids_mentioning(temp_dir):
             try:
