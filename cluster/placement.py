@@ -72,9 +72,13 @@ class Placement:
         placement._wait(timeout_s)
         return placement
 
+    def _groups(self) -> list[PlacementGroup]:
+        """The distinct groups (one when colocated: learner and rollout share it)."""
+        return list({id(pg): pg for pg in (self.learner_pg, self.rollout_pg)}.values())
+
     def _wait(self, timeout_s: float) -> None:
         config = self.config
-        groups = list({id(pg): pg for pg in (self.learner_pg, self.rollout_pg)}.values())
+        groups = self._groups()
         try:
             ready, _ = ray.wait([pg.ready() for pg in groups], num_returns=len(groups), timeout=timeout_s)
             if len(ready) != len(groups):
@@ -116,7 +120,7 @@ class Placement:
         }
 
     def remove(self) -> None:
-        for pg in {id(pg): pg for pg in (self.learner_pg, self.rollout_pg)}.values():
+        for pg in self._groups():
             try:
                 remove_placement_group(pg)
             except Exception:  # already gone (cluster shut down): nothing left to free
