@@ -164,16 +164,17 @@ def param_counts(model) -> tuple[int, int]:
 class Case:
     """One learner on one batch; `step()` times one train_step."""
 
-    def __init__(self, args, shape: str, model_path: Path, gc: bool, compiled: bool = False) -> None:
+    def __init__(self, args, shape: str, model_path: Path, gc: bool, compiled: bool = False,
+                 packed: bool = True) -> None:
         from learner.config import GRPOConfig, LearnerConfig
         from learner.learner import Learner
 
-        self.args, self.shape, self.gc, self.compiled = args, shape, gc, compiled
+        self.args, self.shape, self.gc, self.compiled, self.packed = args, shape, gc, compiled, packed
         self.device = torch.device(args.device)
         cfg = LearnerConfig(
             model_path=str(model_path), lr=1e-6, micro_batch_size=args.micro_batch_size,
             device=args.device, dtype=args.dtype if args.device == "cuda" else "float32",
-            gradient_checkpointing=gc, compile=compiled, seed=0,
+            gradient_checkpointing=gc, compile=compiled, packed_vision_attention=packed, seed=0,
             grpo=GRPOConfig(max_completion_length=args.completion_len),
         )
         self.learner = Learner(cfg, model=build_model(shape, model_path, self.device))
@@ -210,7 +211,8 @@ class Case:
         patches = self.image_tokens * 4 * self.samples  # 2x2 merge: 4 patches per image token
         flops = 6 * (self.n_text * self.tokens + self.n_vision * patches)
         r = {
-            "shape": self.shape, "gc": self.gc, "compile": self.compiled, "samples_per_s": self.samples / self.elapsed,
+            "shape": self.shape, "gc": self.gc, "compile": self.compiled,
+            "packed_vision": self.packed and self.learner.packed_vision_layers > 0, "samples_per_s": self.samples / self.elapsed,
             "tokens_per_s": self.tokens / self.elapsed, "step_s": self.elapsed / self.args.steps,
             "params_text": self.n_text, "params_vision": self.n_vision,
             "image_tokens": self.image_tokens, "achieved_tflops": flops / self.elapsed / 1e12,
@@ -228,10 +230,12 @@ class Case:
             torch.cuda.empty_cache()
 
 
-def variants(args) -> list[tuple[bool, bool]]:
-    """(gradient checkpointing, compile) of each case; the first is the baseline of the ratios."""
+def variants(args) -> list[tuple[bool, bool, bool]]:
+    """(gradient checkpointing, compile, packed vision attention) of each case; the first is the
+    baseline of the ratios."""
     gcs = {"both": [False, True], "off": [False], "on": [True]}[args.grad_ckpt]
-    return [(gc, c) for c in ([False, True] if args.compile else [False]) for gc in gcs]
+    packs = {"both": [False, True], "off": [False], "on": [True]}[args.packed_vision]
+    return [(gc, c, pv) for c in ([False, True] if args.compile else [False]) for gc in gcs for pv in packs]
 
 
 def measure(args, shape: str, model_path: Path) -> list[dict]:
@@ -239,7 +243,7 @@ def measure(args, shape: str, model_path: Path) -> list[dict]:
     from other processes hits them alike; on a GPU (dedicated, and too small for several 2B
     learners) they run one after the other."""
     if args.device == "cpu":
-        cases = [Case(args, shape, model_path, gc, c) for gc, c in variants(args)]
+        cases = [Case(args, shape, model_path, gc, c, pv) for gc, c, pv in variants(args)]
         for _ in range(args.warmup):
             for c in cases:
                 c.step(timed=False)
@@ -248,8 +252,8 @@ def measure(args, shape: str, model_path: Path) -> list[dict]:
                 c.step(timed=True)
         return [c.result() for c in cases]
     rows = []
-    for gc, compiled in variants(args):
-        c = Case(args, shape, model_path, gc, compiled)
+    for gc, compiled, packed in variants(args):
+        c = Case(args, shape, model_path, gc, compiled, packed)
         for _ in range(args.warmup):
             c.step(timed=False)
         torch.cuda.reset_peak_memory_stats()
@@ -264,7 +268,8 @@ def measure(args, shape: str, model_path: Path) -> list[dict]:
 
 
 def print_row(r: dict, base: dict) -> None:
-    line = (f"{r['shape']:12s} grad_ckpt={'on ' if r['gc'] else 'off'} compile={'on ' if r['compile'] else 'off'}  "
+    line = (f"{r['shape']:12s} grad_ckpt={'on ' if r['gc'] else 'off'} compile={'on ' if r['compile'] else 'off'} "
+            f"packed_vision={'on ' if r['packed_vision'] else 'off'}  "
             f"{r['samples_per_s']:8.2f} samples/s  {r['tokens_per_s']:10.0f} tokens/s  "
             f"{r['step_s']:7.3f} s/step  {r['achieved_tflops']:8.3f} TFLOP/s  "
             f"x{r['tokens_per_s'] / base['tokens_per_s']:.2f} vs first row")
@@ -285,7 +290,8 @@ def profile_step(case: Case) -> None:
     events = prof.key_averages()
     gpu_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx"))
-    print(f"profile ({'compiled' if case.compiled else 'eager'}): step {wall:.3f} s, GPU kernels busy "
+    print(f"profile ({'compiled' if case.compiled else 'eager'}, packed vision "
+          f"{'on' if case.packed else 'off'}): step {wall:.3f} s, GPU kernels busy "
           f"{gpu_us / 1e6:.3f} s ({100 * gpu_us / 1e6 / wall:.0f}% of the step), {launches} kernel launches")
     print(events.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=70))
     print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=70))
@@ -309,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="", help="write the rows as JSON here")
     p.add_argument("--compile", action="store_true", help="also measure learner.compile (torch.compile per layer)")
     p.add_argument("--grad-ckpt", choices=["both", "on", "off"], default="both", help="gradient checkpointing variants")
+    p.add_argument("--packed-vision", choices=["both", "on", "off"], default="on",
+                   help="learner.packed_vision_attention variants (VL models)")
     p.add_argument("--profile", action="store_true", help="cuda: profile one extra step of each variant without grad-ckpt")
     args = p.parse_args(argv)
 

@@ -183,10 +183,13 @@ class LearnerConfig:
     """Recompute activations in the backward pass (less memory, ~30% more compute)."""
     attn_implementation: str = "sdpa"
     """transformers attention backend (sdpa, eager, flash_attention_2)."""
+    packed_vision_attention: bool = True
+    """Qwen3-VL with sdpa: the vision tower attends over all images of a micro-batch in one call
+    instead of one call (and one GPU sync) per image and block; same results (learner/vision.py)."""
     compile: bool = False
-    """torch.compile every transformer layer of the text model (norms, rotary embedding,
-    activations and residual adds fused into fewer kernels; on GPU the step is bound by kernel
-    launches, see README). The first micro-batches pay the compile time."""
+    """torch.compile every transformer layer (text decoder layers and vision blocks: norms,
+    rotary embedding, activations and residual adds fused into fewer kernels; on GPU the step is
+    bound by kernel launches, see README). The first micro-batches pay the compile time."""
     release_memory_after_step: bool = False
     """Return the CUDA caching allocator's free blocks to the GPU after every step, so an engine
     sharing the GPU can wake up (set from cluster.colocate)."""

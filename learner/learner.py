@@ -44,6 +44,7 @@ from .batching import (
 )
 from .config import LearnerConfig
 from .loss import grpo_loss
+from .vision import VISION_KWARGS, enable_packed_vision_attention, vision_precompute, vision_tower
 from .nccl_transport import BucketLayout, NcclWeightSender, rendezvous_address
 from .weights import PinnedStaging, WeightHandle, hf_named_tensors, make_publisher
 
@@ -95,12 +96,13 @@ def _rope_index_fn(model: torch.nn.Module):
 
 
 def compile_layers(model: torch.nn.Module) -> int:
-    """torch.compile each text decoder layer in place (per layer, as torchtitan does: identical
-    layers share one compiled graph, and a graph break stays inside one layer). dynamic=True:
-    micro-batches differ in length, and one graph must serve them all. Returns how many."""
+    """torch.compile each text decoder layer and vision block in place (per layer, as torchtitan
+    does: identical layers share one compiled graph, and a graph break stays inside one layer).
+    dynamic=True: micro-batches differ in length, and one graph must serve them all. Returns how
+    many."""
     import torch._dynamo
 
-    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    layers = [m for m in model.modules() if type(m).__name__.endswith(("DecoderLayer", "VisionBlock"))]
     if not layers:
         raise ValueError(f"learner.compile: no decoder layers found in {type(model).__name__}")
     # One cache entry per layer object in the worst case: keep every layer compiled.
@@ -152,6 +154,13 @@ class Learner:
             self.model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
+        # Qwen3-VL's vision tower: one attention call for all images, grid inputs from the CPU
+        # (learner/vision.py says why); with sdpa only, other backends keep their own path.
+        self.packed_vision_layers = (
+            enable_packed_vision_attention(self.model)
+            if config.packed_vision_attention and config.attn_implementation == "sdpa" else 0
+        )
+        self._vision_tower = vision_tower(self.model) if self.vision is not None else None
         self.model.to(self.device)
         self.model.train()
         self.compiled_layers = compile_layers(self.model) if config.compile else 0
@@ -161,6 +170,8 @@ class Learner:
         self.ref_model = None
         if self.cfg.beta != 0.0 and not config.lora.enabled:
             self.ref_model = load_model(config.model_path, config.attn_implementation)
+            if self.packed_vision_layers:
+                enable_packed_vision_attention(self.ref_model)
             self.ref_model.to(self.device).eval().requires_grad_(False)
 
         # --- optimizer and schedule ---
@@ -276,7 +287,7 @@ class Learner:
             "logits_to_keep": T + 1,
             "use_cache": False,
         }
-        for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids", "position_ids"):
+        for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids", "position_ids", *VISION_KWARGS):
             if k in batch:
                 kwargs[k] = batch[k]
         with self._autocast():
@@ -339,6 +350,8 @@ class Learner:
                     batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
                     image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"],
                 )[0]
+            if self._vision_tower is not None and "image_grid_thw" in batch:
+                batch.update(vision_precompute(self._vision_tower, batch["image_grid_thw"]))
             return batch
 
         # Collation (image processing on CPU) of micro-batch i+1 runs in a thread while the

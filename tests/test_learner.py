@@ -19,7 +19,7 @@ from actors.trajectory import FAILED, Step, Trajectory, TrajectoryGroup
 from learner.advantages import compute_advantages
 from learner.batching import BatchError, batch_normalizer, build_samples, collate
 from learner.config import GRPOConfig, LearnerConfig
-from tests.fixtures.learner import png_bytes, synthetic_groups
+from tests.fixtures.learner import png_bytes, synthetic_groups, vl_group
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -368,6 +368,74 @@ def test_learner_config_validation():
         LearnerConfig(model_path="x", dtype="bfloat16").validate()
     with pytest.raises(ValueError, match="micro_batch_size"):
         LearnerConfig(model_path="x", micro_batch_size=0).validate()
+
+
+@pytest.mark.parametrize("sizes", [[(96, 64), (64, 64), (64, 96)], [(96, 64)] * 3], ids=["mixed", "equal"])
+def test_packed_vision_attention_matches_transformers(tiny_vl_model, sizes):
+    """learner/vision.py: the vision tower's attention over all images in one call, with its grid
+    inputs computed on CPU, gives transformers' per-image logprobs and gradients, for images of
+    mixed sizes (padded with a key mask) and of one size (a reshape)."""
+    from learner.vision import PACKED_VISION_ATTENTION, VISION_KWARGS, vision_precompute
+
+    plain = _learner(tiny_vl_model, packed_vision_attention=False)
+    packed = _learner(tiny_vl_model)
+    assert plain.packed_vision_layers == 0
+    assert packed.packed_vision_layers == packed.model.config.vision_config.depth
+    assert packed.model.config.vision_config._attn_implementation == PACKED_VISION_ATTENTION
+    assert packed.model.config.text_config._attn_implementation == "sdpa"  # the text model keeps its own
+
+    samples, _ = build_samples([vl_group(packed, sizes)], packed.cfg)
+    batch = collate(samples, packed.pad_token_id, False, packed.vision, "cpu")
+    extra = vision_precompute(packed._vision_tower, batch["image_grid_thw"])
+    assert set(extra) == set(VISION_KWARGS)
+    assert extra["image_max_seqlen"] == int(batch["image_grid_thw"].prod(-1).max())
+
+    def logps_and_grad(learner, b):
+        learner.model.zero_grad(set_to_none=True)
+        logps, _ = learner._completion_logps(learner.model, b, with_entropy=False)
+        logps.sum().backward()
+        grad = learner.model.model.visual.blocks[0].attn.qkv.weight.grad.clone()
+        return logps.detach(), grad
+
+    from transformers import AttentionInterface
+    from learner.vision import packed_vision_attention
+
+    calls = []
+
+    def counted(module, query, *args, **kwargs):
+        calls.append(query.shape)
+        return packed_vision_attention(module, query, *args, **kwargs)
+
+    ref, ref_grad = logps_and_grad(plain, batch)
+    AttentionInterface.register(PACKED_VISION_ATTENTION, counted)
+    try:
+        out, grad = logps_and_grad(packed, {**batch, **extra})
+    finally:
+        AttentionInterface.register(PACKED_VISION_ATTENTION, packed_vision_attention)
+    # one call per block for all images together
+    assert len(calls) == packed.model.config.vision_config.depth
+    assert calls[0][2] == int(batch["image_grid_thw"].prod(-1).sum())
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
+    assert ref_grad.abs().sum() > 0
+    # The precomputed inputs are the ones used: wrong position ids change the result.
+    wrong = {**extra, "image_position_ids": torch.zeros_like(extra["image_position_ids"])}
+    with torch.no_grad():
+        moved, _ = packed._completion_logps(packed.model, {**batch, **wrong}, with_entropy=False)
+    assert not torch.allclose(moved, ref, atol=1e-4)
+
+
+def test_compiled_vl_learner_trains_like_eager(tiny_vl_model):
+    """learner.compile on a VL model compiles the vision blocks too (with the packed vision
+    attention they have no graph break); a step on mixed-size images matches eager."""
+    losses = {}
+    for c in (False, True):
+        learner = _learner(tiny_vl_model, lr=1e-3, compile=c, seed=0)
+        cfg = learner.model.config
+        assert learner.compiled_layers == (cfg.text_config.num_hidden_layers + cfg.vision_config.depth if c else 0)
+        m = learner.train_step([vl_group(learner, [(96, 64), (64, 64), (64, 96), (96, 64)])])
+        losses[c] = (m["loss"], m["grad_norm"])
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-6)
 
 
 def test_compiled_layers_train_like_eager(tiny_text_model, make_groups):

@@ -167,6 +167,30 @@ def test_learner_bf16_vl_step_on_cuda(tiny_vl_model):
     assert next(learner.model.parameters()).is_cuda
 
 
+def test_packed_vision_attention_on_cuda_matches_transformers(tiny_vl_model):
+    from learner.learner import Learner
+
+    """learner/vision.py on CUDA in bf16 (SDPA's GPU kernels: flash for one image size, the masked
+    kernel for mixed sizes): the logprobs stay within bf16 noise of transformers' per-image path."""
+    from learner.batching import build_samples, collate, to_device
+    from learner.config import LearnerConfig
+    from learner.vision import vision_precompute
+    from tests.fixtures.learner import vl_group
+
+    learners = {p: Learner(LearnerConfig(model_path=str(tiny_vl_model), device="cuda", dtype="bfloat16",
+                                         packed_vision_attention=p)) for p in (False, True)}
+    packed = learners[True]
+    for sizes in ([(96, 64), (64, 64), (64, 96)], [(96, 64)] * 3):
+        samples, _ = build_samples([vl_group(packed, sizes)], packed.cfg)
+        batch = collate(samples, packed.pad_token_id, False, packed.vision, "cpu")
+        extra = vision_precompute(packed._vision_tower, batch["image_grid_thw"])
+        with torch.no_grad():
+            ref, _ = learners[False]._completion_logps(learners[False].model, to_device(batch, "cuda"), False)
+            out, _ = packed._completion_logps(packed.model, to_device({**batch, **extra}, "cuda"), False)
+        print(f"packed vs per-image logprobs, sizes {sizes}: max |diff| {(out - ref).abs().max().item():.4f}")
+        assert (out - ref).abs().max() < 0.1, (out - ref).abs().max()
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL weight sync needs 2 GPUs")
 def test_nccl_sync_is_bitwise_equal_to_the_object_store_path(gpu_ray, tiny_vl_model, request):
     """Learner (GPU 0) -> vLLM engine (GPU 1) over NCCL: the engine's parameters after the sync are
