@@ -112,6 +112,10 @@ def test_colocated_run_sleeps_the_engine_while_the_learner_trains(ray_cluster, t
     assert summary["steps"] == 2 and summary["worker_versions"] == [2]
     assert [w["engine_sleeps"] for w in summary["worker_stats"]] == [2]
     assert summary["accounting"]["balanced"]
+    import json
+
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["engine_sleeps"] for r in steps if "engine_sleeps" in r] == [1.0, 1.0]  # one per step
 
 
 def test_training_run_on_the_recorded_env(ray_cluster, tmp_path):
