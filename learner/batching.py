@@ -99,7 +99,21 @@ def shard(samples: list[TrainingSample], rank: int, world_size: int) -> list[Tra
 
 
 def micro_batches(samples: list[TrainingSample], size: int) -> list[list[TrainingSample]]:
-    return [samples[i : i + size] for i in range(0, len(samples), size)]
+    """As few micro-batches of at most `size` samples as possible, balanced: their sizes differ by
+    at most one (17 samples at size 8: 6, 6, 5, not 8, 8, 1). A 1-sample micro-batch costs a
+    torch.compile recompile (batch size 1 is specialised; seen as an 18 s learner step on the GPU),
+    and balanced ones pad less. The loss uses whole-batch denominators, so the split does not
+    change the gradient."""
+    if size < 1:
+        raise ValueError(f"micro-batch size must be >= 1, got {size}")
+    n = -(-len(samples) // size)  # ceil
+    base, extra = divmod(len(samples), n) if n else (0, 0)
+    out, start = [], 0
+    for i in range(n):
+        end = start + base + (1 if i < extra else 0)
+        out.append(samples[start:end])
+        start = end
+    return out
 
 
 @dataclass

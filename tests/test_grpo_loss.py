@@ -179,6 +179,22 @@ def test_micro_batches_give_the_whole_batch_gradient(loss_type):
     _close(parts.grad, whole.grad, 1e-6)
 
 
+def test_micro_batches_are_balanced_and_keep_every_sample_in_order():
+    """As few micro-batches as the size allows, sizes within one of each other (no 1-sample tail
+    that would recompile a compiled learner), every sample once, in order."""
+    from learner.batching import micro_batches
+
+    for n, size in [(17, 8), (16, 8), (9, 8), (1, 8), (0, 8), (7, 1), (33, 4)]:
+        chunks = micro_batches(list(range(n)), size)
+        sizes = [len(c) for c in chunks]
+        assert len(chunks) == -(-n // size)
+        assert all(0 < k <= size for k in sizes) and (not sizes or max(sizes) - min(sizes) <= 1)
+        assert [x for c in chunks for x in c] == list(range(n))
+    assert [len(c) for c in micro_batches(list(range(17)), 8)] == [6, 6, 5]
+    with pytest.raises(ValueError, match="micro-batch size"):
+        micro_batches([1], 0)
+
+
 # --- TRL's own loss on the same batch ------------------------------------------------------
 
 
