@@ -459,6 +459,12 @@ class Learner:
             "time/optimizer_s": optimizer_s,
         }
         metrics.update(adv_stats.as_metrics())
+        if self.compiled_layers:
+            # Graphs torch.compile has built so far in this process: a rise after the first steps
+            # is a recompile (a new shape or input kind), which makes that step slow.
+            import torch._dynamo
+
+            metrics["compiled_graphs"] = float(torch._dynamo.utils.counters["stats"]["unique_graphs"])
         return metrics
 
     def _reference_logps(self, batch: dict[str, Any]) -> torch.Tensor:

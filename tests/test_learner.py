@@ -435,6 +435,7 @@ def test_compiled_vl_learner_trains_like_eager(tiny_vl_model):
         assert learner.compiled_layers == (cfg.text_config.num_hidden_layers + cfg.vision_config.depth if c else 0)
         m = learner.train_step([vl_group(learner, [(96, 64), (64, 64), (64, 96), (96, 64)])])
         losses[c] = (m["loss"], m["grad_norm"])
+        assert ("compiled_graphs" in m) == c and m.get("compiled_graphs", 1) > 0
     assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-6)
 
 
