@@ -462,9 +462,9 @@ class Learner:
         if self.compiled_layers:
             # Graphs torch.compile has built so far in this process: a rise after the first steps
             # is a recompile (a new shape or input kind), which makes that step slow.
-            import torch._dynamo
+            from torch._dynamo.utils import counters
 
-            metrics["compiled_graphs"] = float(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+            metrics["compiled_graphs"] = float(counters["stats"]["unique_graphs"])
         return metrics
 
     def _reference_logps(self, batch: dict[str, Any]) -> torch.Tensor:
