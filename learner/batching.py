@@ -101,8 +101,8 @@ def shard(samples: list[TrainingSample], rank: int, world_size: int) -> list[Tra
 def micro_batches(samples: list[TrainingSample], size: int) -> list[list[TrainingSample]]:
     """As few micro-batches of at most `size` samples as possible, balanced: their sizes differ by
     at most one (17 samples at size 8: 6, 6, 5, not 8, 8, 1). A 1-sample micro-batch costs a
-    torch.compile recompile (batch size 1 is specialised; seen as an 18 s learner step on the GPU),
-    and balanced ones pad less. The loss uses whole-batch denominators, so the split does not
+    torch.compile recompile (batch size 1 is specialised; `torch._logging` shows it on CPU), and
+    balanced ones pad less. The loss uses whole-batch denominators, so the split does not
     change the gradient."""
     if size < 1:
         raise ValueError(f"micro-batch size must be >= 1, got {size}")
