@@ -44,8 +44,8 @@ from .batching import (
 )
 from .config import LearnerConfig
 from .loss import grpo_loss
-from .vision import VISION_KWARGS, enable_packed_vision_attention, vision_precompute, vision_tower
 from .nccl_transport import BucketLayout, NcclWeightSender, rendezvous_address
+from .vision import VISION_KWARGS, enable_packed_vision_attention, vision_precompute, vision_tower
 from .weights import PinnedStaging, WeightHandle, hf_named_tensors, make_publisher
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
