@@ -212,7 +212,7 @@ class Case:
         flops = 6 * (self.n_text * self.tokens + self.n_vision * patches)
         r = {
             "shape": self.shape, "gc": self.gc, "compile": self.compiled,
-            "packed_vision": self.packed and self.learner.packed_vision_layers > 0, "samples_per_s": self.samples / self.elapsed,
+            "packed_vision": self.learner.packed_vision_layers > 0, "samples_per_s": self.samples / self.elapsed,
             "tokens_per_s": self.tokens / self.elapsed, "step_s": self.elapsed / self.args.steps,
             "params_text": self.n_text, "params_vision": self.n_vision,
             "image_tokens": self.image_tokens, "achieved_tflops": flops / self.elapsed / 1e12,
