@@ -176,3 +176,39 @@ def test_sleep_mode_is_cuda_only_and_a_sleeping_engine_refuses_to_generate(tiny_
         assert engine.generate(request, greedy)[0].completion_ids == before
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("pixel_limits", ["tiny", "qwen3-vl-2b"])
+def test_size_based_image_expansion_equals_the_processor(tiny_vl_model, pixel_limits) -> None:
+    """The vLLM engine renders without pixels (render_prompt(pixels=False)): its prompt ids must be
+    exactly the processor's, for screenshots of every size and both pixel limits."""
+    from PIL import Image
+
+    from actors.tiny_models import QWEN3_VL_2B_PIXELS
+
+    processor = load_processor(tiny_vl_model)
+    if pixel_limits == "qwen3-vl-2b":
+        processor.image_processor.size = {"shortest_edge": QWEN3_VL_2B_PIXELS["min_pixels"],
+                                          "longest_edge": QWEN3_VL_2B_PIXELS["max_pixels"]}
+    content = [{"type": "image"}, {"type": "text", "text": "and"}, {"type": "image"}, {"type": "text", "text": "act"}]
+    counts = set()
+    for size in [(498, 321), (160, 210), (1280, 720), (33, 1000), (64, 64)]:
+        images = [Image.new("RGB", size, (10, 20, 30)), Image.new("RGB", (size[1], size[0]), (1, 2, 3))]
+        request = ChatRequest(messages=[{"role": "user", "content": content}], images=images)
+        full = render_prompt(processor, request)
+        fast = render_prompt(processor, request, pixels=False)
+        assert fast.prompt_ids == full.prompt_ids, size
+        assert fast.placeholder_ids == full.placeholder_ids
+        assert fast.pixel_values is None and full.pixel_values is not None
+        counts.add(full.prompt_ids.count(processor.image_token_id))
+    assert len(counts) > 2  # the sizes really change the expansion
+
+
+def test_size_based_expansion_refuses_unpaired_placeholders(tiny_vl_model) -> None:
+    from PIL import Image
+
+    from actors.engines.processing import expand_image_tokens
+
+    processor = load_processor(tiny_vl_model)
+    with pytest.raises(EngineError, match="1 image placeholder"):
+        expand_image_tokens(processor, [processor.image_token_id], [Image.new("RGB", (50, 50))] * 2)

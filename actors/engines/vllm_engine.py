@@ -118,7 +118,7 @@ class VLLMEngine(InferenceEngine):
         from vllm import SamplingParams
 
         self._refuse_if_asleep()
-        rendered = render_requests(self.processor, requests, sampling, self.max_model_len)
+        rendered = render_requests(self.processor, requests, sampling, self.max_model_len, pixels=False)
         prompts, params = [], []
         for i, r in enumerate(rendered):
             if len(r.images) > self.config.max_images_per_prompt:
