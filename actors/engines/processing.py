@@ -12,6 +12,7 @@ without torchvision).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -249,6 +250,10 @@ def render_requests(processor, requests: Sequence[ChatRequest], sampling, max_mo
         sampling.validate()
     except ValueError as err:
         raise EngineError(f"bad sampling settings: {err}") from None
+    # Every screenshot of the batch decoded at once, on threads (one image per request is the
+    # common case, so per-request decoding would stay serial), before the serial rendering.
+    decoded = iter(load_images([img for r in requests for img in r.images]))
+    requests = [dataclasses.replace(r, images=[next(decoded) for _ in r.images]) if r.images else r for r in requests]
     rendered = [render_prompt(processor, r, pixels=pixels) for r in requests]
     for i, r in enumerate(rendered):
         if len(r.prompt_ids) >= max_model_len:
