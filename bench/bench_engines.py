@@ -7,6 +7,7 @@ full weight update (the model's whole state dict, perturbed) is timed on each en
     python bench/bench_engines.py                       # tiny text model (CPU here)
     python bench/bench_engines.py --shape tiny-vl --image
     python bench/bench_engines.py --shape qwen3-vl-2b --image --batch-sizes 1,8,32,128   # GPU
+    python bench/bench_engines.py --shape qwen3-vl-2b --backends vllm --image-compare --batch-sizes 64,256
 
 `--shape qwen3-vl-2b` builds a random-initialised model with Qwen3-VL-2B-Instruct's exact shape
 (config values below, no download) and the tiny tokenizer padded to the real vocabulary size.
@@ -35,8 +36,31 @@ def model_for(shape: str, cache_dir: pathlib.Path | None) -> pathlib.Path:
     return tiny_models.build_qwen3_vl_2b_shape(cache_dir)
 
 
-def make_requests(n: int, image: bool):
+def distinct_screenshots(n: int) -> list[bytes]:
+    """n PNGs of the MiniWoB screenshot, each with one pixel changed: no two hash alike, so vLLM's
+    multimodal processor cache cannot serve one request from another's (as in a real rollout,
+    where only a group's first screenshot repeats)."""
+    import io
+
+    from PIL import Image
+
+    base = Image.open(SCREENSHOT).convert("RGB")
+    out = []
+    for i in range(n):
+        img = base.copy()
+        img.putpixel((i % img.size[0], (i // img.size[0]) % img.size[1]), (i % 256, (i // 256) % 256, 7))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def make_requests(n: int, image: bool | str):
+    """n chat requests; `image`: False (text only), True/"same" (the one screenshot in each) or
+    "distinct" (`distinct_screenshots`)."""
     from actors.engine import ChatRequest
+
+    pngs = distinct_screenshots(n) if image == "distinct" else [SCREENSHOT.read_bytes()] * n
 
     goals = ["click the submit button", "enter the text 'hello'", "select the third option", "close the dialog"]
     requests = []
@@ -44,7 +68,7 @@ def make_requests(n: int, image: bool):
         text = f"Goal: {goals[i % len(goals)]}. Step {i}. [13] button 'submit' [14] link 'no'\nAction:"
         if image:
             content = [{"type": "image"}, {"type": "text", "text": text}]
-            requests.append(ChatRequest(messages=[{"role": "user", "content": content}], images=[SCREENSHOT.read_bytes()]))
+            requests.append(ChatRequest(messages=[{"role": "user", "content": content}], images=[pngs[i]]))
         else:
             requests.append(ChatRequest(messages=[{"role": "user", "content": text}]))
     return requests
@@ -133,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=["tiny-text", "tiny-vl", "qwen3-vl-2b"], default="tiny-text")
     parser.add_argument("--image", action="store_true", help="one MiniWoB screenshot per request (VL shapes)")
+    parser.add_argument("--image-compare", action="store_true",
+                        help="per batch size, on the same engine: no image, the same screenshot in every "
+                             "request, a distinct screenshot per request; prints image / no-image ratios")
     parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
@@ -145,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--async-batch", type=int, default=0,
                         help="also time vLLM's AsyncLLM with this many concurrent requests (vs LLM batch)")
     args = parser.parse_args(argv)
-    if args.image and args.shape == "tiny-text":
+    if (args.image or args.image_compare) and args.shape == "tiny-text":
         parser.error("--image needs a vision-language shape (tiny-vl or qwen3-vl-2b)")
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -176,6 +203,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{backend}] engine start {time.perf_counter() - start:.1f}s", flush=True)
         results[backend] = {}
         for bs in batch_sizes:
+            if args.image_compare:
+                rates = {}
+                kinds = [False, "same", "distinct"] + (["distinct+pixels"] if backend == "vllm" else [])
+                for kind in kinds:
+                    # distinct+pixels: the old renderer, which ran the image processor before vLLM did.
+                    engine.render_pixels = kind == "distinct+pixels"
+                    requests = make_requests(bs, "distinct" if kind == "distinct+pixels" else kind)
+                    sec, rates[kind] = time_generate(engine, requests, sampling, args.repeats)
+                    print(f"[{backend}] batch {bs:>3} {kind or 'no image'}: {sec:.3f}s/call, {rates[kind]:,.0f} tokens/s",
+                          flush=True)
+                engine.render_pixels = False
+                print(f"[{backend}] batch {bs:>3} image / no image: same {rates['same'] / rates[False]:.2f}, "
+                      f"distinct {rates['distinct'] / rates[False]:.2f}"
+                      + (f"; distinct / old renderer {rates['distinct'] / rates['distinct+pixels']:.2f}x"
+                         if "distinct+pixels" in rates else ""), flush=True)
+                results[backend][bs] = (sec, rates["distinct"])
+                continue
             results[backend][bs] = time_generate(engine, make_requests(bs, args.image), sampling, args.repeats)
             sec, tps = results[backend][bs]
             print(f"[{backend}] batch {bs:>3}: {sec:.3f}s/call, {tps:,.0f} tokens/s", flush=True)

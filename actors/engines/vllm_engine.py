@@ -80,6 +80,10 @@ def _llm_kwargs(config: EngineConfig, vision_language: bool, on_cpu: bool, max_m
 class VLLMEngine(InferenceEngine):
     """`InferenceEngine` on an in-process `vllm.LLM` with the bgrpo worker extension."""
 
+    render_pixels: bool = False
+    """Run the image processor here too before vLLM runs its own (the renderer before 2026-11-29);
+    only `bench/bench_engines.py --image-compare` sets it, as the same-run baseline."""
+
     def __init__(self, config: EngineConfig) -> None:
         config.validate()
         self.config = config
@@ -118,7 +122,7 @@ class VLLMEngine(InferenceEngine):
         from vllm import SamplingParams
 
         self._refuse_if_asleep()
-        rendered = render_requests(self.processor, requests, sampling, self.max_model_len, pixels=False)
+        rendered = render_requests(self.processor, requests, sampling, self.max_model_len, pixels=self.render_pixels)
         prompts, params = [], []
         for i, r in enumerate(rendered):
             if len(r.images) > self.config.max_images_per_prompt:
