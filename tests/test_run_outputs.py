@@ -230,7 +230,7 @@ def test_every_dashboard_query_names_a_metric_the_run_exported(outputs_run):
     assert re.search(r'^ray_bgrpo_task_success_rate\{[^}]*task="recorded\.click-button"', text, re.M)
 
 
-def test_dashboard_layout_is_rays(outputs_run):
+def test_dashboard_layout_is_rays():
     """Ray's own grid (24 wide, two 12-wide panels per row, rows of height 1), its datasource and
     SessionName variables, and a uid of its own so it sits beside Ray's dashboards."""
     dashboard = json.loads(make_dashboard.DASHBOARD_JSON.read_text())
