@@ -3,7 +3,8 @@
 Screenshots are inlined as base64 PNG, so the page opens from the run folder with no server and
 can be copied anywhere. Per episode: status (and failure reason), return, goal; per step: the
 screenshot the model saw, the raw completion, the parsed action (marked when it was the fallback),
-the reward, the env's action error, policy version and timings.
+the reward, the env's action error, policy version and timings. Each page links back to the run's
+index page (`runs/<run>/index.html`, cluster/run_index.py), which lists and filters every group.
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ def _e(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
-def render_group_html(group: TrajectoryGroup) -> str:
-    """The page for one group as a string."""
+def render_group_html(group: TrajectoryGroup, index_href: str | None = None) -> str:
+    """The page for one group as a string; `index_href` links back to the run's index page."""
     out = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>group {_e(group.group_id)}: {_e(group.task)} seed {group.seed}</title>",
         f"<style>{_CSS}</style></head><body>",
+        f"<p><a id='run-index' href='{_e(index_href)}'>&larr; run index</a></p>" if index_href else "",
         f"<h1>{_e(group.task)} &middot; seed {group.seed} &middot; group {_e(group.group_id)}</h1>",
     ]
     returns = ", ".join(f"{t.episode_return:g}" for t in group.trajectories)
@@ -78,6 +80,9 @@ def write_group_html(group: TrajectoryGroup, directory: str | os.PathLike) -> Pa
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"group-{group.group_id}.html"
     tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(render_group_html(group), encoding="utf-8")
+    # The run's index.html (cluster/run_index.py) is at runs/<run>/; pages are in runs/<run>/viewer/
+    # or, for the evaluation worker (whose folder is runs/<run>/eval), runs/<run>/eval/viewer/.
+    index_href = "../../index.html" if directory.parent.name == "eval" else "../index.html"
+    tmp.write_text(render_group_html(group, index_href), encoding="utf-8")
     os.replace(tmp, path)
     return path

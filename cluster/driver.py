@@ -197,6 +197,7 @@ class Trainer:
         self.env_hosts: list[Any] = []
         self.eval_worker: Any = None
         self.metrics = None
+        self.run_index = None  # runs/<run>/index.html, rewritten after every step (cluster/run_index.py)
         self.sampler = None
         self.actor_failures = 0
         self.learner_busy_s = 0.0
@@ -215,6 +216,7 @@ class Trainer:
 
         from cluster.metrics import MetricsLogger
         from cluster.placement import Placement
+        from cluster.run_index import RunIndex
         from cluster.sampler import TaskSampler
 
         cfg = self.config
@@ -236,6 +238,7 @@ class Trainer:
         self.metrics = MetricsLogger(
             self.run_dir, cfg.logging, cfg.cluster.run_name or self.run_dir.name, to_dict(cfg)
         )
+        self.run_index = RunIndex(self.run_dir)
         self.sampler = TaskSampler(cfg.sampler, seed=cfg.cluster.seed)
         model_path = resolve_model(cfg.model)
 
@@ -450,6 +453,9 @@ class Trainer:
             **extra,
         }
         record.update({f"learner/{k}": v for k, v in learner_metrics.items()})
+        from cluster.metrics import per_task_figures
+
+        record.update(per_task_figures(groups))  # task/<task>/success_rate, reward_mean: per-task gauges
         return record
 
     def _after_step(self, record: dict[str, Any], pbar: Any) -> None:
@@ -457,6 +463,7 @@ class Trainer:
         cfg = self.config
         self.t_last_step = time.monotonic()
         self.metrics.log(record, step=self.step)
+        self.run_index.update({gid: r.step for r in self.steps for gid in r.group_ids})
         if pbar is not None:
             pbar.set_postfix(
                 v=self.version, reward=f"{record['reward_mean']:.2f}", succ=f"{record['success_rate']:.2f}",
@@ -767,6 +774,7 @@ class Trainer:
             from cluster.plots import write_plots
 
             write_plots(self.run_dir)
+        self.run_index.update({gid: r.step for r in self.steps for gid in r.group_ids})  # + plots, eval groups
         if not self.accounting.balanced:
             raise TrainingError(f"episode accounting does not balance: {self.accounting.as_dict()}")
         if set(worker_versions) != {learner_version}:

@@ -5,11 +5,16 @@ Sinks:
 - Ray custom metrics through `ray.util.metrics` (Counter / Gauge / Histogram), so the Ray
   dashboard's metrics view and the node's Prometheus endpoint show them (names prefixed `bgrpo_`;
   Ray adds `ray_` in the Prometheus export);
-- optional trackers chosen by `logging.trackers`: trackio (the seed gist's), TensorBoard, wandb.
-  Imported lazily; one that is configured but not installed is a ConfigError before the run starts.
+- optional trackers chosen by `logging.trackers`: trackio (the seed gist's), TensorBoard, wandb
+  (offline unless WANDB_MODE says otherwise), installed by the `trackers` extra. Imported lazily;
+  one that is configured but not installed is a ConfigError before the run starts.
 
-A record is a flat dict of numbers keyed by the names in `RAY_METRICS` (plus anything else, e.g.
-the learner's own `learner/...` figures, which go to the jsonl file and the trackers).
+The Grafana dashboard for the Ray metrics is cluster/grafana/bgrpo_grafana_dashboard.json (made by
+cluster/grafana/make_dashboard.py from these names).
+
+A record is a flat dict of numbers keyed by the names in `RAY_METRICS` and `task/<task>/<key>` for
+`PER_TASK_METRICS` (plus anything else, e.g. the learner's own `learner/...` figures, which go to
+the jsonl file and the trackers).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from cluster.config import ConfigError, LoggingConfig
 
@@ -39,6 +44,7 @@ RAY_METRICS: dict[str, tuple[str, str]] = {
     "trained_tokens": ("counter", "Completion tokens trained on"),
     "env_failures": ("counter", "Env server / session failures seen by rollout workers"),
     "actor_failures": ("counter", "Rollout-worker crashes or timeouts"),
+    "engine_sleeps": ("counter", "Engines put to sleep while the learner trained (cluster.colocate)"),
     "success_rate": ("gauge", "Success rate of the episodes trained at this step"),
     "reward_mean": ("gauge", "Mean episode return of the episodes trained at this step"),
     "policy_version": ("gauge", "Learner policy version after this step"),
@@ -51,6 +57,12 @@ RAY_METRICS: dict[str, tuple[str, str]] = {
     "learner_step_s": ("histogram", "Seconds per learner step (train_step call)"),
     "weight_sync_s": ("histogram", "Seconds to publish weights and load them on every engine"),
     "collect_s": ("histogram", "Seconds the driver waited for this step's groups"),
+}
+# Per-task figures of a step: record keys `task/<task>/<key>` -> the gauge `bgrpo_task_<key>` with a
+# `task` tag (one series per task on the dashboard).
+PER_TASK_METRICS: dict[str, str] = {
+    "success_rate": "Success rate per task of the episodes trained at this step",
+    "reward_mean": "Mean episode return per task of the episodes trained at this step",
 }
 _HISTOGRAM_BOUNDARIES = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300]
 
@@ -86,10 +98,19 @@ class RayMetrics:
                     name, description=description, boundaries=_HISTOGRAM_BOUNDARIES, tag_keys=("run",)
                 )
             m.set_default_tags(self.tags)
+            if kind == "counter":
+                # A counter never incremented is absent from the Prometheus export, so a healthy run
+                # would show "No data" for its failure counters. Ray's public inc() refuses 0; its
+                # _record(0) puts the series at 0 from the start.
+                m._record(0.0, tags=self.tags)
             self._metrics[key] = (kind, m)
         self._per_task = ray_metrics.Gauge(
             "bgrpo_eval_task_success_rate", description="Greedy success rate per task", tag_keys=("run", "task")
         )
+        self._train_per_task = {
+            key: ray_metrics.Gauge(f"bgrpo_task_{key}", description=description, tag_keys=("run", "task"))
+            for key, description in PER_TASK_METRICS.items()
+        }
 
     def record(self, values: Mapping[str, Any]) -> None:
         for key, value in values.items():
@@ -108,6 +129,10 @@ class RayMetrics:
             if key.startswith("eval/") and key.endswith("/success_rate") and _is_number(value):
                 task = key[len("eval/"):-len("/success_rate")]
                 self._per_task.set(float(value), tags={**self.tags, "task": task})
+            elif key.startswith("task/") and _is_number(value):
+                task, _, name = key[len("task/"):].rpartition("/")
+                if name in self._train_per_task and task:
+                    self._train_per_task[name].set(float(value), tags={**self.tags, "task": task})
 
 
 class MetricsLogger:
@@ -140,6 +165,8 @@ class MetricsLogger:
         if self.ray is not None:
             self.ray.record(record)
         numbers = {k: float(v) for k, v in record.items() if _is_number(v)}
+        if not numbers:  # an event without figures (a checkpoint path): nothing to plot
+            return row
         for name, tracker in self._trackers:
             if name == "trackio" or name == "wandb":
                 tracker.log(numbers, step=step)
@@ -160,6 +187,20 @@ class MetricsLogger:
             except Exception as e:  # a tracker failing at exit must not hide the run's outcome
                 print(f"[metrics] closing {name} failed: {e}")
         self._trackers.clear()
+
+
+def per_task_figures(groups: Iterable[Any]) -> dict[str, float]:
+    """`task/<task>/success_rate` and `task/<task>/reward_mean` over the trainable episodes of a
+    step's groups (one gauge series per task on the Ray dashboard)."""
+    by_task: dict[str, list[Any]] = {}
+    for g in groups:
+        by_task.setdefault(g.task, []).extend(g.trainable_trajectories)
+    out: dict[str, float] = {}
+    for task, episodes in sorted(by_task.items()):
+        if episodes:
+            out[f"task/{task}/success_rate"] = sum(t.success for t in episodes) / len(episodes)
+            out[f"task/{task}/reward_mean"] = sum(t.episode_return for t in episodes) / len(episodes)
+    return out
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -185,7 +226,10 @@ def _open_tracker(name: str, project: str, run_name: str, run_dir: Path, run_con
     if name == "wandb":
         import wandb
 
-        return wandb.init(project=project, name=run_name, config=dict(run_config), dir=str(run_dir))
+        # Offline unless WANDB_MODE says otherwise: the run is written under run_dir/wandb and
+        # `wandb sync run_dir/wandb/offline-run-*` uploads it later (clusters often have no egress).
+        mode = os.environ.get("WANDB_MODE", "offline")
+        return wandb.init(project=project, name=run_name, config=dict(run_config), dir=str(run_dir), mode=mode)
     if name == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
 

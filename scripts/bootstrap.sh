@@ -16,7 +16,7 @@ want=$(sha256sum pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[bootstrap] installing Python packages (a few minutes the first time)"
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e ".[cpu,dev]"
+  "$VENV/bin/python" -m pip install -q -e ".[cpu,dev,trackers]"
   # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that fail to import beside the CPU
   # torch, and transformers imports torchvision whenever it is present. The project does not need
   # them (images go through the PIL image processors), so they are removed.

@@ -46,15 +46,41 @@ def test_plots_written_and_cli(tmp_path, capsys):
     assert "no metrics.jsonl" in capsys.readouterr().out
 
 
-def test_missing_tracker_is_a_config_error():
+def test_missing_tracker_is_a_config_error(monkeypatch):
     import importlib.util
 
-    for name in ("trackio", "tensorboard", "wandb"):
-        if importlib.util.find_spec(name) is None:
-            with pytest.raises(ConfigError, match=f"{name}.*not installed"):
-                check_trackers_installed(LoggingConfig(trackers=[name]))
-            with pytest.raises(ConfigError, match="not installed"):
-                LoggingConfig(trackers=[name]).validate()
+    # The dev set-up installs all three (the `trackers` extra): hide them to see the error a user
+    # without them gets. tests/test_run_outputs.py runs each installed tracker for real.
+    real_find_spec = importlib.util.find_spec
+    hidden = {"trackio", "tensorboard", "wandb"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in hidden else real_find_spec(name, *a))
+    for name in sorted(hidden):
+        with pytest.raises(ConfigError, match=f"{name}.*not installed"):
+            check_trackers_installed(LoggingConfig(trackers=[name]))
+        with pytest.raises(ConfigError, match="not installed"):
+            LoggingConfig(trackers=[name]).validate()
+
+
+def test_per_task_figures_count_trainable_episodes_only():
+    from actors.trajectory import FAILED, Trajectory, TrajectoryGroup
+
+    def group(task, returns, failed=0):
+        trajs = [Trajectory(f"e{i}", f"g-{task}-{len(returns)}", task, 1,
+                            steps=[] if i < failed else [_step()], status=FAILED if i < failed else "finished",
+                            episode_return=r) for i, r in enumerate(returns)]
+        return TrajectoryGroup(f"g-{task}-{len(returns)}", task, 1, trajs)
+
+    from cluster.metrics import per_task_figures
+
+    figures = per_task_figures([group("a", [1.0, 0.0]), group("a", [1.0, 1.0, 0.0, 0.0]), group("b", [0.0, 0.5], failed=1)])
+    assert figures == {"task/a/success_rate": 0.5, "task/a/reward_mean": 0.5,
+                       "task/b/success_rate": 1.0, "task/b/reward_mean": 0.5}  # b: the failed episode is not counted
+
+
+def _step():
+    from actors.trajectory import Step
+
+    return Step(index=0, prompt_ids=[1], completion_ids=[2], logprobs=[-1.0], policy_version=0)
 
 
 def test_ray_metric_names_are_valid_prometheus_names():
