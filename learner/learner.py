@@ -315,6 +315,21 @@ class Learner:
         )[0]
         return logps, entropies, full
 
+    def _prepare(self, mb: list, mask_truncated: bool, image_cache: dict) -> dict[str, Any]:
+        """Collates one micro-batch on the CPU with the model's extra inputs (runs in the
+        collation thread during `train_step`)."""
+        batch = collate(mb, self.pad_token_id, mask_truncated, self.vision, "cpu", image_cache)
+        if self._rope_index is not None and "image_grid_thw" in batch and "mm_token_type_ids" in batch:
+            # The model's own function, on CPU here in the collation thread: inside the forward
+            # it walks the batch sample by sample with a GPU sync each time.
+            batch["position_ids"] = self._rope_index(
+                batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+                image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"],
+            )[0]
+        if self._vision_tower is not None and "image_grid_thw" in batch:
+            batch.update(vision_precompute(self._vision_tower, batch["image_grid_thw"]))
+        return batch
+
     # --- the GRPO step -----------------------------------------------------------------------
 
     def train_step(self, groups: list[TrajectoryGroup]) -> dict[str, float]:
@@ -357,20 +372,7 @@ class Learner:
         cpu_batches: list[dict] = []
 
         def prepare(mb):
-            batch = collate(
-                mb, self.pad_token_id, cfg.mask_truncated_completions, self.vision, "cpu",
-                image_cache,
-            )
-            if self._rope_index is not None and "image_grid_thw" in batch and "mm_token_type_ids" in batch:
-                # The model's own function, on CPU here in the collation thread: inside the forward
-                # it walks the batch sample by sample with a GPU sync each time.
-                batch["position_ids"] = self._rope_index(
-                    batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
-                    image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"],
-                )[0]
-            if self._vision_tower is not None and "image_grid_thw" in batch:
-                batch.update(vision_precompute(self._vision_tower, batch["image_grid_thw"]))
-            return batch
+            return self._prepare(mb, cfg.mask_truncated_completions, image_cache)
 
         for it in range(passes):
             self.optimizer.zero_grad(set_to_none=True)
@@ -509,6 +511,26 @@ class Learner:
 
             metrics["compiled_graphs"] = float(counters["stats"]["unique_graphs"])
         return metrics
+
+    def score(self, groups: list[TrajectoryGroup]) -> dict[tuple[str, int], list[float]]:
+        """The current policy's logprobs of every trainable step's completion tokens, scored as
+        `train_step` scores them (the step's sampling settings, `score_with_sampling_filters`),
+        keyed by (episode_id, step index). No gradient, no update: at the sampling version they
+        equal the engine's logprobs (the importance ratio is 1)."""
+        samples, _ = build_samples(groups, self.cfg)
+        samples = [s for s in samples if not self.placeholder_ids.intersection(s.completion_ids)]
+        self.model.eval()
+        out: dict[tuple[str, int], list[float]] = {}
+        try:
+            with torch.no_grad():
+                for mb in micro_batches(samples, self.config.micro_batch_size):
+                    batch = self._prepare(mb, False, {})
+                    logps = self._completion_logps(self.model, to_device(batch, self.device), False)[0]
+                    for row, s in zip(logps.cpu(), mb):
+                        out[(s.episode_id, s.step_index)] = row[: len(s.completion_ids)].tolist()
+        finally:
+            self.model.train()
+        return out
 
     def _reference_logps(self, batch: dict[str, Any]) -> torch.Tensor:
         """The reference model's full-softmax logprobs at the temperature: the KL is between the
