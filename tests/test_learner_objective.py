@@ -55,3 +55,29 @@ def test_kl_starts_at_zero_and_grows_reference_stays_frozen(tiny_text_model, mak
     assert 0 < kls[1] < kls[2] < kls[3], kls  # lr 1e-2: the policy keeps moving away
     for k, v in learner.ref_model.state_dict().items():
         assert torch.equal(v, ref_before[k]), k
+
+
+def test_fp32_output_layer_gives_float32_logits_under_bf16_autocast():
+    from learner.logprobs import fp32_output_layer
+
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.lm_head = torch.nn.Linear(256, 4000, bias=False)
+    model.get_output_embeddings = lambda: model.lm_head
+    hidden = torch.randn(3, 5, 256).to(torch.bfloat16)  # what a bf16 autocast body hands over
+    reference = torch.nn.functional.linear(hidden.double(), model.lm_head.weight.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = model.lm_head(hidden)
+    assert bf16.dtype == torch.bfloat16
+    assert fp32_output_layer(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fp32 = model.lm_head(hidden)
+    assert fp32.dtype == torch.float32
+    err32 = (fp32.double() - reference).abs().max()
+    err16 = (bf16.double() - reference).abs().max()
+    assert err32 < 1e-4 and err16 > 100 * err32, (err32, err16)
+    # Gradients still reach the weight and the hidden states.
+    h = hidden.float().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.lm_head(h).sum().backward()
+    assert h.grad is not None and model.lm_head.weight.grad is not None
