@@ -81,3 +81,58 @@ def test_fp32_output_layer_gives_float32_logits_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model.lm_head(h).sum().backward()
     assert h.grad is not None and model.lm_head.weight.grad is not None
+
+
+def test_lora_trains_adapters_only_and_the_engine_generates_like_the_merged_model(
+    tiny_text_model, make_groups
+):
+    import copy
+
+    from actors.engine import ChatRequest, SamplingSettings
+    from actors.engines import EngineConfig, create_engine
+    from learner.config import LoraConfig
+    from learner.learner import Learner
+
+    learner = Learner(LearnerConfig(
+        model_path=str(tiny_text_model), lr=5e-2, micro_batch_size=4,
+        grpo=GRPOConfig(num_generations=4, vllm_importance_sampling_correction=False),
+        lora=LoraConfig(enabled=True, r=4, alpha=8),
+    ))
+    trainable = [n for n, p in learner.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    frozen_before = {n: p.detach().clone() for n, p in learner.model.named_parameters() if not p.requires_grad}
+    plain_before = learner.get_weights()  # lora_B starts at 0: merged == base weights
+
+    for seed in range(2):
+        learner.train_step(make_groups(seed=seed))
+
+    for n, p in learner.model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen_before[n]), n  # base weights never move
+    assert any(float(p.abs().sum()) > 0 for n, p in learner.model.named_parameters() if "lora_B" in n)
+
+    # What the engine receives: the merged weights under the plain model's names.
+    published = learner.get_weights()
+    assert set(published) == set(plain_before)
+    merged = copy.deepcopy(learner.model).merge_and_unload().eval()
+    merged_state = merged.state_dict()
+    for name, tensor in published.items():
+        torch.testing.assert_close(tensor, merged_state[name], rtol=0, atol=1e-6)
+    moved = [n for n in published if not torch.equal(published[n], plain_before[n])]
+    assert moved and all("q_proj" in n or "k_proj" in n or "v_proj" in n or "o_proj" in n for n in moved)
+
+    engine = create_engine(EngineConfig(model=str(tiny_text_model), backend="transformers", dtype="float32",
+                                        max_model_len=256))
+    try:
+        engine.update_weights(1, published)
+        greedy = SamplingSettings(temperature=0.0, max_new_tokens=12)
+        gens = engine.generate([ChatRequest(messages=[{"role": "user", "content": c}])
+                                for c in ("Click the button.", "Goal: enter text")], greedy)
+    finally:
+        engine.close()
+    for gen in gens:
+        ids = torch.tensor([gen.prompt_ids])
+        with torch.no_grad():
+            out = merged.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                  max_new_tokens=len(gen.completion_ids), pad_token_id=0)
+        assert out[0, ids.shape[1]:].tolist() == gen.completion_ids
