@@ -1,5 +1,5 @@
 # The two commands a newcomer needs. Both install what is missing first (scripts/bootstrap.sh).
-.PHONY: run test setup bench
+.PHONY: run test test-fast setup bench
 VENV ?= .venv
 
 setup:
@@ -10,6 +10,11 @@ setup:
 run: setup
 	$(VENV)/bin/bgrpo train --config local $(ARGS)
 
-# The test suite (what CI runs through .ci/run).
+# The test suite (what CI runs through .ci/run): every test, the `slow` ones included (pyproject's
+# addopts deselects them from a plain `pytest`; the whole suite fits CI's time).
 test: setup
+	$(VENV)/bin/python -m pytest -q -m "slow or not slow" $(ARGS)
+
+# The suite without the tests marked `slow` (what a plain `pytest` runs).
+test-fast: setup
 	$(VENV)/bin/python -m pytest -q $(ARGS)

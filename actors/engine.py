@@ -65,6 +65,13 @@ class Generation:
     finish_reason: str
     """"stop" (EOS or a stop string) or "length"."""
     policy_version: int
+    temperature: float | None = None
+    """The sampling settings this completion was drawn with (what `logprobs` are of); engines
+    fill them in, so they travel with the step to the learner, which scores with them."""
+    top_k: int | None = None
+    """Top-k in effect (<= 0: off)."""
+    top_p: float | None = None
+    """Top-p in effect (1.0: off)."""
 
 
 class EngineError(RuntimeError):

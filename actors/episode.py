@@ -143,6 +143,9 @@ def run_episode(
                 finish_reason=gen.finish_reason,
                 engine_s=engine_s,
                 env_s=env_s,
+                temperature=gen.temperature,
+                top_k=gen.top_k,
+                top_p=gen.top_p,
             )
         )
         history.append(history_line(index, parsed.action, reward, error))

@@ -49,6 +49,13 @@ class Step:
     finish_reason: str = ""
     engine_s: float = 0.0
     env_s: float = 0.0
+    temperature: float | None = None
+    """Sampling temperature the completion was drawn with (None: not recorded, e.g. a
+    hand-built step; the learner then uses its configured `grpo.temperature`)."""
+    top_k: int | None = None
+    """Top-k the completion was drawn with (<= 0: off; None: not recorded)."""
+    top_p: float | None = None
+    """Top-p the completion was drawn with (1.0: off; None: not recorded)."""
 
     def __post_init__(self) -> None:
         if len(self.completion_ids) != len(self.logprobs):
@@ -147,6 +154,9 @@ STEP_TYPE = pa.struct(
         ("finish_reason", pa.string()),
         ("engine_s", pa.float64()),
         ("env_s", pa.float64()),
+        ("temperature", pa.float64()),
+        ("top_k", pa.int32()),
+        ("top_p", pa.float64()),
     ]
 )
 

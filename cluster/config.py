@@ -366,6 +366,12 @@ DERIVED_FIELDS: dict[str, str] = {
     "engine.seed": "cluster.seed",
     "env.max_steps": "rollout.max_steps",
     "learner.release_memory_after_step": "cluster.colocate",
+    # The learner scores with the distribution the engine samples from (learner/logprobs.py), and
+    # dr_grpo normalises by the generation limit (TRL's max_completion_length).
+    "grpo.temperature": "rollout.sampling.temperature",
+    "grpo.top_k": "rollout.sampling.top_k",
+    "grpo.top_p": "rollout.sampling.top_p",
+    "grpo.max_completion_length": "rollout.sampling.max_new_tokens",
 }
 
 
@@ -668,7 +674,27 @@ def build_config(
         if dataclasses.is_dataclass(tp):
             raise ConfigError(f"--{dotted} is a section; set its fields, e.g. --{dotted}.<field> VALUE")
         _set_dotted(tree, dotted, parse_value(text, tp) if isinstance(text, str) else text)
-    return resolve_derived(from_dict(TrainConfig, tree))
+    config = resolve_derived(from_dict(TrainConfig, tree))
+    _refuse_explicit_derived(tree, config)
+    return config
+
+
+def _refuse_explicit_derived(tree: dict, config: TrainConfig) -> None:
+    """resolve_derived only sees values that differ from the field's default; a preset or flag
+    that sets a derived field explicitly to its default (e.g. grpo.max_completion_length: 512
+    beside max_new_tokens 16) would be overwritten silently. Refuse it too."""
+    for target, source in DERIVED_FIELDS.items():
+        node: Any = tree
+        for part in target.split("."):
+            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+        if node is _MISSING or isinstance(node, dict) or target == "learner.keep_checkpoints":
+            continue
+        if _has_dotted(config, target) and node != _get_dotted(config, target):
+            raise ConfigError(f"{target} is derived from {source}; set {source} instead "
+                              f"(got {node!r} vs {_get_dotted(config, target)!r})")
+
+
+_MISSING = object()
 
 
 def _get_dotted(obj: Any, path: str) -> Any:
@@ -734,7 +760,7 @@ def save_config(config: TrainConfig, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    tmp.write_text(resolved_yaml(config))
     os.replace(tmp, path)
     return path
 
@@ -775,6 +801,8 @@ def num_generations(config: TrainConfig) -> int | None:
 
 def validate_config(config: TrainConfig) -> None:
     """Every sub-config's own validate() and the cross-field checks. Raises ConfigError."""
+    # First: these name the field to change, where a derived copy's own check would not.
+    _validate_training_semantics(config)
     for f in dataclasses.fields(config):
         sub = getattr(config, f.name)
         check = getattr(sub, "validate", None)
@@ -853,6 +881,41 @@ def validate_config(config: TrainConfig) -> None:
             )
 
 
+def _validate_training_semantics(config: TrainConfig) -> None:
+    """Combinations that would train without an error but on the wrong numbers."""
+    sampling = config.rollout.sampling
+    if sampling.temperature <= 0:
+        raise ConfigError(
+            f"rollout.sampling.temperature is {sampling.temperature} (greedy): GRPO needs sampled "
+            "completions, and grpo.temperature (derived from it) must be > 0; greedy decoding is for "
+            "evaluation (eval.greedy)"
+        )
+    if sampling.seed is not None:
+        raise ConfigError(
+            f"rollout.sampling.seed is {sampling.seed}: a fixed per-call seed makes the G episodes of "
+            "a group sample the same completions (zero advantage); leave it unset (engine.seed seeds "
+            "the engine once)"
+        )
+    max_model_len = _get(config.engine, "max_model_len")
+    if max_model_len is not None and sampling.max_new_tokens >= max_model_len:
+        raise ConfigError(
+            f"rollout.sampling.max_new_tokens ({sampling.max_new_tokens}) must be below "
+            f"engine.max_model_len ({max_model_len}): the engine would cut every completion short "
+            "while grpo.max_completion_length (derived) still normalises by the full limit"
+        )
+    if _get(config.learner, "dtype") == "float16":
+        raise ConfigError(
+            "learner.dtype float16 autocast has no loss scaling here: small gradients underflow to 0 "
+            "silently; use bfloat16"
+        )
+    if config.cluster.mode != "sync" and not config.grpo.vllm_importance_sampling_correction:
+        raise ConfigError(
+            f"cluster.mode {config.cluster.mode} with grpo.vllm_importance_sampling_correction false: "
+            "stale samples (up to cluster.max_staleness versions old) would be trained as if "
+            "on-policy; keep the correction on, or use cluster.mode sync"
+        )
+
+
 def _validate_colocation(config: TrainConfig) -> None:
     c = config.cluster
     sleep_mode = bool(_get(config.engine, "enable_sleep_mode", default=False))
@@ -917,10 +980,12 @@ class CommandLine:
     preset: str
     resume: str | None = None
     help: bool = False
+    dry_run: bool = False
+    """--dry-run: validate, print `resolved_yaml(config)` and exit without starting Ray."""
 
 
 def parse_cli(argv: list[str], environ: Mapping[str, str] | None = None) -> CommandLine:
-    """`--config NAME|PATH [--resume RUN_DIR] [--a.b VALUE | --a.b=VALUE ...] [--help]`.
+    """`--config NAME|PATH [--resume RUN_DIR] [--dry-run] [--a.b VALUE | --a.b=VALUE ...] [--help]`.
 
     With --resume and no --config, the run folder's resolved config is the base, so a resumed run
     continues with exactly the settings it started with (overrides still apply on top).
@@ -929,6 +994,8 @@ def parse_cli(argv: list[str], environ: Mapping[str, str] | None = None) -> Comm
     resume: str | None = None
     overrides: dict[str, str] = {}
     args = list(argv)
+    dry_run = "--dry-run" in args  # the one flag without a value
+    args = [a for a in args if a != "--dry-run"]
     i = 0
     while i < len(args):
         arg = args[i]
@@ -961,4 +1028,11 @@ def parse_cli(argv: list[str], environ: Mapping[str, str] | None = None) -> Comm
     else:
         config = build_config(preset or "local", overrides, environ)
     validate_config(config)
-    return CommandLine(config=config, preset=preset or ("resume" if resume else "local"), resume=resume)
+    return CommandLine(config=config, preset=preset or ("resume" if resume else "local"), resume=resume,
+                       dry_run=dry_run)
+
+
+def resolved_yaml(config: TrainConfig) -> str:
+    """The resolved configuration as YAML, derived fields included: what `bgrpo train --dry-run`
+    prints and what a run saves as `<run_dir>/config.yaml`."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

@@ -854,10 +854,11 @@ def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-USAGE = """usage: bgrpo train [--config NAME|PATH] [--resume RUN_DIR] [--SECTION.FIELD VALUE ...]
+USAGE = """usage: bgrpo train [--config NAME|PATH] [--resume RUN_DIR] [--dry-run] [--SECTION.FIELD VALUE ...]
 
 Train a policy with GRPO on BrowserGym tasks: locally (starts a fresh Ray) or inside `ray job submit`.
-Presets: configs/<name>.yaml or a path; `local` is built in.
+Presets: configs/<name>.yaml or a path; `local` is built in. --dry-run validates and prints the
+resolved configuration (derived fields included) as YAML, then exits without starting Ray.
 """
 
 
@@ -873,6 +874,11 @@ def main(argv: list[str] | None = None) -> int:
     if cl.help:
         print(USAGE)
         print(help_text())
+        return 0
+    if cl.dry_run:  # validated above; nothing starts
+        from cluster.config import resolved_yaml
+
+        print(resolved_yaml(cl.config), end="")
         return 0
     # SIGTERM (ray job stop, kill) takes the same clean path as Ctrl-C.
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)

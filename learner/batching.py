@@ -47,6 +47,10 @@ class TrainingSample:
     group_id: str = ""
     step_index: int = 0
     images: list[bytes] = field(default_factory=list)
+    temperature: float = 1.0
+    """Sampling settings the completion was drawn with (the step's record, else the config's)."""
+    top_k: int = -1
+    top_p: float = 1.0
 
     @property
     def num_tokens(self) -> int:
@@ -66,6 +70,13 @@ def build_samples(
                 continue  # nothing sampled, nothing to train (e.g. an engine error step)
             if not s.prompt_ids:
                 raise BatchError(f"episode {t.episode_id} step {s.index}: empty prompt_ids")
+            # What the step was sampled with wins over the config (async, resumed runs).
+            temperature = cfg.temperature if s.temperature is None else s.temperature
+            if temperature <= 0:
+                raise BatchError(
+                    f"episode {t.episode_id} step {s.index}: sampled greedily (temperature "
+                    f"{temperature}); greedy logprobs are not a sampling distribution to train on"
+                )
             samples.append(
                 TrainingSample(
                     prompt_ids=list(s.prompt_ids),
@@ -78,6 +89,9 @@ def build_samples(
                     group_id=ep.group_id,
                     step_index=s.index,
                     images=list(s.images),
+                    temperature=float(temperature),
+                    top_k=int(cfg.top_k if s.top_k is None else s.top_k),
+                    top_p=float(cfg.top_p if s.top_p is None else s.top_p),
                 )
             )
     return samples, stats
@@ -144,7 +158,7 @@ def collate(
     """Pads one micro-batch: prompts left, completions right.
 
     Returns input_ids, attention_mask (B, P + T), completion_mask, sampling_logps (B, T),
-    advantages (B,), logits_to_keep (= T), and for images pixel_values, image_grid_thw,
+    advantages, temperature, top_k, top_p (B,), logits_to_keep (= T), and for images pixel_values, image_grid_thw,
     mm_token_type_ids. `image_cache` (keyed by the images' PNG bytes) lets a batch process
     an image once: the G episodes of a group start from the same screenshot.
     On a GPU the tensors are copied from pinned memory without blocking the host, so the
@@ -173,6 +187,10 @@ def collate(
         "completion_mask": completion_mask,
         "sampling_logps": sampling_logps,
         "advantages": torch.tensor([s.advantage for s in samples], dtype=torch.float32),
+        # Plain lists: read on the host per row, so a GPU batch needs no sync to read them.
+        "temperature": [s.temperature for s in samples],
+        "top_k": [s.top_k for s in samples],
+        "top_p": [s.top_p for s in samples],
         "logits_to_keep": T,
     }
 

@@ -41,12 +41,32 @@ class GRPOConfig:
     importance_sampling_level: str = "token"
     """Policy ratio per token, or one ratio per sequence (GSPO: mean of the token log-ratios)."""
     temperature: float = 1.0
-    """Sampling temperature of the engine: logits are divided by it before the log-softmax, so
-    the learner's logprobs are of the distribution the engine sampled from (TRL does the same)."""
+    """Sampling temperature: logits are divided by it before the log-softmax, so the learner's
+    logprobs are of the distribution the engine sampled from. Derived from
+    `rollout.sampling.temperature` in a training run; each step's own recorded temperature wins
+    (async and resumed runs score with what was actually used)."""
+    top_k: int = -1
+    """Top-k of the sampling distribution (<= 0: off); derived from `rollout.sampling.top_k`, a
+    step's recorded value wins. Applied to the logits before the log-softmax when
+    `score_with_sampling_filters` is on."""
+    top_p: float = 1.0
+    """Top-p of the sampling distribution (1.0: off); derived from `rollout.sampling.top_p`, a
+    step's recorded value wins."""
+    score_with_sampling_filters: bool = True
+    """True: score completions with exactly the distribution the engine sampled from
+    (temperature, then the same top-k / top-p masking of the logits, then the log-softmax), which
+    is what the engines report as logprobs, so the importance ratio at the sampling version is 1.
+    False: TRL's behaviour, the full softmax over the vocabulary at the temperature (top-k/top-p
+    ignored by the learner; the importance-sampling correction then absorbs the difference)."""
+    num_iterations: int = 1
+    """TRL's mu: optimizer passes over each batch. The old-policy logprobs of the clipped ratio
+    are taken in the first pass, so with mu > 1 the later passes clip (epsilon, epsilon_high,
+    delta act). The policy version still moves by one per batch."""
     mask_truncated_completions: bool = False
     """Exclude completions the engine cut at max_new_tokens (finish_reason == "length") from the loss."""
     max_completion_length: int = 512
-    """The dr_grpo normalising constant (TRL uses its generation limit)."""
+    """The dr_grpo normalising constant: TRL's generation limit, so in a training run it is
+    derived from `rollout.sampling.max_new_tokens` (setting it apart is refused)."""
     vllm_importance_sampling_correction: bool = True
     """Correct the mismatch between the engine's sampling logprobs and the learner's recomputed
     logprobs (including staleness in async mode) with truncated importance sampling."""
@@ -97,6 +117,10 @@ class GRPOConfig:
             )
         if self.temperature <= 0:
             raise ValueError(f"grpo.temperature must be > 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"grpo.top_p must be in (0, 1], got {self.top_p}")
+        if self.num_iterations < 1:
+            raise ValueError(f"grpo.num_iterations must be >= 1, got {self.num_iterations}")
         if self.max_completion_length < 1:
             raise ValueError(
                 f"grpo.max_completion_length must be >= 1, got {self.max_completion_length}"
@@ -179,6 +203,10 @@ class LearnerConfig:
     state stay float32)."""
     device: str = "cpu"
     """cpu or cuda (each rank uses cuda:<local rank> when there are several)."""
+    fp32_logits: bool = True
+    """Apply the output layer (lm_head) in float32 to the completion positions, so the
+    log-softmax and the importance ratios see float32 logits, not bf16 logits cast up (matters
+    only under bf16/fp16 autocast; see bench/bench_learner.py --logits-dtype)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% more compute)."""
     attn_implementation: str = "sdpa"

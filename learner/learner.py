@@ -10,7 +10,8 @@ normalisers, trains on its shard, and gradients are summed across ranks (learner
 One `train_step`:
     groups -> advantages (per episode) -> samples (one per step) -> whole-batch normaliser
     -> this rank's shard -> micro-batches: forward, GRPO loss, backward (gradients accumulate)
-    -> all-reduce gradients -> clip -> AdamW step -> scheduler step -> policy_version += 1
+    -> all-reduce gradients -> clip -> AdamW step  (x grpo.num_iterations, old logprobs from pass 1)
+    -> scheduler step -> policy_version += 1
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
 from actors.trajectory import TrajectoryGroup
 
@@ -43,6 +43,7 @@ from .batching import (
     to_device,
 )
 from .config import LearnerConfig
+from .logprobs import completion_logprobs, fp32_output_layer
 from .loss import grpo_loss
 from .nccl_transport import BucketLayout, NcclWeightSender, rendezvous_address
 from .vision import VISION_KWARGS, enable_packed_vision_attention, vision_precompute, vision_tower
@@ -148,6 +149,7 @@ class Learner:
                              getattr(self.model.config, "video_token_id", None)) if i is not None
         } if self.vision is not None else set()
         self.pad_token_id = self._pad_token_id()
+        self.fp32_logits = config.fp32_logits and fp32_output_layer(self.model)
         if config.lora.enabled:
             self.model = self._wrap_lora(self.model)
         if config.gradient_checkpointing:
@@ -170,6 +172,8 @@ class Learner:
         self.ref_model = None
         if self.cfg.beta != 0.0 and not config.lora.enabled:
             self.ref_model = load_model(config.model_path, config.attn_implementation)
+            if self.fp32_logits:
+                fp32_output_layer(self.ref_model)
             if self.packed_vision_layers:
                 enable_packed_vision_attention(self.ref_model)
             self.ref_model.to(self.device).eval().requires_grad_(False)
@@ -276,9 +280,13 @@ class Learner:
         return nullcontext()
 
     def _completion_logps(
-        self, model: torch.nn.Module, batch: dict[str, Any], with_entropy: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-token logprobs (B, T) of the completion tokens (and their entropies)."""
+        self, model: torch.nn.Module, batch: dict[str, Any], with_entropy: bool,
+        filtered: bool | None = None, with_full: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Per-token logprobs (B, T) of the completion tokens under the distribution each row was
+        sampled from (learner/logprobs.py; `filtered` defaults to
+        `grpo.score_with_sampling_filters`) and their entropies; with `with_full`, also the
+        full-softmax logprobs at the temperature from the same forward (for the KL term)."""
         T = batch["logits_to_keep"]
         kwargs = {
             "input_ids": batch["input_ids"],
@@ -292,14 +300,35 @@ class Learner:
                 kwargs[k] = batch[k]
         with self._autocast():
             logits = model(**kwargs).logits
-        logits = logits[:, :-1, :].float() / self.cfg.temperature
+        logits = logits[:, :-1, :]
         completion_ids = batch["input_ids"][:, -T:]
-        logps = selective_log_softmax(logits, completion_ids)
-        entropies = None
-        if with_entropy:
-            with torch.no_grad():
-                entropies = entropy_from_logits(logits.detach())
-        return logps, entropies
+        settings = (batch["temperature"], batch["top_k"], batch["top_p"])
+        if filtered is None:
+            filtered = self.cfg.score_with_sampling_filters
+        logps, entropies = completion_logprobs(
+            logits, completion_ids, *settings, filtered=filtered, with_entropy=with_entropy
+        )
+        if not with_full:
+            return logps, entropies
+        full = logps if not filtered else completion_logprobs(
+            logits, completion_ids, *settings, filtered=False
+        )[0]
+        return logps, entropies, full
+
+    def _prepare(self, mb: list, mask_truncated: bool, image_cache: dict) -> dict[str, Any]:
+        """Collates one micro-batch on the CPU with the model's extra inputs (runs in the
+        collation thread during `train_step`)."""
+        batch = collate(mb, self.pad_token_id, mask_truncated, self.vision, "cpu", image_cache)
+        if self._rope_index is not None and "image_grid_thw" in batch and "mm_token_type_ids" in batch:
+            # The model's own function, on CPU here in the collation thread: inside the forward
+            # it walks the batch sample by sample with a GPU sync each time.
+            batch["position_ids"] = self._rope_index(
+                batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+                image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"],
+            )[0]
+        if self._vision_tower is not None and "image_grid_thw" in batch:
+            batch.update(vision_precompute(self._vision_tower, batch["image_grid_thw"]))
+        return batch
 
     # --- the GRPO step -----------------------------------------------------------------------
 
@@ -321,15 +350,14 @@ class Learner:
         normalizer = batch_normalizer(samples, cfg)
         mine = shard(samples, self.rank, self.world_size)
 
-        # --- forward/backward over micro-batches (gradients accumulate) ---
+        # --- forward/backward over micro-batches (gradients accumulate), num_iterations passes ---
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
         dev, f64 = self.device, torch.float64
         sums = {
             k: torch.zeros((), dtype=f64, device=dev)
             for k in (
                 "loss", "tokens", "kl", "entropy", "clip_low", "clip_high", "clip_region",
-                "is_ratio", "is_masked", "prompt_tokens", "staleness",
+                "is_ratio", "is_masked", "prompt_tokens", "staleness", "outside_filter",
             )
         }
         is_min = torch.tensor(math.inf, dtype=f64, device=dev)
@@ -337,82 +365,94 @@ class Learner:
         collate_s = 0.0  # time the training loop WAITED for collation (not collation's time)
         image_cache: dict = {}
         chunks = micro_batches(mine, self.config.micro_batch_size)
+        passes = cfg.num_iterations
+        # num_iterations > 1 (TRL's mu): the first pass's logprobs are the "old" policy of every
+        # later pass (per micro-batch), and its collated batches are reused.
+        old_logps: list[torch.Tensor] = []
+        cpu_batches: list[dict] = []
 
         def prepare(mb):
-            batch = collate(
-                mb, self.pad_token_id, cfg.mask_truncated_completions, self.vision, "cpu",
-                image_cache,
-            )
-            if self._rope_index is not None and "image_grid_thw" in batch and "mm_token_type_ids" in batch:
-                # The model's own function, on CPU here in the collation thread: inside the forward
-                # it walks the batch sample by sample with a GPU sync each time.
-                batch["position_ids"] = self._rope_index(
-                    batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
-                    image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"],
-                )[0]
-            if self._vision_tower is not None and "image_grid_thw" in batch:
-                batch.update(vision_precompute(self._vision_tower, batch["image_grid_thw"]))
-            return batch
+            return self._prepare(mb, cfg.mask_truncated_completions, image_cache)
 
-        # Collation (image processing on CPU) of micro-batch i+1 runs in a thread while the
-        # model works on micro-batch i; PIL and numpy release the GIL for most of it.
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collate")
-        failure: BaseException | None = None
-        try:
-            pending = pool.submit(prepare, chunks[0]) if chunks else None
-            for i, mb in enumerate(chunks):
-                tc = time.perf_counter()
-                cpu_batch = pending.result()
-                pending = pool.submit(prepare, chunks[i + 1]) if i + 1 < len(chunks) else None
-                batch = to_device(cpu_batch, dev)
-                collate_s += time.perf_counter() - tc
-                logps, entropies = self._completion_logps(self.model, batch, with_entropy=True)
-                ref_logps = None
-                if cfg.beta != 0.0:
-                    with torch.no_grad():
-                        ref_logps = self._reference_logps(batch)
-                loss, s = grpo_loss(
-                    logps,
-                    batch["advantages"],
-                    batch["completion_mask"],
-                    cfg,
-                    normalizer,
-                    sampling_per_token_logps=batch["sampling_logps"],
-                    ref_per_token_logps=ref_logps,
-                )
-                loss.backward()
-                mask = batch["completion_mask"]
-                sums["loss"] += loss.detach().to(f64)
-                for k in ("tokens", "kl", "clip_low", "clip_high", "clip_region", "is_ratio", "is_masked"):
-                    sums[k] += getattr(s, k).to(f64)
-                sums["entropy"] += (entropies * mask).sum().to(f64)
-                sums["prompt_tokens"] += float(sum(len(x.prompt_ids) for x in mb))
-                sums["staleness"] += float(sum(self._policy_version - x.policy_version for x in mb))
-                is_min = torch.minimum(is_min, s.is_ratio_min.to(f64))
-                is_max = torch.maximum(is_max, s.is_ratio_max.to(f64))
-        except Exception as e:  # e.g. a BatchError on this rank's shard
-            failure = e
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-        # Every rank learns whether any rank failed (one tiny collective) so that no rank is
-        # left waiting in the gradient all-reduce until the timeout; nobody steps.
-        failed = D.all_reduce_(torch.tensor([float(failure is not None)], device=dev), "max")
-        if failure is not None or float(failed) > 0:
+        for it in range(passes):
             self.optimizer.zero_grad(set_to_none=True)
-            if failure is not None:
-                raise failure
-            raise RuntimeError("train_step failed on another learner rank; no update was made")
+            # Collation (image processing on CPU) of micro-batch i+1 runs in a thread while the
+            # model works on micro-batch i; PIL and numpy release the GIL for most of it.
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collate")
+            failure: BaseException | None = None
+            try:
+                pending = pool.submit(prepare, chunks[0]) if chunks and it == 0 else None
+                for i, mb in enumerate(chunks):
+                    tc = time.perf_counter()
+                    if it == 0:
+                        cpu_batch = pending.result()
+                        pending = pool.submit(prepare, chunks[i + 1]) if i + 1 < len(chunks) else None
+                        if passes > 1:
+                            cpu_batches.append(cpu_batch)
+                    else:
+                        cpu_batch = cpu_batches[i]
+                    batch = to_device(cpu_batch, dev)
+                    collate_s += time.perf_counter() - tc
+                    logps, entropies, full_logps = self._completion_logps(
+                        self.model, batch, with_entropy=True, with_full=True
+                    )
+                    # A sampled token the current top-k/top-p excludes has probability 0 under
+                    # this policy (-inf): left out of the loss, counted.
+                    outside = torch.isinf(logps)
+                    logps = logps.masked_fill(outside, 0.0)
+                    mask = batch["completion_mask"] * (~outside).to(batch["completion_mask"].dtype)
+                    if it == 0 and passes > 1:
+                        old_logps.append(logps.detach())
+                    ref_logps = None
+                    if cfg.beta != 0.0:
+                        with torch.no_grad():
+                            ref_logps = self._reference_logps(batch)
+                    loss, s = grpo_loss(
+                        logps,
+                        batch["advantages"],
+                        mask,
+                        cfg,
+                        normalizer,
+                        sampling_per_token_logps=batch["sampling_logps"],
+                        ref_per_token_logps=ref_logps,
+                        old_per_token_logps=old_logps[i] if it > 0 else None,
+                        kl_per_token_logps=full_logps,
+                    )
+                    loss.backward()
+                    sums["loss"] += loss.detach().to(f64)
+                    for k in ("tokens", "kl", "clip_low", "clip_high", "clip_region", "is_ratio", "is_masked"):
+                        sums[k] += getattr(s, k).to(f64)
+                    sums["entropy"] += (entropies * mask).sum().to(f64)
+                    sums["outside_filter"] += (outside * batch["completion_mask"]).sum().to(f64)
+                    sums["prompt_tokens"] += float(sum(len(x.prompt_ids) for x in mb))
+                    sums["staleness"] += float(sum(self._policy_version - x.policy_version for x in mb))
+                    is_min = torch.minimum(is_min, s.is_ratio_min.to(f64))
+                    is_max = torch.maximum(is_max, s.is_ratio_max.to(f64))
+            except Exception as e:  # e.g. a BatchError on this rank's shard
+                failure = e
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+            # Every rank learns whether any rank failed (one tiny collective) so that no rank is
+            # left waiting in the gradient all-reduce until the timeout; nobody steps.
+            failed = D.all_reduce_(torch.tensor([float(failure is not None)], device=dev), "max")
+            if failure is not None or float(failed) > 0:
+                self.optimizer.zero_grad(set_to_none=True)
+                if failure is not None:
+                    raise failure
+                raise RuntimeError("train_step failed on another learner rank; no update was made")
 
-        # --- gradients of the whole batch on every rank, clip, step ---
-        self._sync()
-        t_opt = time.perf_counter()
-        D.all_reduce_gradients_(self.params)
-        max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        lr = self.scheduler.get_last_lr()[0]
-        stepped = normalizer.num_sequences > 0
+            # --- gradients of the whole batch on every rank, clip, step ---
+            self._sync()
+            t_opt = time.perf_counter()
+            D.all_reduce_gradients_(self.params)
+            max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+            lr = self.scheduler.get_last_lr()[0]
+            stepped = normalizer.num_sequences > 0
+            if stepped:
+                self.optimizer.step()
+        # One scheduler step and one policy version per batch, however many passes.
         if stepped:
-            self.optimizer.step()
             self.scheduler.step()
             self.step += 1
             self._policy_version += 1
@@ -422,13 +462,16 @@ class Learner:
             torch.cuda.empty_cache()  # a colocated engine wakes into this memory
         optimizer_s = time.perf_counter() - t_opt
 
-        # --- metrics of the whole batch ---
+        # --- metrics of the whole batch (token means over all passes; counts of one pass) ---
         keys = list(sums)
         packed = D.all_reduce_(torch.stack([sums[k] for k in keys]), "sum")
         total = dict(zip(keys, packed.tolist()))
+        for k in ("loss", "prompt_tokens", "staleness", "outside_filter"):
+            total[k] /= passes
         is_min = D.all_reduce_(is_min, "min").item()
         is_max = D.all_reduce_(is_max, "max").item()
         tokens = max(total["tokens"], 1.0)
+        total["tokens"] /= passes
         n = max(normalizer.num_sequences, 1)
         metrics = {
             "loss": total["loss"],
@@ -441,6 +484,8 @@ class Learner:
             "is_ratio/min": is_min if math.isfinite(is_min) else 0.0,
             "is_ratio/max": is_max if math.isfinite(is_max) else 0.0,
             "is_ratio/masked_fraction": total["is_masked"] / tokens,
+            # Sampled tokens the current top-k/top-p excludes (probability 0 now; not trained).
+            "tokens_outside_filter": total["outside_filter"],
             "grad_norm": float(grad_norm),
             "lr": float(lr),
             "tokens": total["tokens"],
@@ -467,18 +512,42 @@ class Learner:
             metrics["compiled_graphs"] = float(counters["stats"]["unique_graphs"])
         return metrics
 
+    def score(self, groups: list[TrajectoryGroup]) -> dict[tuple[str, int], list[float]]:
+        """The current policy's logprobs of every trainable step's completion tokens, scored as
+        `train_step` scores them (the step's sampling settings, `score_with_sampling_filters`),
+        keyed by (episode_id, step index). No gradient, no update: at the sampling version they
+        equal the engine's logprobs (the importance ratio is 1)."""
+        samples, _ = build_samples(groups, self.cfg)
+        samples = [s for s in samples if not self.placeholder_ids.intersection(s.completion_ids)]
+        self.model.eval()
+        out: dict[tuple[str, int], list[float]] = {}
+        try:
+            with torch.no_grad():
+                for mb in micro_batches(samples, self.config.micro_batch_size):
+                    batch = self._prepare(mb, False, {})
+                    logps = self._completion_logps(self.model, to_device(batch, self.device), False)[0]
+                    for row, s in zip(logps.cpu(), mb):
+                        out[(s.episode_id, s.step_index)] = row[: len(s.completion_ids)].tolist()
+        finally:
+            self.model.train()
+        return out
+
     def _reference_logps(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The reference model's full-softmax logprobs at the temperature: the KL is between the
+        two models' whole distributions (TRL's), not their top-k/top-p truncations (where a
+        token outside the reference's top-k would make it infinite)."""
         if self.ref_model is not None:
-            return self._completion_logps(self.ref_model, batch, with_entropy=False)[0]
+            return self._completion_logps(self.ref_model, batch, with_entropy=False, filtered=False)[0]
         # LoRA: the base model with the adapters switched off is the reference (as TRL).
         with self.model.disable_adapter():
-            return self._completion_logps(self.model, batch, with_entropy=False)[0]
+            return self._completion_logps(self.model, batch, with_entropy=False, filtered=False)[0]
 
     # --- versions and weights ----------------------------------------------------------------
 
     @property
     def policy_version(self) -> int:
-        """Version of the current weights (0 = the initial model; +1 per optimizer step)."""
+        """Version of the current weights (0 = the initial model; +1 per `train_step`, whatever
+        `grpo.num_iterations`)."""
         return self._policy_version
 
     def get_policy_version(self) -> int:

@@ -108,6 +108,7 @@ def grpo_loss(
     sampling_per_token_logps: torch.Tensor | None = None,
     ref_per_token_logps: torch.Tensor | None = None,
     old_per_token_logps: torch.Tensor | None = None,
+    kl_per_token_logps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, LossSums]:
     """This micro-batch's share of the batch loss (see the module docstring) and its metric sums.
 
@@ -115,6 +116,9 @@ def grpo_loss(
     sampling_per_token_logps: the engine's logprobs (B, T), needed when the correction is on.
     ref_per_token_logps: the reference model's (B, T), needed when beta > 0.
     old_per_token_logps: defaults to per_token_logps.detach() (one optimizer step per batch).
+    kl_per_token_logps: the policy's logprobs the KL term compares with the reference's (with
+    gradient); defaults to per_token_logps. The learner passes the full-softmax ones when it
+    scores the ratio with the sampling filters (learner/logprobs.py).
     """
     mask = mask.to(per_token_logps.dtype)
     if advantages.dim() == 1:
@@ -153,7 +157,8 @@ def grpo_loss(
     if cfg.beta != 0.0:
         if ref_per_token_logps is None:
             raise ValueError("beta > 0 needs the reference model's logprobs")
-        d = ref_per_token_logps.to(per_token_logps.dtype) - per_token_logps
+        policy = per_token_logps if kl_per_token_logps is None else kl_per_token_logps
+        d = ref_per_token_logps.to(per_token_logps.dtype) - policy
         per_token_kl = torch.exp(d) - d - 1
         per_token_loss = per_token_loss + cfg.beta * per_token_kl
 

@@ -103,7 +103,8 @@ def test_multiaction_can_be_enabled():
 def test_raw_python_action_set_is_refused():
     with pytest.raises(ValueError, match="Python"):
         EnvConfig(action_subsets=["python"]).validate()
-    with pytest.raises(ValueError):
+    # The project's own guard, not BrowserGym's error for an unknown subset.
+    with pytest.raises(ValueError, match="the raw-Python action set is never allowed"):
         ActionValidator(["python"], max_chars=10)
 
 

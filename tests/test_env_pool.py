@@ -44,11 +44,11 @@ def test_killed_server_gives_clear_error_and_pool_restarts_it(pool):
         client.reset(seed=1)
         assert find_tagged_processes(SERVER_TAG_VAR, old_server.tag), "the episode should have browsers"
         os.kill(old_server.process.pid, signal.SIGKILL)  # mid-episode
-        started = time.monotonic()
         with pytest.raises(EnvConnectionError) as excinfo:
             client.step("click('13')")
-        # "within its timeout": the error comes from the dead socket, not from waiting it out.
-        assert time.monotonic() - started < client.connect_timeout_s + client.message_timeout_s
+        # The error comes from the dead socket, not from waiting it out (no timings asserted:
+        # the kind of error says it).
+        assert not isinstance(excinfo.value, EnvTimeoutError)
         assert old_url.split("//")[1] in str(excinfo.value)
     finally:
         client.close()
@@ -67,10 +67,8 @@ def test_hung_server_times_out_and_is_replaced(pool):
         client.reset(seed=2)
         client.message_timeout_s = 4  # a reset may be slow on a loaded machine; the step must not be
         os.kill(server.process.pid, signal.SIGSTOP)  # a hang we can cause for real
-        started = time.monotonic()
         with pytest.raises(EnvTimeoutError, match="no answer within 4 s"):
             client.step("click('13')")
-        assert time.monotonic() - started < client.connect_timeout_s + client.message_timeout_s + 5
     finally:
         client.close()
     assert not pool.is_alive(0)

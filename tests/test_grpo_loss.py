@@ -198,7 +198,7 @@ def test_micro_batches_are_balanced_and_keep_every_sample_in_order():
 # --- TRL's own loss on the same batch ------------------------------------------------------
 
 
-def _trl_loss(logits, ids, mask, adv, is_ratio, ref, cfg: GRPOConfig):
+def _trl_loss(logits, ids, mask, adv, is_ratio, ref, cfg: GRPOConfig, old=None):
     """Calls `GRPOTrainer._compute_loss` unbound, with a stand-in `self` that holds exactly the
     attributes it reads (one process, no accumulation) and returns our logits' logprobs."""
     from trl.trainer.grpo_trainer import GRPOTrainer
@@ -244,6 +244,8 @@ def _trl_loss(logits, ids, mask, adv, is_ratio, ref, cfg: GRPOConfig):
         "ref_per_token_logps": ref.float(),
         "num_items_in_batch": mask.sum(),
     }
+    if old is not None:  # num_iterations > 1: TRL's logprobs of the policy that generated
+        inputs["old_per_token_logps"] = old
     return GRPOTrainer._compute_loss(fake, None, inputs)
 
 
@@ -272,6 +274,41 @@ def test_matches_trl_compute_loss(loss_type, level):
     _close(mine.detach(), trl.detach(), 1e-6)
     _close(b.grad, a.grad, 1e-6)
     assert float(a.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_second_iteration_matches_trl_and_clips(loss_type, level):
+    """num_iterations = 2 (TRL's mu): the second pass scores with moved weights against the
+    first pass's logprobs as the old policy; TRL gets them as `old_per_token_logps` and computes
+    the correction ratio from them too. Loss and gradients agree, and clipping acts."""
+    from learner.loss import importance_sampling_correction
+
+    cfg = GRPOConfig(
+        loss_type=loss_type, importance_sampling_level=level, beta=0.04, epsilon_high=0.28,
+        delta=1.5, vllm_importance_sampling_mode="token_truncate", max_completion_length=16,
+        num_iterations=2,
+    )
+    logits, ids, mask, adv, sampling, ref, _ = _inputs(seed=12)
+    with torch.no_grad():
+        first = selective_log_softmax(logits.float(), ids)  # pass 1: the old policy
+    is_ratio = importance_sampling_correction(first, sampling.float(), mask.float(), cfg)
+    # Pass 2: the weights moved after the first optimizer step.
+    g = torch.Generator().manual_seed(5)
+    moved = logits + 0.8 * torch.randn(logits.shape, generator=g, dtype=logits.dtype)
+
+    a = moved.float().clone().requires_grad_(True)
+    trl = _trl_loss(a, ids, mask, adv, is_ratio, ref, cfg, old=first)
+    trl.backward()
+    b = moved.float().clone().requires_grad_(True)
+    logp = selective_log_softmax(b, ids)
+    n = BatchNormalizer(num_sequences=B, num_tokens=int(mask.sum()))
+    mine, sums = grpo_loss(logp, adv.float(), mask.float(), cfg, n, sampling_per_token_logps=sampling.float(),
+                           ref_per_token_logps=ref.float(), old_per_token_logps=first)
+    mine.backward()
+    _close(mine.detach(), trl.detach(), 1e-6)
+    _close(b.grad, a.grad, 1e-6)
+    assert float(sums.clip_region) > 0  # the ratio is no longer 1: clipping acts
 
 
 def test_config_rejects_bad_values():

@@ -154,6 +154,9 @@ class HFEngine(InferenceEngine):
                     text=self.tokenizer.decode(completion, skip_special_tokens=True),
                     finish_reason=reason,
                     policy_version=version,
+                    temperature=sampling.temperature,
+                    top_k=sampling.top_k if sampling.top_k > 0 and not sampling.greedy else -1,
+                    top_p=sampling.top_p if not sampling.greedy else 1.0,
                 )
             )
         return generations

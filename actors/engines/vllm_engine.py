@@ -179,6 +179,9 @@ class VLLMEngine(InferenceEngine):
                     text=self.tokenizer.decode(ids, skip_special_tokens=True),
                     finish_reason="length" if completion.finish_reason == "length" else "stop",
                     policy_version=version,
+                    temperature=sampling.temperature,
+                    top_k=sampling.top_k if sampling.top_k > 0 and not sampling.greedy else -1,
+                    top_p=sampling.top_p if not sampling.greedy else 1.0,
                 )
             )
         return generations
