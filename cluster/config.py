@@ -84,6 +84,15 @@ class ClusterConfig:
     """CPUs reserved per env-server Ray actor (env_placement = ray_actors)."""
     env_server_urls: list[str] = field(default_factory=list)
     """Base URLs of existing env servers (env_placement = remote), dealt round-robin to workers."""
+    env_server_tasks: dict[str, list[str]] = field(default_factory=dict)
+    """env_placement remote: the tasks each server URL serves, {url: [task, ...]}; a URL not listed
+    serves every task (this project's servers switch task per episode). Upstream OpenEnv servers
+    serve only the task they were started with (BROWSERGYM_TASK_NAME): list it here, and every
+    episode goes to a server of its task (every worker then reaches every URL). Every episode is
+    checked to be the task and seed it asked for, whatever this says."""
+    env_server_trust_seed: bool = False
+    """env_placement remote: accept servers that do not report an episode's seed (upstream OpenEnv's
+    passes the seed to BrowserGym but never reports it). Off: such a server is refused with an error."""
     mode: Literal["sync", "async"] = "sync"
     """"sync": collect with version v, train, publish v+1, every worker loads v+1 before sampling
     again (on-policy). "async": workers never wait; the learner trains on groups at most
@@ -139,6 +148,9 @@ class ClusterConfig:
             raise ConfigError(f"cluster.env_servers_per_worker must be >= 1, got {self.env_servers_per_worker}")
         if self.env_placement == "remote" and not self.env_server_urls:
             raise ConfigError("cluster.env_placement is 'remote' but cluster.env_server_urls is empty")
+        unknown = sorted(set(self.env_server_tasks) - set(self.env_server_urls))
+        if unknown:
+            raise ConfigError(f"cluster.env_server_tasks names {unknown}, which are not in cluster.env_server_urls")
         if self.max_staleness < 0:
             raise ConfigError(f"cluster.max_staleness must be >= 0, got {self.max_staleness}")
         if self.groups_per_step < 1:
@@ -904,6 +916,14 @@ def validate_config(config: TrainConfig) -> None:
     _validate_colocation(config)
     if config.cluster.mode == "sync" and config.cluster.max_staleness < 0:
         raise ConfigError("cluster.max_staleness must be >= 0")
+    if config.cluster.env_placement == "remote" and config.cluster.env_server_tasks:
+        # Every sampled task needs a server that serves it (an unlisted URL serves every task).
+        served = {normalize_task(t) for ts in config.cluster.env_server_tasks.values() for t in ts}
+        if not set(config.cluster.env_server_urls) - set(config.cluster.env_server_tasks):
+            missing = [t for t in tasks if t not in served]
+            if missing:
+                raise ConfigError(f"sampler.tasks {missing} are served by no URL in cluster.env_server_tasks; "
+                                  "start a server for each (README: remote env servers) and list it")
     if config.eval.every_steps or config.eval.at_end:
         start, stop = config.sampler.eval_seeds
         if stop - start < config.eval.episodes_per_task:
