@@ -47,13 +47,14 @@ class ClientEnvSession:
     """`EnvSession` over the OpenEnv WebSocket client of our BrowserGym env server."""
 
     def __init__(self, base_url: str, connect_timeout_s: float, message_timeout_s: float,
-                 on_reset: Callable[[float], None] | None = None) -> None:
+                 on_reset: Callable[[float], None] | None = None, trust_unreported_seed: bool = False) -> None:
         from envs.browsergym.client import BrowserGymEnvClient
 
         self.base_url = base_url
         self.on_reset = on_reset  # told each successful reset's seconds (resets relaunch browsers)
         self.client = BrowserGymEnvClient(
-            base_url, connect_timeout_s=connect_timeout_s, message_timeout_s=message_timeout_s
+            base_url, connect_timeout_s=connect_timeout_s, message_timeout_s=message_timeout_s,
+            trust_unreported_seed=trust_unreported_seed,
         )
 
     def reset(self, task: str, seed: int) -> Any:
@@ -143,8 +144,14 @@ class RolloutWorker:
         env_config: Any,
         run_dir: str | os.PathLike,
         env_urls: Sequence[str] | None = None,
+        env_url_tasks: Mapping[str, Sequence[str]] | None = None,
+        trust_unreported_seed: bool = False,
     ) -> None:
+        """`env_url_tasks`: remote servers that serve only some tasks, {url: [qualified task]};
+        each episode then runs on a session to a server of its task (unlisted URLs serve all)."""
         rollout_config.validate()
+        self._url_tasks = {str(u): set(ts) for u, ts in (env_url_tasks or {}).items()}
+        self._trust_unreported_seed = trust_unreported_seed
         self.worker_id = str(worker_id)
         self.config = rollout_config
         self.run_dir = Path(run_dir)
@@ -173,6 +180,7 @@ class RolloutWorker:
                 self._pool = EnvServerPool(num_servers=rollout_config.num_sessions, env_config=env_config)
                 urls = list(self._pool.urls)
             # K sessions spread over the servers (sessions inside one server run one at a time).
+            self._urls = urls
             self._slots = [_Slot(i, urls[i % len(urls)]) for i in range(rollout_config.num_sessions)]
             self._free: queue.Queue[_Slot] = queue.Queue()
             for slot in self._slots:
@@ -376,12 +384,31 @@ class RolloutWorker:
             s.env_s += sum(st.env_s for st in traj.steps)
         return traj
 
+    def _route(self, slot: _Slot, task: str) -> None:
+        """Points the slot at a server that serves `task` (remote servers with fixed tasks): kept
+        if its server does, else moved to the serving server with the fewest of our sessions."""
+        if not self._url_tasks:
+            return
+        serving = [u for u in self._urls if u not in self._url_tasks or task in self._url_tasks[u]]
+        if not serving:
+            raise ValueError(f"no env server serves task {task!r} (cluster.env_server_tasks: {self._url_tasks})")
+        if slot.url in serving:
+            return
+        with self._repair_lock:
+            load = {u: sum(s.url == u for s in self._slots) for u in serving}
+            if slot.session is not None:
+                slot.session.close()
+                slot.session = None
+            slot.url = min(serving, key=lambda u: load[u])
+
     def _episode_on_slot(self, slot: _Slot, task: str, seed: int, episode_id: str, group_id: str) -> Trajectory:
         cfg = self.config
+        self._route(slot, task)
         if slot.session is None:
             try:
                 slot.session = ClientEnvSession(slot.url, cfg.connect_timeout_s, cfg.step_timeout_s,
-                                                on_reset=self._count_reset)
+                                                on_reset=self._count_reset,
+                                                trust_unreported_seed=self._trust_unreported_seed)
             except Exception as exc:  # noqa: BLE001
                 self._repair(slot, f"connect failed: {exc}")
                 return Trajectory(episode_id, group_id, task, seed, status=FAILED, worker_id=self.worker_id,

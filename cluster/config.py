@@ -84,6 +84,15 @@ class ClusterConfig:
     """CPUs reserved per env-server Ray actor (env_placement = ray_actors)."""
     env_server_urls: list[str] = field(default_factory=list)
     """Base URLs of existing env servers (env_placement = remote), dealt round-robin to workers."""
+    env_server_tasks: dict[str, list[str]] = field(default_factory=dict)
+    """env_placement remote: the tasks each server URL serves, {url: [task, ...]}; a URL not listed
+    serves every task (this project's servers switch task per episode). Upstream OpenEnv servers
+    serve only the task they were started with (BROWSERGYM_TASK_NAME): list it here, and every
+    episode goes to a server of its task (every worker then reaches every URL). Every episode is
+    checked to be the task and seed it asked for, whatever this says."""
+    env_server_trust_seed: bool = False
+    """env_placement remote: accept servers that do not report an episode's seed (upstream OpenEnv's
+    passes the seed to BrowserGym but never reports it). Off: such a server is refused with an error."""
     mode: Literal["sync", "async"] = "sync"
     """"sync": collect with version v, train, publish v+1, every worker loads v+1 before sampling
     again (on-policy). "async": workers never wait; the learner trains on groups at most
@@ -139,6 +148,9 @@ class ClusterConfig:
             raise ConfigError(f"cluster.env_servers_per_worker must be >= 1, got {self.env_servers_per_worker}")
         if self.env_placement == "remote" and not self.env_server_urls:
             raise ConfigError("cluster.env_placement is 'remote' but cluster.env_server_urls is empty")
+        unknown = sorted(set(self.env_server_tasks) - set(self.env_server_urls))
+        if unknown:
+            raise ConfigError(f"cluster.env_server_tasks names {unknown}, which are not in cluster.env_server_urls")
         if self.max_staleness < 0:
             raise ConfigError(f"cluster.max_staleness must be >= 0, got {self.max_staleness}")
         if self.groups_per_step < 1:
@@ -341,6 +353,11 @@ ENV_OVERRIDES: dict[str, str] = {
     "WEIGHT_DECAY": "learner.weight_decay",             # AdamW weight decay
     "WARMUP_STEPS": "learner.warmup_steps",             # linear warm-up steps
     "GRADIENT_ACCUMULATION_STEPS": "cluster.groups_per_step",  # see below
+    "GRAD_ACCUM_STEPS": "cluster.groups_per_step",     # the gist's name for the same knob
+    "PER_DEVICE_BATCH_SIZE": "learner.micro_batch_size",  # samples per forward/backward pass
+    "SAVE_INTERVAL": "checkpoint.every_steps",          # checkpoint every N learner steps
+    "FALLBACK_ACTION": "rollout.fallback_action",       # action sent when the completion has none
+    "MAX_DOM_CHARS": "rollout.prompt.max_axtree_chars",  # page text cut to this many characters
     "BETA": "grpo.beta",                                # KL coefficient
     "LOSS_TYPE": "grpo.loss_type",
     "NUM_ROLLOUT_WORKERS": "cluster.num_rollout_workers",
@@ -352,6 +369,40 @@ ENV_OVERRIDES: dict[str, str] = {
 # GRADIENT_ACCUMULATION_STEPS: in the gist (TRL, per-device batch = G) one optimizer step took
 # `gradient_accumulation_steps` groups; here the learner takes `cluster.groups_per_step` whole
 # groups per step and splits them into micro-batches itself, so the gist's value is the group count.
+# PER_DEVICE_BATCH_SIZE: TRL's samples per forward/backward pass, i.e. the learner's micro-batch
+# (here it does not change the step's batch, which is groups_per_step * G; the loss denominators
+# are taken over the whole batch, so the micro-batch size changes memory, not the gradient).
+
+# BROWSERGYM_BASE_URL (the gist's one env server; here a comma-separated list) sets two fields:
+# the URLs, and the placement that uses them.
+ENV_REMOTE_SERVERS = "BROWSERGYM_BASE_URL"
+
+# Variables the gist reads that have no equivalent here: setting one is an error that says what to
+# use instead, never a silent no-op. DEBUG is refused only when it asks for debugging (the gist's
+# "1"/"true"/"yes"); its "off" values need nothing.
+_SHAPING_REFUSAL = ("the seed gist's dense reward shaping is not implemented (the episode return is the "
+                    "environment's reward); the nearest knobs are rollout.invalid_action_penalty and "
+                    "rollout.step_penalty")
+ENV_REFUSED: dict[str, str] = {
+    "VLLM_ENDPOINT": "engines run inside the rollout workers, there is no external vLLM server to point at; "
+                     "set engine.backend vllm (each worker starts its own engine) and unset VLLM_ENDPOINT",
+    "NUM_EPOCHS": "a run is measured in learner steps, not epochs over a dataset; set NUM_TRAIN_STEPS "
+                  "(cluster.total_steps) and unset NUM_EPOCHS",
+    "DATASET_SIZE": "task instances are drawn from seed ranges, not a fixed-size dataset; set "
+                    "sampler.train_seeds ([start, stop)) and NUM_TRAIN_STEPS, and unset DATASET_SIZE",
+    "DEBUG": "every step's prompt, screenshot, action and reward are already written to the run folder "
+             "(trajectories/ Parquet with logging.save_trajectories, viewer/ HTML with rollout.write_viewer); "
+             "unset DEBUG (or set it to 0)",
+    "STEP_DENSE_WEIGHT": _SHAPING_REFUSAL,
+    "SHAPING_NOOP_PENALTY": _SHAPING_REFUSAL,
+    "SHAPING_ERROR_PENALTY": _SHAPING_REFUSAL,
+    "SHAPING_REPEAT_ACTION_PENALTY": _SHAPING_REFUSAL,
+    "SHAPING_NOVEL_CLICK_BONUS": _SHAPING_REFUSAL,
+    "SHAPING_REPEAT_CLICK_PENALTY": _SHAPING_REFUSAL,
+    "SHAPING_NOVEL_TEXT_BONUS": _SHAPING_REFUSAL,
+    "SHAPING_REPEAT_TEXT_PENALTY": _SHAPING_REFUSAL,
+}
+_ENV_OFF_VALUES = {"DEBUG": {"0", "false", "no"}}
 
 # Fields of other layers' configs that the driver derives from one source of truth, so they cannot
 # disagree: target -> (source, how). Setting a target to anything but its default is an error.
@@ -662,13 +713,7 @@ def build_config(
     tree = load_preset(preset) if preset else {}
     _drop_resolved_derived(tree)
     env = os.environ if environ is None else environ
-    for var, dotted in ENV_OVERRIDES.items():
-        if var in env and env[var] != "":
-            try:
-                tp = _field_type_at(dotted)
-            except ConfigError as e:
-                raise ConfigError(f"environment variable {var} maps to {dotted!r}, which does not exist: {e}") from e
-            _set_dotted(tree, dotted, parse_value(env[var], tp))
+    _apply_env_overrides(tree, env)
     for dotted, text in (overrides or {}).items():
         tp = _field_type_at(dotted)
         if dataclasses.is_dataclass(tp):
@@ -695,6 +740,33 @@ def _refuse_explicit_derived(tree: dict, config: TrainConfig) -> None:
 
 
 _MISSING = object()
+
+
+def _apply_env_overrides(tree: dict, env: Mapping[str, str]) -> None:
+    """The seed gist's environment variables into the preset tree: each one honoured (ENV_OVERRIDES,
+    ENV_REMOTE_SERVERS) or refused with the alternative (ENV_REFUSED); two names of one field must agree."""
+    for var, why in ENV_REFUSED.items():
+        value = env.get(var, "").strip()
+        if value and value.lower() not in _ENV_OFF_VALUES.get(var, set()):
+            raise ConfigError(f"environment variable {var}={value!r} is not supported: {why}")
+    set_by: dict[str, tuple[str, Any]] = {}
+    for var, dotted in ENV_OVERRIDES.items():
+        if var in env and env[var] != "":
+            try:
+                tp = _field_type_at(dotted)
+            except ConfigError as e:
+                raise ConfigError(f"environment variable {var} maps to {dotted!r}, which does not exist: {e}") from e
+            value = parse_value(env[var], tp)
+            if dotted in set_by and set_by[dotted][1] != value:
+                other, seen = set_by[dotted]
+                raise ConfigError(f"environment variables {var}={value!r} and {other}={seen!r} both set {dotted}; "
+                                  "set one of them")
+            set_by[dotted] = (var, value)
+            _set_dotted(tree, dotted, value)
+    urls = [u.strip() for u in env.get(ENV_REMOTE_SERVERS, "").split(",") if u.strip()]
+    if urls:
+        _set_dotted(tree, "cluster.env_server_urls", urls)
+        _set_dotted(tree, "cluster.env_placement", "remote")
 
 
 def _get_dotted(obj: Any, path: str) -> Any:
@@ -872,6 +944,14 @@ def validate_config(config: TrainConfig) -> None:
     _validate_colocation(config)
     if config.cluster.mode == "sync" and config.cluster.max_staleness < 0:
         raise ConfigError("cluster.max_staleness must be >= 0")
+    if config.cluster.env_placement == "remote" and config.cluster.env_server_tasks:
+        # Every sampled task needs a server that serves it (an unlisted URL serves every task).
+        served = {normalize_task(t) for ts in config.cluster.env_server_tasks.values() for t in ts}
+        if not set(config.cluster.env_server_urls) - set(config.cluster.env_server_tasks):
+            missing = [t for t in tasks if t not in served]
+            if missing:
+                raise ConfigError(f"sampler.tasks {missing} are served by no URL in cluster.env_server_tasks; "
+                                  "start a server for each (README: remote env servers) and list it")
     if config.eval.every_steps or config.eval.at_end:
         start, stop = config.sampler.eval_seeds
         if stop - start < config.eval.episodes_per_task:
@@ -966,6 +1046,8 @@ def help_text() -> str:
             lines.extend("      " + ln for ln in textwrap.wrap(doc, 92))
     lines += ["", "Environment variables (the seed gist's names) override the preset:"]
     lines += [f"  {var:<30} -> {path}" for var, path in ENV_OVERRIDES.items()]
+    lines += [f"  {ENV_REMOTE_SERVERS:<30} -> cluster.env_server_urls (comma-separated) + cluster.env_placement remote"]
+    lines += [f"  {var:<30} refused: {why}" for var, why in ENV_REFUSED.items()]
     return "\n".join(lines)
 
 

@@ -92,10 +92,14 @@ class Accounting:
     groups_trained: int = 0
     groups_dropped: Counter = field(default_factory=Counter)
     eval_episodes: int = 0
+    dropped_instances: list[tuple[str, int, int, str]] = field(default_factory=list)
+    """(task, seed, sampler index, reason) of every dropped group, for the record of the run."""
 
     def drop(self, reason: str, group: Any) -> None:
         self.dropped[reason] += len(group.trajectories)
         self.groups_dropped[reason] += 1
+        self.dropped_instances.append(
+            (getattr(group, "task", ""), getattr(group, "seed", -1), getattr(group, "_sampler_index", -1), reason))
 
     def finalize(self, worker_started: int) -> None:
         """Closes the books once no group is in flight."""
@@ -245,7 +249,9 @@ class Trainer:
         # --- placement, then learner ranks ---
         # The evaluation worker (greedy, its own engine) needs what a rollout worker needs.
         eval_on = bool(cfg.eval.every_steps or cfg.eval.at_end)
-        self.placement = Placement.create(cfg.cluster, eval_gpus=cfg.cluster.rollout_num_gpus if eval_on else 0.0)
+        eval_env_cpus = cfg.cluster.env_server_num_cpus if eval_on and cfg.cluster.env_placement == "ray_actors" else 0.0
+        self.placement = Placement.create(cfg.cluster, eval_gpus=cfg.cluster.rollout_num_gpus if eval_on else 0.0,
+                                          eval_cpus=eval_env_cpus)
         from learner.learner import LearnerActor
 
         learner_cfg = copy.deepcopy(cfg.learner)
@@ -265,7 +271,7 @@ class Trainer:
             from cluster.env_hosts import EnvServerHostActor
 
             # One node: loopback only. Several: the host node's IP, so other nodes' workers reach it.
-            single_node = len([n for n in ray.nodes() if n["Alive"]]) == 1
+            single_node = self._single_node = len([n for n in ray.nodes() if n["Alive"]]) == 1
             self.env_hosts = [
                 EnvServerHostActor.options(**self.placement.env_host_options()).remote(
                     cfg.cluster.env_servers_per_worker, cfg.env, "127.0.0.1" if single_node else None
@@ -273,9 +279,12 @@ class Trainer:
                 for _ in range(cfg.cluster.num_rollout_workers)
             ]
             env_urls = ray.get([h.urls.remote() for h in self.env_hosts], timeout=300)
-        elif cfg.cluster.env_placement == "remote":
-            urls = cfg.cluster.env_server_urls
-            env_urls = [urls[i::cfg.cluster.num_rollout_workers] or urls for i in range(cfg.cluster.num_rollout_workers)]
+        env_routing: dict[str, Any] = {}
+        if cfg.cluster.env_placement == "remote":
+            from cluster.placement import remote_env_servers
+
+            env_urls, url_tasks = remote_env_servers(cfg.cluster)
+            env_routing = {"env_url_tasks": url_tasks, "trust_unreported_seed": cfg.cluster.env_server_trust_seed}
 
         # --- rollout workers (each: one engine + its env sessions) ---
         from actors.rollout_worker import RolloutWorkerActor
@@ -284,10 +293,11 @@ class Trainer:
         engine_cfg.model = model_path
         self.workers = [
             RolloutWorkerActor.options(**self.placement.rollout_options(i)).remote(
-                f"w{i}", cfg.rollout, engine_cfg, cfg.env, str(self.run_dir), env_urls[i]
+                f"w{i}", cfg.rollout, engine_cfg, cfg.env, str(self.run_dir), env_urls[i], **env_routing
             )
             for i in range(cfg.cluster.num_rollout_workers)
         ]
+        self._env_routing = env_routing
         self._engine_cfg = engine_cfg
         self._env_urls = env_urls
         # Construction errors (a browser that does not start, a bad model) surface here.
@@ -314,9 +324,10 @@ class Trainer:
             self.step = int(cursor["step"])
             self.version = ray.get(self.learners[0].get_policy_version.remote())
             self._trained_before = [tuple(x) for x in cursor.get("trained_instances", [])]
+            self._dropped_before = [tuple(x) for x in cursor.get("dropped_instances", [])]
             self._sync_weights()
         else:
-            self._trained_before = []
+            self._trained_before, self._dropped_before = [], []
         self.t_start = time.monotonic()
 
     # --- weights --------------------------------------------------------------------------------
@@ -397,7 +408,14 @@ class Trainer:
         self.steps.append(record)
         for g in groups:
             self.sampler.record(g.task, [t.success for t in g.trainable_trajectories])
+            self.sampler.settle(getattr(g, "_sampler_index", -1))
         return record
+
+    def _drop(self, reason: str, group: Any) -> None:
+        """A returned group that will not be trained: counted, and settled in the sampler (a resume
+        does not re-issue it)."""
+        self.accounting.drop(reason, group)
+        self.sampler.settle(getattr(group, "_sampler_index", -1))
 
     def _step_record(
         self,
@@ -495,6 +513,9 @@ class Trainer:
             "step": self.step,
             "policy_version": self.version,
             "trained_instances": [list(i) for r in self.steps for i in r.instances] + [list(i) for i in self._trained_before],
+            "dropped_instances": [list(i) for i in self._dropped_before + self.accounting.dropped_instances],
+            # Handed out, not yet trained or dropped (async: in flight or buffered): re-issued on --resume.
+            "unsettled_instances": [[i.task, i.seed, i.index] for i in self.sampler.unsettled()],
         }
         paths = ray.get(
             [lr.save_checkpoint.remote(str(self.run_dir / CHECKPOINTS), cursor) for lr in self.learners], timeout=1800
@@ -519,14 +540,20 @@ class Trainer:
             group = ray.get(ref, timeout=self.config.cluster.group_timeout_s)
         except (ray.exceptions.RayError, TimeoutError) as e:
             self.actor_failures += 1
+            # The group is lost with the worker: a counted drop of its instance.
+            self.accounting.dropped_instances.append((inst.task, inst.seed, inst.index, "actor_failure"))
+            self.sampler.settle(inst.index)
             self.metrics.log({"event": "actor_failure", "error": str(e)[:500], "actor_failures": 1.0}, step=self.step)
             if self.actor_failures > self.config.cluster.max_actor_failures:
                 raise TrainingError(f"{self.actor_failures} rollout-worker failures; last: {e}") from e
             return None
         group._sampler_index = inst.index  # for the record of what was trained
         self.accounting.returned += len(group.trajectories)
+        mismatch = next((t.failure_reason for t in group.trajectories if "EnvEpisodeMismatchError" in t.failure_reason), "")
+        if mismatch:  # a server that runs another task or seed than asked: a setup error, not bad luck
+            raise TrainingError(f"an env server started the wrong episode: {mismatch}")
         if group_failed(group):
-            self.accounting.drop("failed_group", group)
+            self._drop("failed_group", group)
             return None
         return group
 
@@ -593,7 +620,7 @@ class Trainer:
                 if train_ref is None:
                     while buffer and self.version - buffer[0].min_policy_version > cfg.max_staleness:
                         g = buffer.popleft()
-                        self.accounting.drop("stale", g)
+                        self._drop("stale", g)
                         stale_this_step += 1
                     if len(buffer) >= cfg.groups_per_step:
                         collect_s = time.monotonic() - wait_t0
@@ -646,7 +673,7 @@ class Trainer:
                 if group is None:
                     continue
                 if self.version - group.min_policy_version > cfg.max_staleness:
-                    self.accounting.drop("stale", group)
+                    self._drop("stale", group)
                     stale_this_step += 1
                 else:
                     buffer.append(group)
@@ -661,15 +688,17 @@ class Trainer:
         import ray
 
         for g in buffer:
-            self.accounting.drop("run_ended", g)
+            self._drop("run_ended", g)
         buffer.clear()
         for ref, (i, inst) in list(in_flight.items()):
             try:
                 group = ray.get(ref, timeout=self.config.cluster.group_timeout_s)
             except Exception:  # noqa: BLE001 - the worker died at the end: its episodes are in its stats
+                self.accounting.dropped_instances.append((inst.task, inst.seed, inst.index, "actor_failure"))
                 continue
+            group._sampler_index = inst.index
             self.accounting.returned += len(group.trajectories)
-            self.accounting.drop("run_ended", group)
+            self._drop("run_ended", group)
         in_flight.clear()
 
     def _engine_calls(self) -> float:
@@ -696,24 +725,48 @@ class Trainer:
             # Its own GPU share when engines use GPUs (a vLLM engine needs a visible GPU); counted
             # in the resource check at start-up.
             self.eval_worker = RolloutWorkerActor.options(num_cpus=0, num_gpus=cfg.cluster.rollout_num_gpus).remote(
-                "eval", rollout, self._engine_cfg, cfg.env, str(self.run_dir / "eval"), self._env_urls[0]
+                "eval", rollout, self._engine_cfg, cfg.env, str(self.run_dir / "eval"), self._eval_env_urls(),
+                **self._env_routing,
             )
         handle = self._publish()
         ray.get(self.eval_worker.update_weights.remote(handle.version, handle.ref), timeout=600)
         t0 = time.monotonic()
-        per_task: dict[str, list[bool]] = {}
+        groups = []
         for inst in self.sampler.eval_instances(cfg.eval.episodes_per_task):
             group = ray.get(self.eval_worker.run_group.remote(inst.task, inst.seed, 1), timeout=cfg.cluster.group_timeout_s)
             self.accounting.eval_episodes += len(group.trajectories)
-            per_task.setdefault(inst.task, []).extend(t.success for t in group.trajectories if t.status != "failed")
+            groups.append(group)
         result: dict[str, Any] = {"event": "eval", "eval_policy_version": handle.version, "eval_s": time.monotonic() - t0}
-        all_outcomes = [s for v in per_task.values() for s in v]
-        result["eval_success_rate"] = sum(all_outcomes) / len(all_outcomes) if all_outcomes else 0.0
-        for task, outcomes in per_task.items():
-            result[f"eval/{task}/success_rate"] = sum(outcomes) / len(outcomes) if outcomes else 0.0
+        result.update(summarize_eval(groups))
+        if result["eval_status"] != "ok":
+            log.warning("evaluation at step %d FAILED: %d of %d episodes failed (%s); no success rate is reported",
+                        self.step, result["eval_episodes_failed"], result["eval_episodes"], result["eval_failure_reasons"])
         self.metrics.log(result, step=self.step)
         self.eval_results.append(result)
         return result
+
+    def _eval_env_urls(self) -> list[str] | None:
+        """The evaluation worker's env servers: capacity of its own, never a session on the training
+        workers' servers. In the qwen3-vl-2b-miniwob layout every session those servers accept is
+        taken (rollout.num_sessions = env_servers_per_worker x env.max_sessions), so sharing them got
+        every evaluation session refused. Embedded: None, the eval worker starts its own server.
+        Ray actors: one more env-server host, for evaluation only (its CPU is counted at start-up).
+        Remote: the configured servers, which need a session of headroom for evaluation; when they
+        have none the evaluation is reported as failed (`summarize_eval`)."""
+        import ray
+
+        cfg = self.config
+        if cfg.cluster.env_placement == "embedded":
+            return None
+        if cfg.cluster.env_placement == "ray_actors":
+            from cluster.env_hosts import EnvServerHostActor
+
+            host = EnvServerHostActor.options(**self.placement.env_host_options(num_servers=1)).remote(
+                1, cfg.env, "127.0.0.1" if getattr(self, "_single_node", True) else None
+            )
+            self.env_hosts.append(host)
+            return ray.get(host.urls.remote(), timeout=300)
+        return list(cfg.cluster.env_server_urls)
 
     # --- the whole run --------------------------------------------------------------------------------
 
@@ -754,6 +807,8 @@ class Trainer:
             "accounting": self.accounting.as_dict(),
             "trained_steps": [dataclasses.asdict(r) for r in self.steps],
             "trained_before_resume": [list(i) for i in self._trained_before],
+            "dropped_instances": [list(i) for i in self.accounting.dropped_instances],
+            "dropped_before_resume": [list(i) for i in self._dropped_before],
             "eval": self.eval_results,
             "async_overlap": self.async_overlap,
             "mode": self.config.cluster.mode,
@@ -818,6 +873,31 @@ class Trainer:
         if self.owns_ray and ray.is_initialized():
             ray.shutdown()
             self.owns_ray = False
+
+
+def summarize_eval(groups: list[Any]) -> dict[str, Any]:
+    """An evaluation's outcome from its groups: overall and per-task success rates when every
+    episode has an outcome; otherwise `eval_status: failed` with the count and the reasons and no
+    success rate at all. An episode that failed (session refused, env died or hung) says nothing
+    about the policy: counting it as 0 % success once reported a broken evaluation as a result."""
+    from actors.trajectory import FAILED
+
+    episodes = [t for g in groups for t in g.trajectories]
+    failed = [t for t in episodes if t.status == FAILED]
+    result: dict[str, Any] = {"eval_episodes": len(episodes), "eval_episodes_failed": len(failed)}
+    if failed or not episodes:
+        reasons = Counter(t.failure_reason.split(":", 1)[0] for t in failed)
+        result.update(eval_status="failed", eval_failure_reasons=dict(reasons) or {"no_episodes": 1},
+                      eval_failure_example=failed[0].failure_reason[:300] if failed else "no episodes ran")
+        return result
+    per_task: dict[str, list[bool]] = {}
+    for g in groups:
+        per_task.setdefault(g.task, []).extend(t.success for t in g.trajectories)
+    result["eval_status"] = "ok"
+    result["eval_success_rate"] = sum(t.success for t in episodes) / len(episodes)
+    for task, outcomes in per_task.items():
+        result[f"eval/{task}/success_rate"] = sum(outcomes) / len(outcomes)
+    return result
 
 
 def train(

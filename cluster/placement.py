@@ -43,10 +43,12 @@ class Placement:
     rollout_pg: PlacementGroup
 
     @classmethod
-    def create(cls, config: ClusterConfig, timeout_s: float = 120.0, eval_gpus: float = 0.0) -> "Placement":
+    def create(cls, config: ClusterConfig, timeout_s: float = 120.0, eval_gpus: float = 0.0,
+               eval_cpus: float = 0.0) -> "Placement":
         """Reserves both groups; PlacementError (with what is missing) if not ready in time.
-        `eval_gpus`: GPUs the evaluation worker will ask for later, outside the groups."""
-        check_resources(config, eval_gpus)
+        `eval_gpus`, `eval_cpus`: what the evaluation worker and its env server will ask for later,
+        outside the groups."""
+        check_resources(config, eval_gpus, eval_cpus)
         if config.colocate:
             shared = placement_group(
                 [_bundle(config.learner_num_cpus + config.rollout_num_cpus,
@@ -111,10 +113,12 @@ class Placement:
             ),
         }
 
-    def env_host_options(self) -> dict[str, Any]:
-        """CPU-only, spread over the nodes (outside the GPU placement groups)."""
+    def env_host_options(self, num_servers: int | None = None) -> dict[str, Any]:
+        """CPU-only, spread over the nodes (outside the GPU placement groups); `num_servers`
+        defaults to a rollout worker's `env_servers_per_worker`."""
+        servers = self.config.env_servers_per_worker if num_servers is None else num_servers
         return {
-            "num_cpus": self.config.env_server_num_cpus * self.config.env_servers_per_worker,
+            "num_cpus": self.config.env_server_num_cpus * servers,
             "num_gpus": 0,
             "scheduling_strategy": "SPREAD",
         }
@@ -127,10 +131,11 @@ class Placement:
                 pass
 
 
-def check_resources(config: ClusterConfig, eval_gpus: float = 0.0) -> None:
+def check_resources(config: ClusterConfig, eval_gpus: float = 0.0, eval_cpus: float = 0.0) -> None:
     """Fails fast (before waiting) when the whole cluster cannot ever hold the request."""
     total = ray.cluster_resources()
     need_cpu = config.learner_num_ranks * config.learner_num_cpus + config.num_rollout_workers * config.rollout_num_cpus
+    need_cpu += eval_cpus
     if config.env_placement == "ray_actors":
         need_cpu += config.num_rollout_workers * config.env_servers_per_worker * config.env_server_num_cpus
     need_gpu = config.learner_num_ranks * config.learner_num_gpus + config.num_rollout_workers * config.rollout_num_gpus
@@ -146,3 +151,18 @@ def check_resources(config: ClusterConfig, eval_gpus: float = 0.0) -> None:
             f"the run needs {need_cpu:g} CPUs but the cluster has {total.get('CPU', 0):g}; lower "
             "cluster.*_num_cpus or raise cluster.num_cpus (logical CPUs of a local cluster)"
         )
+
+
+def remote_env_servers(config: ClusterConfig) -> tuple[list[list[str]], dict[str, list[str]] | None]:
+    """env_placement remote: each rollout worker's server URLs, and which tasks each URL serves
+    (None: every URL serves every task). Without a task map the URLs are dealt round-robin; with
+    one, every worker gets every URL, so it can reach a server of whatever task it is given, and
+    picks per episode among those that serve it (actors/rollout_worker.py)."""
+    from cluster.config import normalize_task
+
+    urls, n = list(config.env_server_urls), config.num_rollout_workers
+    if not config.env_server_tasks:
+        return [urls[i::n] or urls for i in range(n)], None
+    url_tasks = {u: [normalize_task(t) for t in ts] for u, ts in config.env_server_tasks.items()}
+    return [list(urls) for _ in range(n)], url_tasks
+

@@ -7,7 +7,10 @@ recent success rate is strictly between 0 and 1 (where GRPO's group-normalised a
 all zero) weigh 1 and the others `min_weight`.
 
 The sampler's whole state is a small JSON-able dict (`state_dict` / `load_state_dict`): it is the
-data cursor saved with every checkpoint.
+data cursor saved with every checkpoint. Besides the cursor it holds the instances handed out but
+not yet settled (trained, or dropped with a reason: `settle`). An async run always has some in
+flight or buffered when it checkpoints; after a resume they are re-issued first (same task, seed
+and index), so the cursor having counted them never makes them skipped.
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ class TaskSampler:
         """How many training instances have been handed out."""
         self._per_task_drawn = {t: 0 for t in self.tasks}
         self._recent: dict[str, deque[float]] = {t: deque(maxlen=config.success_window) for t in self.tasks}
+        self._unsettled: dict[int, TaskInstance] = {}
+        """Handed out by `next`, not yet `settle`d: re-issued after a resume."""
+        self._reissue: deque[TaskInstance] = deque()
+        """Instances unsettled at the checkpoint this run resumed from, handed out again first."""
 
     # --- training stream ------------------------------------------------------------------------
 
@@ -71,7 +78,11 @@ class TaskSampler:
         return out
 
     def next(self) -> TaskInstance:
-        """The next training instance."""
+        """The next training instance: an instance to re-issue after a resume, else a new one."""
+        if self._reissue:
+            instance = self._reissue.popleft()
+            self._unsettled[instance.index] = instance
+            return instance
         # The task choice depends only on (seed, cursor, weights): replayable after a resume.
         rng = random.Random(f"{self.seed}:pick:{self.cursor}")
         weights = self.weights()
@@ -80,7 +91,18 @@ class TaskSampler:
         self._per_task_drawn[task] += 1
         instance = TaskInstance(task=task, seed=self._train_seed(task, k), index=self.cursor)
         self.cursor += 1
+        self._unsettled[instance.index] = instance
         return instance
+
+    def settle(self, index: int) -> None:
+        """The instance at `index` was trained on or dropped (with a counted reason): a resume
+        from a later checkpoint must not issue it again."""
+        self._unsettled.pop(index, None)
+
+    def unsettled(self) -> list[TaskInstance]:
+        """Instances handed out (or waiting to be re-issued) and not yet settled, by index."""
+        pending = {**{i.index: i for i in self._reissue}, **self._unsettled}
+        return [pending[k] for k in sorted(pending)]
 
     def record(self, task: str, successes: list[bool]) -> None:
         """Feeds a finished group's episode outcomes into the success-rate window."""
@@ -109,6 +131,7 @@ class TaskSampler:
             "recent": {t: list(r) for t, r in self._recent.items()},
             "seed": self.seed,
             "tasks": list(self.tasks),
+            "unsettled": [[i.task, i.seed, i.index] for i in self.unsettled()],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -122,6 +145,8 @@ class TaskSampler:
         for t in self.tasks:
             self._recent[t].clear()
             self._recent[t].extend(state.get("recent", {}).get(t, []))
+        self._unsettled = {}
+        self._reissue = deque(TaskInstance(task=t, seed=int(s), index=int(i)) for t, s, i in state.get("unsettled", []))
 
 
 def _gcd(a: int, b: int) -> int:

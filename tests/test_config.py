@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import yaml
@@ -175,3 +176,63 @@ def test_field_docs_reads_docstrings_under_fields():
         b: str = "x"
 
     assert C.field_docs(Demo) == {"a": "the a."}
+
+
+# Every environment variable the seed gist (TRL's OpenEnv BrowserGym GRPO script) reads, with a value
+# and what it must become: a field of the resolved config (honoured) or an error naming the
+# alternative (refused). Nothing the gist reads may be silently ignored.
+SEED_GIST_ENV_VARS = {
+    "MODEL_ID": ("/models/x", {"model": "/models/x"}),
+    "MAX_STEPS": ("5", {"rollout.max_steps": 5}),
+    "MAX_NEW_TOKENS": ("32", {"rollout.sampling.max_new_tokens": 32}),
+    "TEMPERATURE": ("0.7", {"rollout.sampling.temperature": 0.7}),
+    "TOP_K": ("20", {"rollout.sampling.top_k": 20}),
+    "LEARNING_RATE": ("3e-6", {"learner.lr": 3e-6}),
+    "WEIGHT_DECAY": ("0.1", {"learner.weight_decay": 0.1}),
+    "GRAD_ACCUM_STEPS": ("6", {"cluster.groups_per_step": 6}),
+    "WARMUP_STEPS": ("7", {"learner.warmup_steps": 7}),
+    "PER_DEVICE_BATCH_SIZE": ("2", {"learner.micro_batch_size": 2}),
+    "NUM_GENERATIONS": ("6", {"grpo.num_generations": 6}),
+    "SAVE_INTERVAL": ("25", {"checkpoint.every_steps": 25}),
+    "BROWSERGYM_BASE_URL": ("http://envs:8001", {"cluster.env_placement": "remote",
+                                                 "cluster.env_server_urls": ["http://envs:8001"]}),
+    "MAX_DOM_CHARS": ("3500", {"rollout.prompt.max_axtree_chars": 3500}),
+    "FALLBACK_ACTION": ("noop()", {"rollout.fallback_action": "noop()"}),
+    "NUM_EPOCHS": ("2", "cluster.total_steps"),
+    "DATASET_SIZE": ("1000", "sampler.train_seeds"),
+    "VLLM_ENDPOINT": ("http://localhost:8000/generate/", "engine.backend"),
+    "DEBUG": ("1", "rollout.write_viewer"),
+    "STEP_DENSE_WEIGHT": ("0.2", "rollout.invalid_action_penalty"),
+    "SHAPING_NOOP_PENALTY": ("0.05", "rollout.invalid_action_penalty"),
+    "SHAPING_ERROR_PENALTY": ("0.1", "rollout.invalid_action_penalty"),
+    "SHAPING_REPEAT_ACTION_PENALTY": ("0.05", "rollout.invalid_action_penalty"),
+    "SHAPING_NOVEL_CLICK_BONUS": ("0.05", "rollout.invalid_action_penalty"),
+    "SHAPING_REPEAT_CLICK_PENALTY": ("0.02", "rollout.invalid_action_penalty"),
+    "SHAPING_NOVEL_TEXT_BONUS": ("0.05", "rollout.invalid_action_penalty"),
+    "SHAPING_REPEAT_TEXT_PENALTY": ("0.02", "rollout.invalid_action_penalty"),
+}
+
+
+@pytest.mark.parametrize("var", sorted(SEED_GIST_ENV_VARS))
+def test_every_seed_gist_env_var_is_honoured_or_refused(var):
+    value, expected = SEED_GIST_ENV_VARS[var]
+    if isinstance(expected, dict):
+        cfg = build(env={var: value})
+        for dotted, want in expected.items():
+            assert C._get_dotted(cfg, dotted) == want, (var, dotted)
+        assert var in C.help_text()
+    else:  # refused: the message names the variable and the field to use instead
+        with pytest.raises(C.ConfigError, match=rf"{var}.*{re.escape(expected)}"):
+            build(env={var: value})
+
+
+def test_seed_gist_env_vars_edge_cases():
+    # The gist's and the project's name for the same knob must agree when both are set.
+    assert build(env={"GRAD_ACCUM_STEPS": "4", "GRADIENT_ACCUMULATION_STEPS": "4"}).cluster.groups_per_step == 4
+    with pytest.raises(C.ConfigError, match="GRAD_ACCUM_STEPS.*GRADIENT_ACCUMULATION_STEPS"):
+        build(env={"GRAD_ACCUM_STEPS": "4", "GRADIENT_ACCUMULATION_STEPS": "2"})
+    # Several comma-separated env servers; DEBUG off (the gist's default) is no request at all.
+    cfg = build(env={"BROWSERGYM_BASE_URL": "http://a:8001, http://b:8001", "DEBUG": "0"})
+    assert cfg.cluster.env_server_urls == ["http://a:8001", "http://b:8001"]
+    # A command-line flag still beats the variable.
+    assert build({"checkpoint.every_steps": "3"}, {"SAVE_INTERVAL": "25"}).checkpoint.every_steps == 3

@@ -120,12 +120,33 @@ def test_sampler_state_resumes_the_stream():
     for _ in range(7):
         inst = a.next()
         a.record(inst.task, [True, False])
+        a.settle(inst.index)  # trained
     state = json.loads(json.dumps(a.state_dict()))  # it is saved as JSON in the checkpoint
     b = TaskSampler(cfg, seed=1)
     b.load_state_dict(state)
     assert [a.next() for _ in range(10)] == [b.next() for _ in range(10)]
     with pytest.raises(ValueError, match="different task list"):
         TaskSampler(SamplerConfig(tasks=["click-test"]), seed=1).load_state_dict(state)
+
+
+def test_instances_unsettled_at_a_checkpoint_are_reissued_after_resume():
+    """Async runs checkpoint with groups in flight or buffered: handed out (the cursor counted them)
+    but neither trained nor dropped. A resumed sampler hands exactly those out again first, as the
+    same task instances, then continues the stream where it stopped."""
+    cfg = SamplerConfig(tasks=["click-test", "click-button"])
+    a = TaskSampler(cfg, seed=2)
+    handed = [a.next() for _ in range(6)]
+    for inst in handed[:2] + handed[4:5]:
+        a.settle(inst.index)  # trained or dropped with a reason
+    assert a.unsettled() == [handed[2], handed[3], handed[5]]
+    state = json.loads(json.dumps(a.state_dict()))
+    b = TaskSampler(cfg, seed=2)
+    b.load_state_dict(state)
+    assert [b.next() for _ in range(3)] == [handed[2], handed[3], handed[5]]
+    fresh = [b.next() for _ in range(4)]
+    assert fresh == [a.next() for _ in range(4)] and [i.index for i in fresh] == [6, 7, 8, 9]
+    # still unsettled in b until settled: a checkpoint of b would re-issue them again
+    assert [i.index for i in b.unsettled()] == [2, 3, 5, 6, 7, 8, 9]
 
 
 def test_learnable_weighting_prefers_tasks_with_signal():

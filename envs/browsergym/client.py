@@ -12,6 +12,13 @@ Failures come out as one of two exceptions, always within the timeouts:
 - EnvConnectionError (EnvTimeoutError for a hang): the server is unreachable, died or stopped
   answering; the session is gone, the connection is dropped, a later call reconnects.
 - EnvServerError: the server answered with an error (bad reset arguments, a browser that crashed).
+  Its subclass EnvEpisodeMismatchError: the episode a reset started is not the task instance asked
+  for, or the server cannot say which one it is.
+
+An episode is the task it claims to be: `reset(seed=, task=)` checks the task and seed the server
+reports (observation, else its state) against the request. Upstream OpenEnv's BrowserGym server
+fixes its task when it starts (BROWSERGYM_TASK_NAME), drops an unknown reset argument and reports
+no seed; without the check a run would train on one task while recording another.
 Clients never import server code (upstream OpenEnv's rule).
 """
 
@@ -47,6 +54,18 @@ class EnvServerError(EnvClientError):
     """The server answered with an error message."""
 
 
+class EnvEpisodeMismatchError(EnvServerError):
+    """The server started another task or seed than the reset asked for, or does not report which
+    (it cannot switch tasks, or cannot tell): the episode must not be used."""
+
+
+def _qualified(task: str, benchmark: str = "") -> str:
+    # "click-test" + benchmark "miniwob" (upstream's state) -> "miniwob.click-test"; the client
+    # cannot import the server's qualify_task_name, so the same rule lives here.
+    task = task.strip().removeprefix("browsergym/")
+    return task if "." in task else f"{benchmark or 'miniwob'}.{task}"
+
+
 _OBSERVATION_FIELDS = set(BrowserGymObservation.model_fields)
 
 
@@ -76,7 +95,10 @@ class BrowserGymEnvClient(EnvClient[BrowserGymAction, BrowserGymObservation, Bro
         connect_timeout_s: float = 10.0,
         message_timeout_s: float = 60.0,
         max_message_size_mb: float = 64.0,
+        trust_unreported_seed: bool = False,
     ):
+        """`trust_unreported_seed`: accept a server that reports no seed (upstream OpenEnv's passes
+        the seed to BrowserGym but never reports it); the task is checked regardless."""
         super().__init__(
             base_url,
             connect_timeout_s=connect_timeout_s,
@@ -85,6 +107,7 @@ class BrowserGymEnvClient(EnvClient[BrowserGymAction, BrowserGymObservation, Bro
         )
         self.base_url = base_url
         self.connect_timeout_s = connect_timeout_s
+        self.trust_unreported_seed = trust_unreported_seed
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._loop_thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()  # one call at a time per client (one session)
@@ -152,12 +175,52 @@ class BrowserGymEnvClient(EnvClient[BrowserGymAction, BrowserGymObservation, Bro
     def reset(  # type: ignore[override]
         self, seed: Optional[int] = None, task: Optional[str] = None, **kwargs: Any
     ) -> StepResult[BrowserGymObservation]:
-        """Start an episode; `task` switches the task for this episode (default: the server's)."""
+        """Start an episode; `task` switches the task for this episode (default: the server's).
+        The episode is checked to be that task and seed: EnvEpisodeMismatchError otherwise."""
         if seed is not None:
             kwargs["seed"] = seed
         if task is not None:
             kwargs["task"] = task
-        return self._call(super().reset(**kwargs), "reset")
+            # Upstream OpenEnv's name and form of the same argument (newer upstream servers switch
+            # with it; ours read `task` first).
+            kwargs.setdefault("task_name", task.split(".", 1)[1] if "." in task else task)
+        result = self._call(super().reset(**kwargs), "reset")
+        self._check_episode(result.observation, task, seed)
+        return result
+
+    def _check_episode(self, observation: BrowserGymObservation, task: Optional[str], seed: Optional[int]) -> None:
+        """Raises EnvEpisodeMismatchError unless the episode is the requested task and seed."""
+        if task is None and seed is None:
+            return
+        reported_task, reported_seed = observation.task_name, observation.seed
+        if (task is not None and not reported_task) or (seed is not None and reported_seed is None):
+            state = self.state()  # upstream servers name their task only in the state
+            reported_task = reported_task or (_qualified(state.task_name, state.benchmark) if state.task_name else "")
+            reported_seed = reported_seed if reported_seed is not None else state.seed
+        where = f"reset on {self.base_url}"
+        if task is not None:
+            if not reported_task:
+                raise EnvEpisodeMismatchError(
+                    f"{where}: asked for task {task!r}, but the server reports no task for the episode it "
+                    "started (neither the observation's task_name nor the state's), so it cannot be checked; "
+                    "use a server that reports its task (this project's server, or upstream OpenEnv's started "
+                    "with BROWSERGYM_TASK_NAME)")
+            if _qualified(reported_task) != _qualified(task):
+                raise EnvEpisodeMismatchError(
+                    f"{where}: asked for task {task!r}, the server started {reported_task!r}: it does not "
+                    "switch tasks (upstream OpenEnv's server fixes its task at start with BROWSERGYM_TASK_NAME "
+                    "and drops the task argument); route the task to a server that serves it "
+                    "(cluster.env_server_tasks)")
+        if seed is not None:
+            if reported_seed is None:
+                if not self.trust_unreported_seed:
+                    raise EnvEpisodeMismatchError(
+                        f"{where}: asked for seed {seed}, but the server does not report the episode's seed, "
+                        "so the GRPO group's instance cannot be checked; set cluster.env_server_trust_seed "
+                        "true if this server is known to pass the seed to BrowserGym (upstream OpenEnv's does)")
+            elif int(reported_seed) != int(seed):
+                raise EnvEpisodeMismatchError(
+                    f"{where}: asked for seed {seed}, the server started seed {reported_seed}")
 
     def step(self, action: BrowserGymAction | str, **kwargs: Any) -> StepResult[BrowserGymObservation]:  # type: ignore[override]
         """Send one action (a BrowserGymAction or its action string)."""
