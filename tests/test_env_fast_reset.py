@@ -6,7 +6,8 @@ Chromium and a chat-window Chromium every episode) with its default waits (`slow
 kept Chromium per session, a fresh context per episode, no slow-motion, no pre-observation sleep.
 For each of 14 MiniWoB tasks and one seed per task, both must produce the same goal text and the
 same page (accessibility tree with bids, and the clickable elements' boxes), and a scripted
-solution must earn the same reward (1.0) in both.
+solution must earn the same reward (1.0) in both. The same holds for `reset_mode="page"` (MiniWoB's
+in-page restart), checked on a page that has already served an episode of the task.
 
 At most two browsers run at once: the stock env (page + chat) first, then the fast one.
 """
@@ -92,8 +93,26 @@ TASKS = (
 STOCK = dict(reset_mode="relaunch", slow_mo=None, pre_observation_delay=0.5)
 
 
+def _episode(env, task: str, seed: int, retries: int = 1) -> tuple[BrowserGymObservation, BrowserGymObservation, list[str]]:
+    first = env.reset(seed=seed, task=task)
+    observation, actions, timed_out = first, [], False
+    while not observation.done and len(actions) < 4:
+        action = _extra_action(observation, tuple(actions))
+        actions.append(action)
+        observation = env.step(BrowserGymAction(action_str=action))
+        timed_out |= "Timeout" in observation.error
+    if timed_out and observation.reward != 1.0 and retries:
+        # BrowserGym gives fill/click 500 ms; on a machine with a load average of 30-50 (seen on
+        # the shared 2-core machine, with either configuration) that can run out. Such an episode
+        # says nothing about resets or waits: play the same seed again, once.
+        return _episode(env, task, seed, retries - 1)
+    return first, observation, actions
+
+
 def _play(config: EnvConfig) -> dict[str, dict]:
-    """Per task: the first observation's goal/page and the scripted episode's reward."""
+    """Per task: the first observation's goal/page and the scripted episode's reward. With
+    reset_mode="page" another episode of the task runs first, so the measured one is an in-page
+    restart on a used page."""
     from envs.browsergym.server.environment import BrowserGymEnvironment
 
     env = BrowserGymEnvironment(config)
@@ -101,13 +120,15 @@ def _play(config: EnvConfig) -> dict[str, dict]:
     try:
         for index, task in enumerate(TASKS):
             seed = 1000 + 7 * index
-            first = env.reset(seed=seed, task=task)
-            observation, actions = first, []
-            while not observation.done and len(actions) < 4:
-                action = _extra_action(observation, tuple(actions))
-                actions.append(action)
-                observation = env.step(BrowserGymAction(action_str=action))
+            try:
+                if config.reset_mode == "page":
+                    _episode(env, task, 2000 + index)
+                first, observation, actions = _episode(env, task, seed)
+            except Exception as exc:  # noqa: BLE001 - this task's tests fail with it, the others run
+                results[task] = {"error": f"{type(exc).__name__}: {exc}"}
+                continue
             results[task] = {
+                "page_episodes": getattr(env._gym_env, "page_episodes", None),
                 "goal": first.goal,
                 "axtree": first.axtree_txt,
                 "boxes": [(e["bid"], e["text"], e["bbox"]) for e in first.clickable_elements],
@@ -122,34 +143,44 @@ def _play(config: EnvConfig) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def stock_and_fast() -> tuple[dict, dict]:
-    stock = _play(EnvConfig(task="miniwob.click-test", max_steps=8, **STOCK))
-    fast = _play(EnvConfig(task="miniwob.click-test", max_steps=8))
-    return stock, fast
+def runs() -> dict[str, dict]:
+    return {
+        "stock": _play(EnvConfig(task="miniwob.click-test", max_steps=8, **STOCK)),
+        "context": _play(EnvConfig(task="miniwob.click-test", max_steps=8)),
+        "page": _play(EnvConfig(task="miniwob.click-test", max_steps=8, reset_mode="page")),
+    }
 
 
+@pytest.mark.parametrize("mode", ["context", "page"])
 @pytest.mark.parametrize("task", TASKS)
-def test_fast_reset_gives_the_stock_task_instance_for_the_seed(stock_and_fast, task):
-    stock, fast = stock_and_fast
-    assert fast[task]["goal"] == stock[task]["goal"]
-    assert fast[task]["axtree"] == stock[task]["axtree"]  # layout, texts and bids
-    assert fast[task]["boxes"] == stock[task]["boxes"]  # positions on the page
+def test_fast_reset_gives_the_stock_task_instance_for_the_seed(runs, task, mode):
+    stock, fast = runs["stock"][task], runs[mode][task]
+    assert "error" not in stock and "error" not in fast, (stock.get("error"), fast.get("error"))
+    assert fast["goal"] == stock["goal"]
+    assert fast["axtree"] == stock["axtree"]  # layout, texts and bids
+    assert fast["boxes"] == stock["boxes"]  # positions on the page
+    if mode == "page":
+        assert fast["page_episodes"] == 2  # it really was an in-page restart
 
 
+@pytest.mark.parametrize("mode", ["context", "page"])
 @pytest.mark.parametrize("task", TASKS)
-def test_scripted_solution_earns_the_same_reward_with_fast_waits(stock_and_fast, task):
-    stock, fast = stock_and_fast
-    assert stock[task]["done"] and stock[task]["reward"] == 1.0, stock[task]
-    assert fast[task]["actions"] == stock[task]["actions"]
-    assert (fast[task]["done"], fast[task]["reward"]) == (stock[task]["done"], stock[task]["reward"]), fast[task]
+def test_scripted_solution_earns_the_same_reward_with_fast_waits(runs, task, mode):
+    stock, fast = runs["stock"][task], runs[mode][task]
+    assert "error" not in stock and "error" not in fast, (stock.get("error"), fast.get("error"))
+    assert stock["done"] and stock["reward"] == 1.0, stock
+    assert fast["actions"] == stock["actions"]
+    assert (fast["done"], fast["reward"]) == (stock["done"], stock["reward"]), fast
 
 
-def test_episodes_share_one_browser_but_no_storage_or_history():
+@pytest.mark.parametrize("mode", ["context", "page"])
+def test_episodes_share_one_browser_but_no_storage_or_history(mode):
     """A page writes localStorage (and sessionStorage, and a history entry) in one episode; the next
-    episode, on the same Chromium process, sees none of it."""
+    episode, on the same Chromium process, sees none of it. (In "page" mode the page, and so its
+    history, is the last episode's: only storage and cookies are cleared.)"""
     from envs.browsergym.server.environment import BrowserGymEnvironment
 
-    env = BrowserGymEnvironment(EnvConfig(task="miniwob.click-test"))
+    env = BrowserGymEnvironment(EnvConfig(task="miniwob.click-test", reset_mode=mode))
     try:
         env.reset(seed=1)
         pid = env._kept_browser.pid
@@ -157,14 +188,15 @@ def test_episodes_share_one_browser_but_no_storage_or_history():
         fresh_history = page.evaluate("() => history.length")
         page.evaluate("""() => { localStorage.setItem('leak', 'episode-1');
                                  sessionStorage.setItem('leak', 'episode-1');
-                                 history.pushState({}, '', '#episode-1'); }""")
+                                 history.pushState({}, ''); }""")  # same URL: "page" mode may reuse the page
         # Control: the page can store and read (file:// origins have localStorage in Chromium).
         assert page.evaluate("() => [localStorage.getItem('leak'), history.length]") == ["episode-1", fresh_history + 1]
 
         env.reset(seed=2)
         page = env._gym_env.page
         seen = page.evaluate("() => [localStorage.getItem('leak'), sessionStorage.getItem('leak'), history.length]")
-        assert seen == [None, None, fresh_history]
+        assert seen == [None, None, fresh_history + (mode == "page")]
+        assert env._gym_env.page_episodes == (2 if mode == "page" else 1)
         assert env._kept_browser.pid == pid  # same browser process: isolation came from the context
         assert env.browser_stats()["browser_launches"] == 1
         assert env._gym_env.chat.messages[-1]["message"] == env.state.goal  # chat log without a window

@@ -12,7 +12,7 @@ from typing import Any, Optional
 # "bid"/"coord" subsets contain upload_file / mouse_upload_file (read any local file into the page)
 # and "nav" contains goto (navigate to file:///etc/...), so they are opt-in, not the default.
 FORBIDDEN_ACTION_SUBSETS = ("python",)
-RESET_MODES = ("context", "relaunch")
+RESET_MODES = ("context", "page", "relaunch")
 KNOWN_ACTION_SUBSETS = (
     "chat",
     "infeas",
@@ -69,17 +69,22 @@ class EnvConfig:
     reset_mode: str = "context"
     """How `reset` starts an episode. `context`: the session keeps one Chromium and opens a fresh
     browser context and page per episode (no cookie/storage/history leak; no chat-window browser;
-    the same task instance per seed as BrowserGym's reset). `relaunch`: BrowserGym's own reset,
+    the same task instance per seed as BrowserGym's reset). `page`: like `context`, but a MiniWoB
+    episode after one of the same task restarts in the same page (MiniWoB's `core.startEpisodeReal`
+    with the same seed draw; storage and cookies cleared, a fresh context every 100 episodes):
+    no new renderer or page load per episode, but the page's JavaScript state is shared between
+    episodes. `relaunch`: BrowserGym's own reset,
     which closes and relaunches Chromium plus a chat-window Chromium every episode (the seed's
-    pattern; ~10x slower resets, see the env README)."""
+    pattern; bench/bench_rollout.py compares the three)."""
 
     browser_max_episodes: int = 500
-    """`context` mode: relaunch the session's Chromium after this many episodes (0 = never), so a
-    slow leak in a long-lived browser cannot build up."""
+    """`context`/`page` modes: relaunch the session's Chromium after this many episodes (0 =
+    never), so a slow leak in a long-lived browser cannot build up."""
 
     browser_max_memory_mb: float = 1500.0
-    """`context` mode: relaunch the session's Chromium at the next reset once its process tree's
-    resident memory passes this many MiB (0 = never). A fresh one holds ~300-400 MiB."""
+    """`context`/`page` modes: relaunch the session's Chromium at the next reset once the summed
+    RSS of its process tree passes this many MiB (0 = never; shared pages count once per process,
+    so the sum overstates what the browser holds)."""
 
     action_timeout_ms: Optional[int] = None
     """Playwright timeout of one browser operation (None = the task's own, 5000 ms for MiniWoB)."""

@@ -59,6 +59,29 @@ document.addEventListener("visibilitychange", () => {
 """
 
 
+# reset_mode="page": a page serves at most this many episodes before a fresh context and page
+# (MiniWoB's own harness reloads its page every N episodes against slow leaks in the page).
+PAGE_MAX_EPISODES = 100
+
+_IN_PAGE_RESTART_SCRIPT = r"""
+([seed, maxTime]) => {
+    localStorage.clear();
+    sessionStorage.clear();
+    if (document.activeElement && document.activeElement.blur) { document.activeElement.blur(); }
+    for (const element of document.querySelectorAll('[bid]')) { element.removeAttribute('bid'); }
+    window.browsergym_elem_counter = 0;
+    core.endEpisode(0);  // no-op when the episode already ended (its timer is cleared)
+    Math.seedrandom(seed);
+    core.EPISODE_MAX_TIME = maxTime;
+    core.startEpisodeReal();
+}
+"""
+
+
+# Resolves after the next two animation frames: layout and paint of the current DOM are done.
+_NEXT_FRAME_SCRIPT = "() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))"
+
+
 class ChatLog:
     """BrowserGym's `Chat` without its browser window: the same `messages` list and `add_message`."""
 
@@ -199,22 +222,25 @@ class PersistentBrowserEnv(BrowserEnv):
     task's validation are BrowserGym's own.
     """
 
-    def __init__(self, task_entrypoint: Any, kept_browser: KeptBrowser, **kwargs: Any) -> None:
+    def __init__(self, task_entrypoint: Any, kept_browser: KeptBrowser, in_page_restart: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(task_entrypoint, **kwargs)
         if self.resizeable_window or self.record_video_dir or self.wait_for_user_message:
             raise ValueError("PersistentBrowserEnv supports neither resizeable windows, video nor "
                              "waiting for user messages: use reset_mode='relaunch'")
         self.kept_browser = kept_browser
+        self.in_page_restart = in_page_restart
         self.launched_browser = False  # whether the last reset (re)launched Chromium
+        self.page_episodes = 0  # episodes served by the current page
 
     def reset(self, seed: Optional[int] = None, *args: Any, **kwargs: Any) -> tuple[dict, dict]:
         super(BrowserEnv, self).reset(seed=seed, *args, **kwargs)  # gym.Env.reset: seeds nothing we use
         self.np_random = None  # all randomness is the task's, as in BrowserGym
 
-        # --- end the previous episode: its context (pages, storage, history) goes away ---
-        self._close_episode()
-
         # --- the task, from the seed (the same object BrowserGym's reset builds) ---
+        previous_task = self.task
+        if previous_task is not None:
+            previous_task.teardown()
         self.task = self.task_entrypoint(seed=seed, **self.task_kwargs)
         viewport = self._override("viewport")
         slow_mo = self._override("slow_mo")
@@ -225,21 +251,27 @@ class PersistentBrowserEnv(BrowserEnv):
         pw = _get_global_playwright()
         pw.selectors.set_test_id_attribute(BROWSERGYM_ID_ATTRIBUTE)
         self.browser, self.launched_browser = self.kept_browser.browser_for_episode(slow_mo or 0)
-
-        # --- a fresh context and page, set up as BrowserGym does ---
-        self.context = self.browser.new_context(
-            viewport=viewport, locale=locale, timezone_id=timezone_id, **self.pw_context_kwargs
-        )
-        self.context.set_default_timeout(timeout)
-        self.context.expose_binding(
-            "browsergym_page_activated", lambda source: self._activate_page_from_js(source["page"])
-        )
-        self.context.add_init_script(_PAGE_ACTIVATION_SCRIPT)
         self.chat = ChatLog()
-        self.page_history = {}
-        self.page = self.context.new_page()
 
-        task_goal, task_info = self.task.setup(page=self.page)
+        if self._can_restart_in_page(previous_task):
+            # --- reset_mode="page": MiniWoB's own restart on the page of the last episode ---
+            task_goal, task_info = self._restart_in_page()
+        else:
+            # --- a fresh context and page (the last episode's storage and history go away) ---
+            self._close_context()
+            self.context = self.browser.new_context(
+                viewport=viewport, locale=locale, timezone_id=timezone_id, **self.pw_context_kwargs
+            )
+            self.context.set_default_timeout(timeout)
+            self.context.expose_binding(
+                "browsergym_page_activated", lambda source: self._activate_page_from_js(source["page"])
+            )
+            self.context.add_init_script(_PAGE_ACTIVATION_SCRIPT)
+            self.page_history = {}
+            self.page = self.context.new_page()
+            self.page_episodes = 0
+            task_goal, task_info = self.task.setup(page=self.page)
+        self.page_episodes += 1
         if task_goal is None:
             self.goal_object = []
         elif isinstance(task_goal, str):
@@ -262,6 +294,11 @@ class PersistentBrowserEnv(BrowserEnv):
                 raise ValueError(f"Unknown message type {message['type']!r} in the task goal.")
 
         self._wait_dom_loaded()
+        # Let the page lay out and paint the new task before it is observed. BrowserGym's reset
+        # gives it that time by accident (it sets up the chat window between the task's setup and
+        # the observation); without it, under heavy load, a first observation of
+        # click-collapsible once lacked the accordion header among the clickable elements.
+        self.page.evaluate(_NEXT_FRAME_SCRIPT)
         self._active_page_check()
         self.start_time = time.time()
         self.last_action = ""
@@ -272,13 +309,47 @@ class PersistentBrowserEnv(BrowserEnv):
 
     def close(self) -> None:
         """Ends the episode; the kept browser stays (its owner closes it)."""
-        self._close_episode()
+        if self.task is not None:
+            self.task.teardown()
+            self.task = None
+        self._close_context()
 
-    def _close_episode(self) -> None:
-        task, context = self.task, self.context
-        self.task, self.context, self.page, self.chat = None, None, None, None
-        if task is not None:
-            task.teardown()
+    def _can_restart_in_page(self, previous_task: Any) -> bool:
+        """reset_mode="page": restart in the page when the last episode ran the same MiniWoB task
+        on this (still connected) browser, its page is the only one and still on the task's URL,
+        and the page has served fewer than PAGE_MAX_EPISODES episodes."""
+        from browsergym.miniwob.base import AbstractMiniwobTask
+
+        return (
+            self.in_page_restart
+            and not self.launched_browser
+            and isinstance(self.task, AbstractMiniwobTask)
+            and type(previous_task) is type(self.task)
+            and self.context is not None
+            and self.page is not None
+            and len(self.context.pages) == 1
+            and not self.page.is_closed()
+            and self.page.url == self.task.url
+            and self.page_episodes < PAGE_MAX_EPISODES
+        )
+
+    def _restart_in_page(self) -> tuple[str, dict]:
+        """What AbstractMiniwobTask.setup does after loading the page, on the loaded page: the same
+        seed draw, `Math.seedrandom`, `core.startEpisodeReal()`. Before it, the page forgets the
+        last episode: storage and cookies cleared, focus dropped, BrowserGym's element ids
+        removed and its counter reset (so the new elements get the ids a fresh page gives)."""
+        task = self.task
+        task.page = self.page
+        js_seed = task.random.randint(0, 1000000)  # the draw setup() makes, from the same RandomState
+        self.context.clear_cookies()
+        self.page.evaluate(_IN_PAGE_RESTART_SCRIPT, [js_seed, task.episode_max_time])
+        self.page.wait_for_function("() => WOB_TASK_READY")
+        self.page_history = {self.page: None}
+        return task._get_goal(), task._get_info()
+
+    def _close_context(self) -> None:
+        context = self.context
+        self.context, self.page = None, None
         if context is not None:
             try:
                 context.close()

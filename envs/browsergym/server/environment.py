@@ -319,7 +319,8 @@ class BrowserGymEnvironment(Environment[BrowserGymAction, BrowserGymObservation,
                 self.config.headless, self.config.browser_max_episodes, self.config.browser_max_memory_mb
             )
         # The registered env only holds the task's entry point (gym.make launches nothing).
-        return PersistentBrowserEnv(env.task_entrypoint, self._kept_browser, **env_kwargs)
+        return PersistentBrowserEnv(env.task_entrypoint, self._kept_browser,
+                                    in_page_restart=self.config.reset_mode == "page", **env_kwargs)
 
     def _close_kept_browser(self) -> None:
         if self._kept_browser is not None:
