@@ -79,7 +79,11 @@ _IN_PAGE_RESTART_SCRIPT = r"""
 
 
 # Resolves after the next two animation frames: layout and paint of the current DOM are done.
-_NEXT_FRAME_SCRIPT = "() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))"
+# A page that produces no frames (a hidden window in headed mode) gives up after 200 ms.
+_NEXT_FRAME_SCRIPT = """() => new Promise(done => {
+    requestAnimationFrame(() => requestAnimationFrame(done));
+    setTimeout(done, 200);
+})"""
 
 
 class ChatLog:
