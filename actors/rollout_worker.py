@@ -47,11 +47,13 @@ class ClientEnvSession:
     """`EnvSession` over the OpenEnv WebSocket client of our BrowserGym env server."""
 
     def __init__(self, base_url: str, connect_timeout_s: float, message_timeout_s: float,
-                 on_reset: Callable[[float], None] | None = None, trust_unreported_seed: bool = False) -> None:
+                 on_reset: Callable[[float], None] | None = None,
+                 on_browser_recycle: Callable[[], None] | None = None, trust_unreported_seed: bool = False) -> None:
         from envs.browsergym.client import BrowserGymEnvClient
 
         self.base_url = base_url
-        self.on_reset = on_reset  # told each successful reset's seconds (resets relaunch browsers)
+        self.on_reset = on_reset  # told each successful reset's seconds
+        self.on_browser_recycle = on_browser_recycle  # told when a reset recycled the server's browser
         self.client = BrowserGymEnvClient(
             base_url, connect_timeout_s=connect_timeout_s, message_timeout_s=message_timeout_s,
             trust_unreported_seed=trust_unreported_seed,
@@ -62,6 +64,8 @@ class ClientEnvSession:
         observation = self.client.reset(seed=seed, task=task).observation
         if self.on_reset is not None:
             self.on_reset(time.monotonic() - t0)
+        if self.on_browser_recycle is not None and getattr(observation, "browser_recycled", False):
+            self.on_browser_recycle()
         return observation
 
     def step(self, action: str) -> tuple[Any, float, bool]:
@@ -120,7 +124,10 @@ class RolloutStats:
     """Sum over steps of env step round trips (browser + WebSocket transport)."""
     resets: int = 0
     reset_s: float = 0.0
-    """Sum of env reset round trips (BrowserGym relaunches its browsers at every reset)."""
+    """Sum of env reset round trips."""
+    browser_recycles: int = 0
+    """Resets at which an env server relaunched its browser for age or memory (EnvConfig
+    browser_max_episodes / browser_max_memory_mb)."""
     failure_reasons: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -408,6 +415,7 @@ class RolloutWorker:
             try:
                 slot.session = ClientEnvSession(slot.url, cfg.connect_timeout_s, cfg.step_timeout_s,
                                                 on_reset=self._count_reset,
+                                                on_browser_recycle=self._count_browser_recycle,
                                                 trust_unreported_seed=self._trust_unreported_seed)
             except Exception as exc:  # noqa: BLE001
                 self._repair(slot, f"connect failed: {exc}")
@@ -426,6 +434,10 @@ class RolloutWorker:
         with self._lock:
             self._stats.resets += 1
             self._stats.reset_s += seconds
+
+    def _count_browser_recycle(self) -> None:
+        with self._lock:
+            self._stats.browser_recycles += 1
 
     def _repair(self, slot: _Slot, reason: str) -> None:
         """Drops the session's client and replaces its env server (embedded pool) so the next

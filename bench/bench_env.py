@@ -3,6 +3,10 @@ bytes per step with and without the screenshot. Everything is measured in this o
 machine, and printed as ratios against the in-process baseline.
 
     python bench/bench_env.py [--steps 20] [--task miniwob.enter-text]
+    python bench/bench_env.py --soak 600 [--soak-every 50] [--soak-max-episodes 500]
+
+The soak runs many episodes through one session and prints the server's memory and process
+counts as it goes: flat memory and a constant number of Chromium processes mean no leak.
 
 Steps are `fill(<textbox>, ...)` on enter-text: they change the page but never end the episode, so
 every sample is a plain step (no reset). At most two browsers run at once (one env at a time).
@@ -43,12 +47,65 @@ def _summary(samples: list[float]) -> str:
     return f"median {statistics.median(samples) * 1000:7.1f} ms   mean {statistics.mean(samples) * 1000:7.1f} ms"
 
 
+def _tree(pid: int) -> tuple[float, int, int]:
+    """(RSS MiB, processes, Chromium processes) of a process and its descendants."""
+    import psutil
+
+    root = psutil.Process(pid)
+    processes = [root] + root.children(recursive=True)
+    rss, chromium = 0, 0
+    for process in processes:
+        try:
+            rss += process.memory_info().rss
+            chromium += "chrom" in process.name()
+        except psutil.NoSuchProcess:
+            continue
+    return rss / 2**20, len(processes), chromium
+
+
+def soak(episodes: int, every: int, max_episodes: int) -> int:
+    """Many episodes through ONE session of one env server: memory and process counts of the
+    server's process tree (server, Playwright driver, Chromium) every `every` episodes."""
+    from envs.browsergym.client import BrowserGymEnvClient
+    from envs.browsergym.config import EnvConfig
+    from envs.browsergym.pool import EnvServerPool
+    from envs.browsergym.scripted import run_scripted_episode
+
+    config = EnvConfig(task="miniwob.click-button", max_sessions=1, browser_max_episodes=max_episodes)
+    print(f"soak: {episodes} scripted click-button episodes through one session; browser_max_episodes={max_episodes}, "
+          f"browser_max_memory_mb={config.browser_max_memory_mb:g}")
+    print(f"{'episodes':>8s} {'tree RSS MiB':>12s} {'processes':>9s} {'chromium':>8s} {'success':>7s} {'recycles':>8s} {'s/episode':>9s}")
+    rewards: list[float] = []
+    recycles = 0
+    with EnvServerPool(1, config) as pool:
+        with BrowserGymEnvClient(pool.urls[0], message_timeout_s=300) as client:
+            started = time.monotonic()
+            for index in range(episodes):
+                def count(result):
+                    nonlocal recycles
+                    recycles += bool(result.observation.browser_recycled)
+
+                reward, _ = run_scripted_episode(client, "miniwob.click-button", 10_000 + index, on_reset=count)
+                rewards.append(reward)
+                if (index + 1) % every == 0 or index + 1 == episodes:
+                    rss, processes, chromium = _tree(pool.pids[0])
+                    print(f"{index + 1:8d} {rss:12.0f} {processes:9d} {chromium:8d} "
+                          f"{sum(r == 1.0 for r in rewards[-every:]) / len(rewards[-every:]):7.2f} {recycles:8d} "
+                          f"{(time.monotonic() - started) / (index + 1):9.2f}", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20, help="timed steps per setting")
     parser.add_argument("--task", default="miniwob.enter-text")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--soak", type=int, default=0, help="instead: run this many episodes through one session")
+    parser.add_argument("--soak-every", type=int, default=50, help="soak: report every N episodes")
+    parser.add_argument("--soak-max-episodes", type=int, default=500, help="soak: browser_max_episodes")
     args = parser.parse_args(argv)
+    if args.soak:
+        return soak(args.soak, args.soak_every, args.soak_max_episodes)
 
     from openenv.core.env_server.serialization import serialize_observation
 

@@ -1,12 +1,21 @@
-"""Rollout throughput: the seed gist's sequential pattern vs rollout workers, in one run.
+"""Rollout throughput: the seed gist's sequential pattern vs this project's configuration, in one run.
 
-    .venv/bin/python bench/bench_rollout.py [--groups 2] [--group-size 4] [--max-steps 3] [--engine transformers]
+    .venv/bin/python bench/bench_rollout.py [--scripted-episodes 36] [--scripted-sessions 2]
+        [--groups 2] [--group-size 4] [--max-steps 3] [--engine transformers] [--skip-engine]
 
-Same tiny VLM (built offline), same task (MiniWoB click-test), same prompts and parser, same
-number of episodes everywhere:
+Part 1, the env side with a scripted policy (no engine; envs/browsergym/scripted.py, six MiniWoB
+tasks in turn): the seed's pattern (one env session, episodes one after another, BrowserGym's
+stock reset that relaunches Chromium and a chat-window Chromium every episode) against K sessions
+that never wait for each other, each keeping one Chromium with a fresh context per episode
+(EnvConfig.reset_mode="context"), and the same with MiniWoB's in-page restart ("page"). Prints episodes/s and its ratio, the success rate (must not
+change), reset and step medians (WebSocket round trips) and the share of episode time in reset.
+
+Part 2, with an engine. Same tiny VLM (built offline), same task (MiniWoB click-test), same prompts
+and parser, same number of episodes everywhere:
 
   (a) gist:       one env session stepped sequentially inside a "rollout function"; one engine
-                  call per step with a single prompt (what a TRL `rollout_func` over one env does)
+                  call per step with a single prompt (what a TRL `rollout_func` over one env does),
+                  BrowserGym's stock reset
   (b) worker K=2: one RolloutWorker, 2 env sessions, prompts of live episodes batched
       worker K=4: one RolloutWorker, 4 env sessions
   (c) 2 workers:  two RolloutWorker Ray actors (K=2 each) running different groups at once
@@ -22,6 +31,7 @@ browser time is real page work (screenshot, accessibility tree), not a sleep.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -92,7 +102,7 @@ def bench_gist(engine_config, env_config, groups, group_size, max_steps, seeds):
         busy[1] += 1
         return out
 
-    with EnvServerPool(1, env_config) as pool:
+    with EnvServerPool(1, dataclasses.replace(env_config, reset_mode="relaunch")) as pool:
         session = ClientEnvSession(pool.urls[0], cfg.connect_timeout_s, cfg.step_timeout_s,
                                    on_reset=lambda sec: resets.__setitem__(0, resets[0] + sec))
         try:
@@ -176,6 +186,117 @@ def bench_two_workers(engine_config, env_config, k, groups, group_size, max_step
     return _summary(f"(c) 2 workers (Ray), K={k} each", trajs, wall, busy, calls, reset_s)
 
 
+def _scripted_sessions(url_per_session: list[str], episodes: list[tuple[str, int]], max_steps: int) -> dict:
+    """Play `episodes` (task, seed) with the scripted policy over one client per session, each
+    session on its own thread taking the next episode from a shared queue (sessions never wait for
+    each other). Returns timings: per-reset and per-step seconds, per-episode wall, rewards."""
+    import queue
+    import threading
+
+    from envs.browsergym.client import BrowserGymEnvClient
+    from envs.browsergym.scripted import run_scripted_episode
+
+    todo: "queue.Queue[tuple[str, int]]" = queue.Queue()
+    for item in episodes:
+        todo.put(item)
+    lock = threading.Lock()
+    out = {"reset_s": [], "step_s": [], "episode_s": [], "rewards": [], "errors": []}
+
+    class Timed:
+        """The client, with every reset and step timed."""
+
+        def __init__(self, client):
+            self.client, self.resets, self.steps = client, [], []
+
+        def reset(self, **kwargs):
+            t0 = time.monotonic()
+            result = self.client.reset(**kwargs)
+            self.resets.append(time.monotonic() - t0)
+            return result
+
+        def step(self, action):
+            from envs.browsergym.models import BrowserGymAction
+
+            t0 = time.monotonic()
+            result = self.client.step(BrowserGymAction(action_str=action))
+            self.steps.append(time.monotonic() - t0)
+            return result
+
+    def session(url: str) -> None:
+        with BrowserGymEnvClient(url, message_timeout_s=300) as client:
+            timed = Timed(client)
+            while True:
+                try:
+                    task, seed = todo.get_nowait()
+                except queue.Empty:
+                    break
+                t0 = time.monotonic()
+                try:
+                    reward, _ = run_scripted_episode(timed, task, seed, max_steps=max_steps)
+                except Exception as exc:  # noqa: BLE001 - counted and shown, the bench goes on
+                    reward = 0.0
+                    with lock:
+                        out["errors"].append(f"{task} seed {seed}: {type(exc).__name__}: {exc}")
+                with lock:
+                    out["episode_s"].append(time.monotonic() - t0)
+                    out["rewards"].append(reward)
+            with lock:
+                out["reset_s"] += timed.resets
+                out["step_s"] += timed.steps
+
+    threads = [threading.Thread(target=session, args=(url,)) for url in url_per_session]
+    t0 = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    out["wall_s"] = time.monotonic() - t0
+    return out
+
+
+def bench_scripted(episodes: int, sessions: int, max_steps: int) -> list[dict]:
+    """The env side alone, with the scripted policy (no engine): the seed's pattern (one env
+    session, episodes one after another, BrowserGym's stock reset that relaunches Chromium twice)
+    against this project's configuration (K sessions that never wait for each other, one kept
+    Chromium per session and a fresh context per episode). Same episodes, same step settings."""
+    from envs.browsergym.config import EnvConfig
+    from envs.browsergym.pool import EnvServerPool
+    from envs.browsergym.scripted import SCRIPTED_TASKS
+
+    # Runs of 6 episodes of one task (as a GRPO group of one task would be), different seeds.
+    plan = [(SCRIPTED_TASKS[(i // 6) % len(SCRIPTED_TASKS)], 5000 + i) for i in range(episodes)]
+    warmup = [(task, 1) for task in SCRIPTED_TASKS[:2]]
+    results = []
+    for name, reset_mode, k in (("seed pattern: 1 env, stock reset", "relaunch", 1),
+                                (f"this project: K={sessions}, context reset", "context", sessions),
+                                (f"this project: K={sessions}, in-page reset", "page", sessions)):
+        config = EnvConfig(task=TASK, reset_mode=reset_mode, max_steps=max_steps, max_sessions=1)
+        with EnvServerPool(k, config) as pool:
+            _scripted_sessions(list(pool.urls), warmup * k, max_steps)  # browsers up, code warm
+            run = _scripted_sessions(list(pool.urls), plan, max_steps)
+        run["name"] = name
+        results.append(run)
+        print(f"  done: {name}", flush=True)
+    return results
+
+
+def print_scripted(results: list[dict]) -> None:
+    base = len(results[0]["rewards"]) / results[0]["wall_s"]
+    print()
+    print("env throughput with the scripted policy (no engine): episodes of the scripted tasks, success = reward 1.0")
+    print(f"{'configuration':38s} {'episodes':>8s} {'success':>7s} {'wall s':>7s} {'eps/s':>6s} {'x seed':>6s} "
+          f"{'reset med':>9s} {'step med':>8s} {'reset share':>11s}")
+    for r in results:
+        n = len(r["rewards"])
+        eps = n / r["wall_s"]
+        share = sum(r["reset_s"]) / max(sum(r["episode_s"]), 1e-9)
+        print(f"{r['name']:38s} {n:8d} {sum(x == 1.0 for x in r['rewards']) / max(n, 1):7.2f} {r['wall_s']:7.1f} "
+              f"{eps:6.2f} {eps / base:6.2f} {statistics.median(r['reset_s']):8.3f}s "
+              f"{statistics.median(r['step_s']):7.3f}s {100 * share:10.1f}%")
+        for error in r["errors"][:5]:
+            print(f"    error: {error}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--groups", type=int, default=2, help="timed groups per configuration (after one warm-up)")
@@ -184,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine", default="transformers", choices=["transformers", "vllm"])
     ap.add_argument("--sessions", default="2,4", help="K values for (b)")
     ap.add_argument("--skip-ray", action="store_true", help="skip (c)")
+    ap.add_argument("--scripted-episodes", type=int, default=36, help="part 1: timed episodes per configuration")
+    ap.add_argument("--scripted-sessions", type=int, default=2, help="part 1: K sessions of this project's configuration")
+    ap.add_argument("--skip-engine", action="store_true", help="run part 1 only")
     args = ap.parse_args(argv)
 
     from actors.engines import EngineConfig
@@ -197,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"task {TASK}, G={args.group_size}, {args.groups} timed groups, max_steps {args.max_steps}, "
           f"engine {args.engine}, tiny VLM, {os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}, "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
+
+    print_scripted(bench_scripted(args.scripted_episodes, args.scripted_sessions, args.max_steps + 2))
+    if args.skip_engine:
+        return 0
 
     results = []
     gist, transport_s = bench_gist(engine_config, env_config, args.groups, args.group_size, args.max_steps, seeds)
@@ -213,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
 
     base = results[0]["eps_per_s"]
     print()
+    print("with the tiny VLM engine ((a) uses BrowserGym's stock reset, the workers reset a fresh context)")
     print(f"{'configuration':34s} {'episodes':>8s} {'failed':>6s} {'steps':>5s} {'wall s':>7s} {'eps/s':>7s} "
           f"{'x gist':>6s} {'batch':>5s}")
     for r in results:
@@ -237,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    env step    {r['env_s']:7.1f} s ({r['env_s'] / n:.2f}/step, {100 * r['env_s'] / ep:4.1f}%) "
               f"= browser ~{env_browser:.1f} s + transport ~{n * transport_s:.1f} s")
         print(f"    env reset   {r['reset_s']:7.1f} s ({r['reset_s'] / max(r['episodes'], 1):.2f}/episode, "
-              f"{100 * r['reset_s'] / ep:4.1f}%)  (BrowserGym relaunches both browsers per reset)")
+              f"{100 * r['reset_s'] / ep:4.1f}%)")
         print(f"    other       {rest:7.1f} s ({100 * rest / ep:4.1f}%)  (prompt building, parsing, queueing)")
     return 0
 

@@ -436,7 +436,7 @@ class Trainer:
         totals = {
             k: float(sum(s.get(k, 0) for s in stats))
             for k in ("episodes_started", "episodes_finished", "episodes_truncated", "episodes_failed", "steps",
-                      "env_restarts", "engine_calls", "engine_sleeps")
+                      "env_restarts", "engine_calls", "engine_sleeps", "browser_recycles")
         }
         delta = {k: v - self._prev_stats.get(k, 0.0) for k, v in totals.items()}
         self._prev_stats = totals
@@ -453,6 +453,7 @@ class Trainer:
             "env_failures": delta["env_restarts"],
             "actor_failures": 0.0,
             "engine_sleeps": delta["engine_sleeps"],  # cluster.colocate: engines put to sleep this step
+            "browser_recycles": delta["browser_recycles"],  # env.browser_max_episodes / _memory_mb relaunches
             "groups_trained": float(len(groups)),
             "trained_tokens": tokens,
             "success_rate": (sum(t.success for t in trainable) / len(trainable)) if trainable else 0.0,

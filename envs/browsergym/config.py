@@ -12,6 +12,7 @@ from typing import Any, Optional
 # "bid"/"coord" subsets contain upload_file / mouse_upload_file (read any local file into the page)
 # and "nav" contains goto (navigate to file:///etc/...), so they are opt-in, not the default.
 FORBIDDEN_ACTION_SUBSETS = ("python",)
+RESET_MODES = ("context", "page", "relaunch")
 KNOWN_ACTION_SUBSETS = (
     "chat",
     "infeas",
@@ -60,9 +61,30 @@ class EnvConfig:
     0 measured ~180 ms per step against ~790 ms (FACTS.md) and the six reference MiniWoB tasks
     still score 1.0; raise it for tasks with delayed page updates (autocomplete menus)."""
 
-    slow_mo: int = 0
-    """Playwright slow-motion delay in ms for every browser operation (MiniWoB tasks ask 100).
-    0 is the fast setting measured in FACTS.md."""
+    slow_mo: Optional[int] = 0
+    """Playwright slow-motion delay in ms for every browser operation (MiniWoB tasks ask 100;
+    None = the task's own). It paces actions for a human watching; no MiniWoB reward depends on
+    it (tests/test_env_fast_reset.py), so 0 is the default."""
+
+    reset_mode: str = "context"
+    """How `reset` starts an episode. `context`: the session keeps one Chromium and opens a fresh
+    browser context and page per episode (no cookie/storage/history leak; no chat-window browser;
+    the same task instance per seed as BrowserGym's reset). `page`: like `context`, but a MiniWoB
+    episode after one of the same task restarts in the same page (MiniWoB's `core.startEpisodeReal`
+    with the same seed draw; storage and cookies cleared, a fresh context every 100 episodes):
+    no new renderer or page load per episode, but the page's JavaScript state is shared between
+    episodes. `relaunch`: BrowserGym's own reset,
+    which closes and relaunches Chromium plus a chat-window Chromium every episode (the seed's
+    pattern; bench/bench_rollout.py compares the three)."""
+
+    browser_max_episodes: int = 500
+    """`context`/`page` modes: relaunch the session's Chromium after this many episodes (0 =
+    never), so a slow leak in a long-lived browser cannot build up."""
+
+    browser_max_memory_mb: float = 1500.0
+    """`context`/`page` modes: relaunch the session's Chromium at the next reset once the summed
+    RSS of its process tree passes this many MiB (0 = never; shared pages count once per process,
+    so the sum overstates what the browser holds)."""
 
     action_timeout_ms: Optional[int] = None
     """Playwright timeout of one browser operation (None = the task's own, 5000 ms for MiniWoB)."""
@@ -135,8 +157,14 @@ class EnvConfig:
             raise ValueError(f"EnvConfig.max_action_chars must be in [1, 1e6], got {self.max_action_chars}")
         if self.pre_observation_delay < 0:
             raise ValueError("EnvConfig.pre_observation_delay must be >= 0 seconds")
-        if self.slow_mo < 0:
+        if self.slow_mo is not None and self.slow_mo < 0:
             raise ValueError("EnvConfig.slow_mo must be >= 0 ms")
+        if self.reset_mode not in RESET_MODES:
+            raise ValueError(f"EnvConfig.reset_mode must be one of {', '.join(RESET_MODES)}, got {self.reset_mode!r}")
+        if self.browser_max_episodes < 0:
+            raise ValueError("EnvConfig.browser_max_episodes must be >= 0 (0 = never recycle)")
+        if self.browser_max_memory_mb < 0:
+            raise ValueError("EnvConfig.browser_max_memory_mb must be >= 0 (0 = no limit)")
         if self.action_timeout_ms is not None and self.action_timeout_ms <= 0:
             raise ValueError("EnvConfig.action_timeout_ms must be > 0 or None")
         if self.viewport is not None:

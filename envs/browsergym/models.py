@@ -51,6 +51,9 @@ class BrowserGymObservation(Observation):
     terminated: bool = Field(default=False, description="The task ended (success or failure)")
     truncated: bool = Field(default=False, description="The episode hit max_steps")
     last_action: str = Field(default="", description="The last action string (shortened if long)")
+    browser_recycled: bool = Field(
+        default=False, description="This reset relaunched the session's browser (age or memory limit)"
+    )
 
 
 class BrowserGymState(State):

@@ -1,7 +1,9 @@
 """BrowserGym MiniWoB as an openenv-core `Environment`.
 
-One instance = one WebSocket session = one BrowserGym env (two Chromium processes while an
-episode runs). BrowserGym's sync Playwright is bound to the thread that created it, so the
+One instance = one WebSocket session = one BrowserGym env. With `reset_mode="context"` (the
+default) the session keeps one Chromium for all its episodes and gives each a fresh browser
+context (server/browser.py); with `"relaunch"` BrowserGym's own reset relaunches Chromium and its
+chat-window Chromium every episode. BrowserGym's sync Playwright is bound to the thread that created it, so the
 server runs every session of a process on one thread (REQUIRES_SINGLE_THREAD_EXECUTOR) and we
 check that nobody calls us from another thread.
 """
@@ -20,7 +22,7 @@ from typing import Any, Optional
 from openenv.core.env_server.interfaces import Environment
 
 from envs.browsergym.actions import ActionValidator
-from envs.browsergym.chromium import install_launch_wrapper
+from envs.browsergym.chromium import install_cheap_call_stacks, install_launch_wrapper
 from envs.browsergym.config import EnvConfig, qualify_task_name, reset_seed
 from envs.browsergym.models import BrowserGymAction, BrowserGymObservation, BrowserGymState
 
@@ -154,6 +156,7 @@ class BrowserGymEnvironment(Environment[BrowserGymAction, BrowserGymObservation,
             self.config.action_subsets, self.config.max_action_chars, self.config.allow_multiaction
         )
         self._gym_env: Any = None
+        self._kept_browser: Any = None  # KeptBrowser in "context" mode, created on first reset
         self._gym_task: Optional[str] = None
         self._thread_id: Optional[int] = None
         self._episode_done = True
@@ -181,13 +184,15 @@ class BrowserGymEnvironment(Environment[BrowserGymAction, BrowserGymObservation,
             self._gym_env = self._make_gym_env(qualified)
             self._gym_task = qualified
 
-        # --- start the episode (BrowserGym relaunches both browsers on every reset) ---
+        # --- start the episode (a fresh context on the kept browser, or BrowserGym's relaunch) ---
         self._episode_done = True  # stays so if the reset fails
         try:
             obs, info = self._gym_env.reset(seed=seed)
         except Exception as e:
-            # A half-started BrowserGym env cannot be reset again: drop it, the next reset rebuilds.
+            # A half-started BrowserGym env cannot be reset again: drop it (and the kept browser,
+            # which may be the culprit); the next reset rebuilds both.
             self._close_gym_env()
+            self._close_kept_browser()
             raise RuntimeError(f"browser failure during reset of {qualified}: {type(e).__name__}: {e}") from e
         self._started = True
         self._episode_done = False
@@ -203,7 +208,9 @@ class BrowserGymEnvironment(Environment[BrowserGymAction, BrowserGymObservation,
             seed=seed,
             done=False,
         )
-        return self._observation(obs, info, reward=0.0, terminated=False, truncated=False)
+        observation = self._observation(obs, info, reward=0.0, terminated=False, truncated=False)
+        observation.browser_recycled = self._kept_browser is not None and self._kept_browser.recycled_now
+        return observation
 
     def step(
         self, action: BrowserGymAction, timeout_s: Optional[float] = None, **kwargs: Any
@@ -232,6 +239,7 @@ class BrowserGymEnvironment(Environment[BrowserGymAction, BrowserGymObservation,
             # Action errors are caught inside BrowserGym; reaching here means the browser itself
             # failed (crash, closed page): an infrastructure error for the client, not a reward.
             self._close_gym_env()
+            self._close_kept_browser()
             raise RuntimeError(f"browser failure during step: {type(e).__name__}: {e}") from e
         self._state.step_count += 1
         truncated = bool(truncated) or (not terminated and self._state.step_count >= self.config.max_steps)
@@ -249,6 +257,15 @@ class BrowserGymEnvironment(Environment[BrowserGymAction, BrowserGymObservation,
     def close(self) -> None:
         """Close the browsers (must run on the Playwright thread; the server does that)."""
         self._close_gym_env()
+        self._close_kept_browser()
+
+    def browser_stats(self) -> dict[str, Any]:
+        """Launches, recycles and memory of the session's kept browser ("context" mode)."""
+        kept = self._kept_browser
+        if kept is None:
+            return {"browser_launches": 0, "browser_recycles": 0, "browser_memory_mb": 0.0}
+        return {"browser_launches": kept.launches, "browser_recycles": kept.recycles,
+                "browser_memory_mb": round(kept.memory_mb(), 1)}
 
     # --- helpers ---
 
@@ -279,12 +296,11 @@ class BrowserGymEnvironment(Environment[BrowserGymAction, BrowserGymObservation,
             raise ValueError(f"unknown task {task!r}; {len(known)} {benchmark} tasks exist, e.g. {', '.join(known[:5])}")
 
         install_launch_wrapper(self.config.chromium_path, self.config.chromium_args)
+        install_cheap_call_stacks()
         task_kwargs: dict[str, Any] = {}
         if benchmark == "miniwob":
             task_kwargs["base_url"] = self.config.miniwob_url or default_miniwob_url()
-        env = gym.make(
-            env_id,
-            disable_env_checker=True,
+        env_kwargs = dict(
             task_kwargs=task_kwargs,
             headless=self.config.headless,
             slow_mo=self.config.slow_mo,
@@ -293,7 +309,22 @@ class BrowserGymEnvironment(Environment[BrowserGymAction, BrowserGymObservation,
             pre_observation_delay=self.config.pre_observation_delay,
             action_mapping=self.validator,
         )
-        return env.unwrapped  # BrowserEnv itself, without gym's order-enforcing wrappers
+        env = gym.make(env_id, disable_env_checker=True, **env_kwargs).unwrapped  # BrowserEnv, no gym wrappers
+        if self.config.reset_mode == "relaunch":
+            return env
+        from envs.browsergym.server.browser import KeptBrowser, PersistentBrowserEnv
+
+        if self._kept_browser is None:
+            self._kept_browser = KeptBrowser(
+                self.config.headless, self.config.browser_max_episodes, self.config.browser_max_memory_mb
+            )
+        # The registered env only holds the task's entry point (gym.make launches nothing).
+        return PersistentBrowserEnv(env.task_entrypoint, self._kept_browser,
+                                    in_page_restart=self.config.reset_mode == "page", **env_kwargs)
+
+    def _close_kept_browser(self) -> None:
+        if self._kept_browser is not None:
+            self._kept_browser.close()  # counters stay; the next reset launches a new one
 
     def _close_gym_env(self) -> None:
         if self._gym_env is None:

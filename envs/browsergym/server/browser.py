@@ -1,0 +1,368 @@
+"""One Chromium per env session, kept across episodes; a fresh browser context per episode.
+
+BrowserGym 0.14.3's `BrowserEnv.reset` closes and relaunches Chromium on every episode, plus a
+second Chromium for its chat window (`core/chat.py`): 1.1-2.6 s per reset on the 2-core machine
+(FACTS.md). Here a session launches Chromium once (`KeptBrowser`) and each episode gets a new
+browser context and page (`PersistentBrowserEnv.reset`): the context is Playwright's isolation
+unit (its own cookies, localStorage, cache and history), so nothing leaks from one episode to the
+next, and the task is set up exactly as BrowserGym does it (same task object from the same seed,
+same page URL, same init script), so a seed gives the same task instance as the stock reset
+(tests/test_env_fast_reset.py checks goal and layout against it).
+
+Why not MiniWoB's in-page restart (`core.endEpisode(0)` then `core.startEpisodeReal()` on the same
+page)? It keeps the page's JavaScript globals, DOM leftovers and storage from the last episode,
+i.e. exactly the leak a fresh context prevents, and it saved little: bench/bench_env.py --resets
+measures both (see the env README).
+
+The chat window is replaced by `ChatLog`, the same message list without a browser: MiniWoB tasks
+never read the chat, and `send_msg_to_user` / `report_infeasible` still record their messages.
+
+A long-lived browser grows (caches, leaked renderer memory), so `KeptBrowser` relaunches itself
+after `browser_max_episodes` episodes or when its process tree passes `browser_max_memory_mb`,
+checked between episodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Literal, Optional
+
+from browsergym.core import _get_global_playwright
+from browsergym.core.constants import BROWSERGYM_ID_ATTRIBUTE
+from browsergym.core.env import BrowserEnv
+
+logger = logging.getLogger(__name__)
+
+# BrowserGym's page-activation hook, verbatim from browsergym 0.14.3 core/env.py (reset): it tells
+# the env which page is active, since Playwright has no such notion.
+_PAGE_ACTIVATION_SCRIPT = r"""
+window.browsergym_page_activated();
+window.addEventListener("focus", () => {window.browsergym_page_activated();}, {capture: true});
+window.addEventListener("focusin", () => {window.browsergym_page_activated();}, {capture: true});
+window.addEventListener("load", () => {window.browsergym_page_activated();}, {capture: true});
+window.addEventListener("pageshow", () => {window.browsergym_page_activated();}, {capture: true});
+window.addEventListener("mousemove", () => {window.browsergym_page_activated();}, {capture: true});
+window.addEventListener("mouseup", () => {window.browsergym_page_activated();}, {capture: true});
+window.addEventListener("mousedown", () => {window.browsergym_page_activated();}, {capture: true});
+window.addEventListener("wheel", () => {window.browsergym_page_activated();}, {capture: true});
+window.addEventListener("keyup", () => {window.browsergym_page_activated();}, {capture: true});
+window.addEventListener("keydown", () => {window.browsergym_page_activated();}, {capture: true});
+window.addEventListener("input", () => {window.browsergym_page_activated();}, {capture: true});
+window.addEventListener("touchstart", () => {window.browsergym_page_activated();}, {capture: true});
+window.addEventListener("touchend", () => {window.browsergym_page_activated();}, {capture: true});
+document.addEventListener("visibilitychange", () => {
+    if (document.visibilityState === "visible") {
+        window.browsergym_page_activated();
+    }
+}, {capture: true});
+"""
+
+
+# reset_mode="page": a page serves at most this many episodes before a fresh context and page
+# (MiniWoB's own harness reloads its page every N episodes against slow leaks in the page).
+PAGE_MAX_EPISODES = 100
+
+_IN_PAGE_RESTART_SCRIPT = r"""
+([seed, maxTime]) => {
+    localStorage.clear();
+    sessionStorage.clear();
+    if (document.activeElement && document.activeElement.blur) { document.activeElement.blur(); }
+    for (const element of document.querySelectorAll('[bid]')) { element.removeAttribute('bid'); }
+    window.browsergym_elem_counter = 0;
+    core.endEpisode(0);  // no-op when the episode already ended (its timer is cleared)
+    Math.seedrandom(seed);
+    core.EPISODE_MAX_TIME = maxTime;
+    core.startEpisodeReal();
+}
+"""
+
+
+# Resolves after the next two animation frames: layout and paint of the current DOM are done.
+# A page that produces no frames (a hidden window in headed mode) gives up after 200 ms.
+_NEXT_FRAME_SCRIPT = """() => new Promise(done => {
+    requestAnimationFrame(() => requestAnimationFrame(done));
+    setTimeout(done, 200);
+})"""
+
+
+class ChatLog:
+    """BrowserGym's `Chat` without its browser window: the same `messages` list and `add_message`."""
+
+    ROLES = ("user", "user_image", "assistant", "info", "infeasible")
+
+    def __init__(self) -> None:
+        self.messages: list[dict[str, Any]] = []
+
+    def add_message(self, role: Literal["user", "user_image", "assistant", "info", "infeasible"], msg: str) -> None:
+        if role not in self.ROLES:
+            raise ValueError(f"Invalid role: {role}")
+        if role != "info":  # as Chat: "info" messages are shown in the window, not recorded
+            self.messages.append({"role": role, "timestamp": time.time(), "message": msg})
+
+    def wait_for_user_message(self) -> None:
+        raise RuntimeError("waiting for a user message needs BrowserGym's chat window (reset_mode='relaunch')")
+
+    def close(self) -> None:
+        pass
+
+
+def process_tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants, in MiB (0 if it is gone)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        processes = [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0
+    for process in processes:
+        try:
+            total += process.memory_info().rss
+        except psutil.NoSuchProcess:
+            continue
+    return total / 2**20
+
+
+class KeptBrowser:
+    """A Chromium launched on first use and kept until it is recycled or closed.
+
+    Must be used on the Playwright thread (BrowserGym's sync Playwright is bound to it).
+    """
+
+    def __init__(self, headless: bool, max_episodes: int = 0, max_memory_mb: float = 0.0,
+                 launch_kwargs: Optional[dict[str, Any]] = None) -> None:
+        self.headless = headless
+        self.max_episodes = max_episodes
+        self.max_memory_mb = max_memory_mb
+        self.launch_kwargs = dict(launch_kwargs or {})
+        self.browser: Any = None
+        self.pid: Optional[int] = None
+        self.slow_mo: Optional[int] = None
+        self.episodes = 0  # episodes started on the current browser
+        self.launches = 0
+        self.recycles = 0  # relaunches for age or memory (not counting the first launch or crashes)
+        self.last_recycle_reason = ""
+        self.recycled_now = False  # whether the last browser_for_episode recycled the browser
+
+    def browser_for_episode(self, slow_mo: int) -> tuple[Any, bool]:
+        """The browser for the next episode, launching or recycling it as needed. Returns
+        (browser, launched_now)."""
+        reason = self._recycle_reason(slow_mo)
+        launched = False
+        self.recycled_now = False
+        if reason:
+            if self.browser is not None:
+                logger.info("relaunching Chromium (pid %s): %s", self.pid, reason)
+                if reason.startswith(("episodes", "memory")):
+                    self.recycles += 1
+                    self.recycled_now = True
+                    self.last_recycle_reason = reason
+            self.close()
+            self._launch(slow_mo)
+            launched = True
+        self.episodes += 1
+        return self.browser, launched
+
+    def memory_mb(self) -> float:
+        """RSS of the browser's process tree in MiB (0 when no browser runs)."""
+        return process_tree_rss_mb(self.pid) if self.pid else 0.0
+
+    def close(self) -> None:
+        browser, self.browser, self.pid = self.browser, None, None
+        if browser is None:
+            return
+        try:
+            browser.close()
+        except Exception as e:  # a crashed browser must not stop the next launch
+            logger.warning("closing Chromium failed: %s: %s", type(e).__name__, e)
+
+    def _recycle_reason(self, slow_mo: int) -> str:
+        if self.browser is None:
+            return "first launch"
+        if not self.browser.is_connected():
+            return "browser disconnected"
+        if slow_mo != self.slow_mo:  # slow_mo is a launch option of Playwright
+            return f"slow_mo changed {self.slow_mo} -> {slow_mo}"
+        if self.max_episodes and self.episodes >= self.max_episodes:
+            return f"episodes: {self.episodes} reached browser_max_episodes={self.max_episodes}"
+        if self.max_memory_mb:
+            used = self.memory_mb()
+            if used > self.max_memory_mb:
+                return f"memory: {used:.0f} MiB over browser_max_memory_mb={self.max_memory_mb:g}"
+        return ""
+
+    def _launch(self, slow_mo: int) -> None:
+        pw = _get_global_playwright()
+        # The same launch as BrowserGym's reset (its scrollbar flags: otherwise screenshots miss
+        # the scrollbars); our executable and flags are added by chromium.install_launch_wrapper.
+        self.browser = pw.chromium.launch(
+            headless=self.headless,
+            slow_mo=slow_mo,
+            args=["--disable-features=OverlayScrollbars,ExtendedOverlayScrollbars"],
+            ignore_default_args=["--hide-scrollbars"],
+            **self.launch_kwargs,
+        )
+        self.slow_mo = slow_mo
+        self.episodes = 0
+        self.launches += 1
+        try:
+            cdp = self.browser.new_browser_cdp_session()
+            info = cdp.send("SystemInfo.getProcessInfo")
+            cdp.detach()
+            self.pid = next(int(p["id"]) for p in info["processInfo"] if p.get("type") == "browser")
+        except Exception as e:  # memory checks need the pid; the browser works without it
+            logger.warning("could not read Chromium's pid (memory limit off for it): %s", e)
+            self.pid = None
+
+
+class PersistentBrowserEnv(BrowserEnv):
+    """BrowserGym's `BrowserEnv` whose reset reuses one kept browser and opens a fresh context.
+
+    `reset` mirrors browsergym 0.14.3's `BrowserEnv.reset` step for step, except: the browser
+    comes from `KeptBrowser` (not launched here, not closed by the next reset), the chat is a
+    `ChatLog` (no window), and the page history starts empty. `step`, the observation and the
+    task's validation are BrowserGym's own.
+    """
+
+    def __init__(self, task_entrypoint: Any, kept_browser: KeptBrowser, in_page_restart: bool = False,
+                 **kwargs: Any) -> None:
+        super().__init__(task_entrypoint, **kwargs)
+        if self.resizeable_window or self.record_video_dir or self.wait_for_user_message:
+            raise ValueError("PersistentBrowserEnv supports neither resizeable windows, video nor "
+                             "waiting for user messages: use reset_mode='relaunch'")
+        self.kept_browser = kept_browser
+        self.in_page_restart = in_page_restart
+        self.launched_browser = False  # whether the last reset (re)launched Chromium
+        self.page_episodes = 0  # episodes served by the current page
+
+    def reset(self, seed: Optional[int] = None, *args: Any, **kwargs: Any) -> tuple[dict, dict]:
+        super(BrowserEnv, self).reset(seed=seed, *args, **kwargs)  # gym.Env.reset: seeds nothing we use
+        self.np_random = None  # all randomness is the task's, as in BrowserGym
+
+        # --- the task, from the seed (the same object BrowserGym's reset builds) ---
+        previous_task = self.task
+        if previous_task is not None:
+            previous_task.teardown()
+        self.task = self.task_entrypoint(seed=seed, **self.task_kwargs)
+        viewport = self._override("viewport")
+        slow_mo = self._override("slow_mo")
+        timeout = self._override("timeout")
+        locale = self._override("locale")
+        timezone_id = self._override("timezone_id")
+
+        pw = _get_global_playwright()
+        pw.selectors.set_test_id_attribute(BROWSERGYM_ID_ATTRIBUTE)
+        self.browser, self.launched_browser = self.kept_browser.browser_for_episode(slow_mo or 0)
+        self.chat = ChatLog()
+
+        if self._can_restart_in_page(previous_task):
+            # --- reset_mode="page": MiniWoB's own restart on the page of the last episode ---
+            task_goal, task_info = self._restart_in_page()
+        else:
+            # --- a fresh context and page (the last episode's storage and history go away) ---
+            self._close_context()
+            self.context = self.browser.new_context(
+                viewport=viewport, locale=locale, timezone_id=timezone_id, **self.pw_context_kwargs
+            )
+            self.context.set_default_timeout(timeout)
+            self.context.expose_binding(
+                "browsergym_page_activated", lambda source: self._activate_page_from_js(source["page"])
+            )
+            self.context.add_init_script(_PAGE_ACTIVATION_SCRIPT)
+            self.page_history = {}
+            self.page = self.context.new_page()
+            self.page_episodes = 0
+            task_goal, task_info = self.task.setup(page=self.page)
+        self.page_episodes += 1
+        if task_goal is None:
+            self.goal_object = []
+        elif isinstance(task_goal, str):
+            self.goal_object = [{"type": "text", "text": task_goal}]
+        elif isinstance(task_goal, list):
+            self.goal_object = task_goal
+        else:
+            raise ValueError(f"task_goal should be of type str or list, got {task_goal.__class__}")
+        self.chat.add_message(
+            role="assistant",
+            msg="Hi! I am your UI assistant, I can perform web tasks for you. What can I help you with?",
+        )
+        for message in self.goal_object:
+            if message["type"] == "text":
+                self.chat.add_message(role="user", msg=message["text"])
+            elif message["type"] == "image_url":
+                image_src = message["image_url"]
+                self.chat.add_message(role="user_image", msg=image_src["url"] if isinstance(image_src, dict) else image_src)
+            else:
+                raise ValueError(f"Unknown message type {message['type']!r} in the task goal.")
+
+        self._wait_dom_loaded()
+        # Let the page lay out and paint the new task before it is observed. BrowserGym's reset
+        # gives it that time by accident (it sets up the chat window between the task's setup and
+        # the observation); without it, under heavy load, a first observation of
+        # click-collapsible once lacked the accordion header among the clickable elements.
+        self.page.evaluate(_NEXT_FRAME_SCRIPT)
+        self._active_page_check()
+        self.start_time = time.time()
+        self.last_action = ""
+        self.last_action_error = ""
+        self.infeasible_message_received = False
+        obs = self._get_obs()
+        return obs, {"task_info": task_info}
+
+    def close(self) -> None:
+        """Ends the episode; the kept browser stays (its owner closes it)."""
+        if self.task is not None:
+            self.task.teardown()
+            self.task = None
+        self._close_context()
+
+    def _can_restart_in_page(self, previous_task: Any) -> bool:
+        """reset_mode="page": restart in the page when the last episode ran the same MiniWoB task
+        on this (still connected) browser, its page is the only one and still on the task's URL,
+        and the page has served fewer than PAGE_MAX_EPISODES episodes."""
+        from browsergym.miniwob.base import AbstractMiniwobTask
+
+        return (
+            self.in_page_restart
+            and not self.launched_browser
+            and isinstance(self.task, AbstractMiniwobTask)
+            and type(previous_task) is type(self.task)
+            and self.context is not None
+            and self.page is not None
+            and len(self.context.pages) == 1
+            and not self.page.is_closed()
+            and self.page.url == self.task.url
+            and self.page_episodes < PAGE_MAX_EPISODES
+        )
+
+    def _restart_in_page(self) -> tuple[str, dict]:
+        """What AbstractMiniwobTask.setup does after loading the page, on the loaded page: the same
+        seed draw, `Math.seedrandom`, `core.startEpisodeReal()`. Before it, the page forgets the
+        last episode: storage and cookies cleared, focus dropped, BrowserGym's element ids
+        removed and its counter reset (so the new elements get the ids a fresh page gives)."""
+        task = self.task
+        task.page = self.page
+        js_seed = task.random.randint(0, 1000000)  # the draw setup() makes, from the same RandomState
+        self.context.clear_cookies()
+        self.page.evaluate(_IN_PAGE_RESTART_SCRIPT, [js_seed, task.episode_max_time])
+        self.page.wait_for_function("() => WOB_TASK_READY")
+        self.page_history = {self.page: None}
+        return task._get_goal(), task._get_info()
+
+    def _close_context(self) -> None:
+        context = self.context
+        self.context, self.page = None, None
+        if context is not None:
+            try:
+                context.close()
+            except Exception as e:  # a crashed browser: the next reset relaunches it
+                logger.warning("closing the episode's browser context failed: %s: %s", type(e).__name__, e)
+
+    def _override(self, name: str) -> Any:
+        # The env's value when set (our config), else the task's; BrowserGym warns on every
+        # override, which we make on purpose, so no warning here.
+        value = getattr(self, name)
+        return getattr(self.task, name) if value is None else value
+

@@ -1,0 +1,265 @@
+"""Fast resets and fast steps against BrowserGym's own: same task instances, same rewards, no leaks.
+
+The reference is BrowserGym's stock behaviour: `reset_mode="relaunch"` (its reset relaunches
+Chromium and a chat-window Chromium every episode) with its default waits (`slow_mo` = the task's
+100 ms, `pre_observation_delay` = 0.5 s). The fast configuration is this project's default: one
+kept Chromium per session, a fresh context per episode, no slow-motion, no pre-observation sleep.
+For each of 14 MiniWoB tasks and one seed per task, both must produce the same goal text and the
+same page (accessibility tree with bids, and the clickable elements' boxes), and a scripted
+solution must earn the same reward (1.0) in both. The same holds for `reset_mode="page"` (MiniWoB's
+in-page restart), checked on a page that has already served an episode of the task.
+
+At most two browsers run at once: the stock env (page + chat) first, then the fast one.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from envs.browsergym.config import EnvConfig
+from envs.browsergym.models import BrowserGymAction, BrowserGymObservation
+from envs.browsergym.scripted import NoScriptedAction, scripted_action
+
+pytestmark = pytest.mark.browser
+
+# --- test-local scripted solutions for tasks envs/browsergym/scripted.py does not cover ---------
+
+
+def _elements(observation: BrowserGymObservation, *roles: str) -> list[dict]:
+    return [e for e in observation.clickable_elements if e["role"] in roles or e["tag"] in roles]
+
+
+def _by_text(observation: BrowserGymObservation, text: str, *roles: str) -> str:
+    for element in _elements(observation, *roles):
+        if element["text"].strip().lower() == text.strip().lower():
+            return element["bid"]
+    raise NoScriptedAction(f"no {roles} element with text {text!r}")
+
+
+def _extra_action(observation: BrowserGymObservation, history: tuple[str, ...]) -> str:
+    goal, task, step = observation.goal, observation.task_name, len(history)
+    quoted = re.findall(r'"([^"]*)"', goal)
+    boxes = [e["bid"] for e in _elements(observation, "textbox", "input")]
+    if task.endswith("click-test-2"):
+        return f"click('{_by_text(observation, 'ONE', 'button')}')"
+    if task.endswith("focus-text-2"):
+        index = int(re.search(r"(\d+)(st|nd|rd|th)", goal).group(1)) - 1
+        return f"click('{boxes[index]}')"
+    if task.endswith("click-button-sequence"):
+        return f"click('{_by_text(observation, ['ONE', 'TWO'][step], 'button')}')"
+    if task.endswith("enter-password"):
+        if step < 2:
+            return f"fill('{boxes[step]}', {quoted[0]!r})"
+        return f"click('{_by_text(observation, 'Submit', 'button')}')"
+    if task.endswith("login-user"):
+        if step < 2:
+            return f"fill('{boxes[step]}', {quoted[step]!r})"
+        return f"click('{_by_text(observation, 'Login', 'button')}')"
+    if task.endswith("enter-text-2"):
+        if step == 0:
+            text = quoted[0].lower() if "lower case" in goal else quoted[0].upper()
+            return f"fill('{boxes[0]}', {text!r})"
+        return f"click('{_by_text(observation, 'Submit', 'button')}')"
+    if task.endswith("click-tab"):
+        number = re.search(r"Tab #(\d+)", goal).group(1)
+        return f"click('{_by_text(observation, f'Tab #{number}', 'link')}')"
+    if task.endswith("click-collapsible"):
+        if step == 0:
+            return f"click('{_elements(observation, 'tab', 'h3')[0]['bid']}')"
+        return f"click('{_by_text(observation, 'Submit', 'button')}')"
+    return scripted_action(observation, history)
+
+
+TASKS = (
+    "miniwob.click-test",
+    "miniwob.click-button",
+    "miniwob.click-link",
+    "miniwob.enter-text",
+    "miniwob.focus-text",
+    "miniwob.click-dialog",
+    "miniwob.click-test-2",
+    "miniwob.focus-text-2",
+    "miniwob.click-button-sequence",
+    "miniwob.enter-password",
+    "miniwob.login-user",
+    "miniwob.enter-text-2",
+    "miniwob.click-tab",
+    "miniwob.click-collapsible",
+)
+
+# BrowserGym's own defaults (what a plain `gym.make("browsergym/miniwob.X")` does).
+STOCK = dict(reset_mode="relaunch", slow_mo=None, pre_observation_delay=0.5)
+
+
+def _episode(env, task: str, seed: int, retries: int = 1) -> tuple[BrowserGymObservation, BrowserGymObservation, list[str]]:
+    first = env.reset(seed=seed, task=task)
+    observation, actions, timed_out = first, [], False
+    while not observation.done and len(actions) < 4:
+        action = _extra_action(observation, tuple(actions))
+        actions.append(action)
+        observation = env.step(BrowserGymAction(action_str=action))
+        timed_out |= "Timeout" in observation.error
+    if timed_out and observation.reward != 1.0 and retries:
+        # BrowserGym gives fill/click 500 ms; on a machine with a load average of 30-50 (seen on
+        # the shared 2-core machine, with either configuration) that can run out. Such an episode
+        # says nothing about resets or waits: play the same seed again, once.
+        return _episode(env, task, seed, retries - 1)
+    return first, observation, actions
+
+
+def _play(config: EnvConfig) -> dict[str, dict]:
+    """Per task: the first observation's goal/page and the scripted episode's reward. With
+    reset_mode="page" another episode of the task runs first, so the measured one is an in-page
+    restart on a used page."""
+    from envs.browsergym.server.environment import BrowserGymEnvironment
+
+    env = BrowserGymEnvironment(config)
+    results = {}
+    try:
+        for index, task in enumerate(TASKS):
+            seed = 1000 + 7 * index
+            try:
+                if config.reset_mode == "page":
+                    _episode(env, task, 2000 + index)
+                first, observation, actions = _episode(env, task, seed)
+            except Exception as exc:  # noqa: BLE001 - this task's tests fail with it, the others run
+                results[task] = {"error": f"{type(exc).__name__}: {exc}"}
+                continue
+            results[task] = {
+                "page_episodes": getattr(env._gym_env, "page_episodes", None),
+                "goal": first.goal,
+                "axtree": first.axtree_txt,
+                "boxes": [(e["bid"], e["text"], e["bbox"]) for e in first.clickable_elements],
+                "reward": observation.reward,
+                "done": observation.done,
+                "actions": actions,
+                "errors": [observation.error] if observation.error else [],
+            }
+    finally:
+        env.close()
+    return results
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict[str, dict]:
+    return {
+        "stock": _play(EnvConfig(task="miniwob.click-test", max_steps=8, **STOCK)),
+        "context": _play(EnvConfig(task="miniwob.click-test", max_steps=8)),
+        "page": _play(EnvConfig(task="miniwob.click-test", max_steps=8, reset_mode="page")),
+    }
+
+
+@pytest.mark.parametrize("mode", ["context", "page"])
+@pytest.mark.parametrize("task", TASKS)
+def test_fast_reset_gives_the_stock_task_instance_for_the_seed(runs, task, mode):
+    stock, fast = runs["stock"][task], runs[mode][task]
+    assert "error" not in stock and "error" not in fast, (stock.get("error"), fast.get("error"))
+    assert fast["goal"] == stock["goal"]
+    assert fast["axtree"] == stock["axtree"]  # layout, texts and bids
+    assert fast["boxes"] == stock["boxes"]  # positions on the page
+    if mode == "page":
+        assert fast["page_episodes"] == 2  # it really was an in-page restart
+
+
+@pytest.mark.parametrize("mode", ["context", "page"])
+@pytest.mark.parametrize("task", TASKS)
+def test_scripted_solution_earns_the_same_reward_with_fast_waits(runs, task, mode):
+    stock, fast = runs["stock"][task], runs[mode][task]
+    assert "error" not in stock and "error" not in fast, (stock.get("error"), fast.get("error"))
+    assert stock["done"] and stock["reward"] == 1.0, stock
+    assert fast["actions"] == stock["actions"]
+    assert (fast["done"], fast["reward"]) == (stock["done"], stock["reward"]), fast
+
+
+@pytest.mark.parametrize("mode", ["context", "page"])
+def test_episodes_share_one_browser_but_no_storage_or_history(mode):
+    """A page writes localStorage (and sessionStorage, and a history entry) in one episode; the next
+    episode, on the same Chromium process, sees none of it. (In "page" mode the page, and so its
+    history, is the last episode's: only storage and cookies are cleared.)"""
+    from envs.browsergym.server.environment import BrowserGymEnvironment
+
+    env = BrowserGymEnvironment(EnvConfig(task="miniwob.click-test", reset_mode=mode))
+    try:
+        env.reset(seed=1)
+        pid = env._kept_browser.pid
+        page = env._gym_env.page
+        fresh_history = page.evaluate("() => history.length")
+        page.evaluate("""() => { localStorage.setItem('leak', 'episode-1');
+                                 sessionStorage.setItem('leak', 'episode-1');
+                                 history.pushState({}, ''); }""")  # same URL: "page" mode may reuse the page
+        # Control: the page can store and read (file:// origins have localStorage in Chromium).
+        assert page.evaluate("() => [localStorage.getItem('leak'), history.length]") == ["episode-1", fresh_history + 1]
+
+        env.reset(seed=2)
+        page = env._gym_env.page
+        seen = page.evaluate("() => [localStorage.getItem('leak'), sessionStorage.getItem('leak'), history.length]")
+        assert seen == [None, None, fresh_history + (mode == "page")]
+        assert env._gym_env.page_episodes == (2 if mode == "page" else 1)
+        assert env._kept_browser.pid == pid  # same browser process: isolation came from the context
+        assert env.browser_stats()["browser_launches"] == 1
+        assert env._gym_env.chat.messages[-1]["message"] == env.state.goal  # chat log without a window
+    finally:
+        env.close()
+
+
+def test_browser_is_recycled_after_max_episodes_and_reported_on_the_reset():
+    from envs.browsergym.server.environment import BrowserGymEnvironment
+
+    env = BrowserGymEnvironment(EnvConfig(task="miniwob.click-test", browser_max_episodes=2))
+    try:
+        flags, pids = [], []
+        for seed in range(5):
+            flags.append(env.reset(seed=seed).browser_recycled)
+            pids.append(env._kept_browser.pid)
+        assert flags == [False, False, True, False, True]
+        assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4]
+        assert env.browser_stats()["browser_recycles"] == 2
+        assert env.browser_stats()["browser_launches"] == 3
+    finally:
+        env.close()
+
+
+def test_browser_is_recycled_past_the_memory_limit():
+    from envs.browsergym.server.environment import BrowserGymEnvironment
+
+    # 1 MiB: any running Chromium is over it, so every reset after the first relaunches.
+    env = BrowserGymEnvironment(EnvConfig(task="miniwob.click-test", browser_max_memory_mb=1))
+    try:
+        first = env.reset(seed=0)
+        assert env.browser_stats()["browser_memory_mb"] > 1
+        second = env.reset(seed=1)
+        assert (first.browser_recycled, second.browser_recycled) == (False, True)
+        assert "memory" in env._kept_browser.last_recycle_reason
+    finally:
+        env.close()
+
+
+def test_a_crashed_browser_is_relaunched_at_the_next_reset():
+    import os
+    import signal
+
+    from envs.browsergym.server.environment import BrowserGymEnvironment
+
+    env = BrowserGymEnvironment(EnvConfig(task="miniwob.click-test"))
+    try:
+        env.reset(seed=0)
+        os.kill(env._kept_browser.pid, signal.SIGKILL)
+        with pytest.raises(RuntimeError, match="browser failure"):
+            env.step(BrowserGymAction(action_str="noop(0)"))
+        observation = env.reset(seed=1)  # a new browser, not counted as a recycle
+        assert observation.goal and not observation.browser_recycled
+        assert env.browser_stats()["browser_launches"] == 2
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [({"reset_mode": "fresh"}, "reset_mode"), ({"browser_max_episodes": -1}, "browser_max_episodes"),
+     ({"browser_max_memory_mb": -5}, "browser_max_memory_mb")],
+)
+def test_bad_browser_settings_are_clear_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        EnvConfig(**overrides).validate()
