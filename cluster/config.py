@@ -665,7 +665,7 @@ warm_start:
   episodes_per_task: 16
   epsilon: 0.8
   num_sessions: 2
-  epochs: 3
+  epochs: 8
   batch_episodes: 4
   lr: 2.0e-3
   heldout_fraction: 0.25
