@@ -622,13 +622,16 @@ def parse_value(text: str, tp: Any) -> Any:
 # The `local` preset embedded in code, so `bgrpo train` works from an installed package without the
 # configs/ folder. configs/local.yaml holds the same content (a test keeps them equal).
 EMBEDDED_LOCAL_PRESET = """\
-# local: the main job, a learning run that finishes in minutes on 2 CPU cores. A tiny Qwen3-VL built
-# offline; a short supervised warm start on deliberately imperfect demonstrations (a scripted
-# teacher that clicks a random button 80 % of the time); then GRPO on real MiniWoB click-test-2
-# ("Click button ONE." next to a TWO button, both at random places) in real Chromium; and the
-# same held-out seeds evaluated before and after GRPO with sampling (temperature 1), so the
-# before -> after difference is what GRPO changed in the policy, with its 95 % interval.
-model: tiny-vlm
+# local: the main job, a learning run that finishes in minutes on 2 CPU cores. A tiny Qwen3 built
+# offline reading the accessibility tree; a short supervised warm start on deliberately imperfect
+# demonstrations (a scripted teacher that clicks a random button 80 % of the time); then GRPO on
+# real MiniWoB click-test-2 ("Click button ONE." next to a TWO button, both at random places) in
+# real Chromium; and the same held-out seeds evaluated before and after GRPO with sampling
+# (temperature 1), so the before -> after difference is what GRPO changed in the policy, with its
+# 95 % interval. Text, not the screenshot: click-test-2's tree is the same on every seed, so the
+# warm start learns the teacher's preference (~60/40) instead of memorising screenshots, which
+# made the tiny VLM copy the majority action with full confidence on unseen seeds.
+model: tiny-lm
 cluster:
   num_cpus: 8
   num_rollout_workers: 2
@@ -648,6 +651,10 @@ rollout:
   num_sessions: 1
   max_steps: 1
   allowed_actions: [noop, click]
+  prompt:
+    include_screenshot: false
+    include_axtree: true
+    max_clickable_elements: 0
   sampling:
     temperature: 1.0
     top_k: 0

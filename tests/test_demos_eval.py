@@ -14,9 +14,18 @@ def test_demonstrations_are_training_samples(tmp_path):
     from actors.tiny_models import build_tiny_vl_model
     from actors.trajectory import read_trajectories
 
+    import yaml
+
+    from cluster.config import PRESETS_DIR
+
+    # The VLM path (screenshots in the prompt); the local preset itself is text-only.
+    preset = yaml.safe_load((PRESETS_DIR / "local.yaml").read_text())
+    preset["model"] = "tiny-vlm"
+    preset["rollout"]["prompt"] = {"include_screenshot": True, "include_axtree": False}
+    (tmp_path / "vlm.yaml").write_text(yaml.safe_dump(preset))
     out = tmp_path / "demos"
-    assert main(["--tasks", "click-test-2,focus-text-2", "--episodes", "1", "--sessions", "1",
-                 "--out", str(out)]) == 0
+    assert main(["--config", str(tmp_path / "vlm.yaml"), "--tasks", "click-test-2,focus-text-2", "--episodes", "1",
+                 "--sessions", "1", "--out", str(out)]) == 0
     groups = read_trajectories(out / "trajectories")
     assert sorted(g.task for g in groups) == ["miniwob.click-test-2", "miniwob.focus-text-2"]
     renderer = DemoRenderer(str(build_tiny_vl_model()))

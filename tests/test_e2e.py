@@ -33,7 +33,9 @@ E2E_MODEL = os.environ.get("BGRPO_E2E_MODEL", "tiny-vlm")
 # 3-step episodes, 3 learner steps, checkpoints every 2 steps.
 SMOKE = {"warm_start.enabled": "false", "eval.before_training": "false", "sampler.tasks": "[click-test]",
          "rollout.max_steps": "3", "cluster.total_steps": "3", "learner.lr": "1e-4", "learner.micro_batch_size": "4",
-         "checkpoint.every_steps": "2", "eval.episodes_per_task": "2", "eval.greedy": "true", "eval.num_sessions": "1"}
+         "checkpoint.every_steps": "2", "eval.episodes_per_task": "2", "eval.greedy": "true", "eval.num_sessions": "1",
+         "rollout.prompt.include_screenshot": "true", "rollout.prompt.include_axtree": "false",
+         "rollout.prompt.max_clickable_elements": "40"}
 
 
 def local_config(run_dir, **overrides) -> C.TrainConfig:
