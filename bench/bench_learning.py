@@ -44,7 +44,12 @@ MODELS: dict[str, dict[str, Any]] = {
         "learner.lr": 1.0e-5,
         "learner.micro_batch_size": 4,
     },
-    "tiny-vlm": {"model": "tiny-vlm"},
+    "tiny-vlm": {
+        "model": "tiny-vlm",
+        "rollout.prompt.include_screenshot": True,
+        "rollout.prompt.include_axtree": False,
+        "rollout.prompt.max_clickable_elements": 40,
+    },
 }
 
 
