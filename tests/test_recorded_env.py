@@ -90,10 +90,12 @@ def test_config_must_name_one_kind_of_task():
 
 
 def recorded_config(run_dir, **overrides) -> C.TrainConfig:
+    from tests.test_e2e import SMOKE  # the old smoke settings of the local preset (tiny VLM, no warm start)
+
     cfg = C.build_config("local", {
+        **SMOKE, "model": "tiny-vlm",
         "cluster.run_dir": str(run_dir), "eval.at_end": "false", "logging.progress_bar": "false",
         "sampler.tasks": f"[{TASK}]", "env.task": TASK, "cluster.total_steps": "2",
-        "warm_start.enabled": "false", "eval.before_training": "false", "rollout.max_steps": "3",
         **{k: str(v) for k, v in overrides.items()},
     }, environ={})
     C.validate_config(cfg)
