@@ -171,7 +171,6 @@ def main(argv: list[str] | None = None) -> int:
     import copy
     import dataclasses
     import logging
-    from concurrent.futures import ThreadPoolExecutor
 
     from cluster.config import ConfigError, parse_cli
     from cluster.sampler import TaskSampler
