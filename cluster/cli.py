@@ -1,6 +1,9 @@
 """`bgrpo`: the console command. Each subcommand imports its module lazily so `--help` is instant.
 
     bgrpo train --config local [--learner.lr 1e-5 ...]   train (locally or inside `ray job submit`)
+    bgrpo demos --out DIR [--tasks T] [--epsilon E]     scripted-teacher demonstrations (Parquet + viewer)
+    bgrpo sft --config local                             supervised warm start -> a checkpoint `model:` can name
+    bgrpo eval --config local --model CKPT               held-out success per task with 95 % intervals
     bgrpo env-server --task miniwob.click-test --port 8000 start one standalone OpenEnv server
     bgrpo demo                                           scripted MiniWoB episode through an env server
     bgrpo build-tiny-models                              build the offline tiny models into the cache
@@ -16,6 +19,9 @@ from typing import Callable
 # name -> (help, "module:function"); the function takes the remaining argv and returns an exit code.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train a policy (local Ray or inside a Ray job)", "cluster.driver:main"),
+    "demos": ("play scripted-teacher demonstrations (Parquet + viewer)", "actors.demos:main"),
+    "sft": ("supervised warm start on demonstrations; writes a checkpoint", "cluster.warm_start:main"),
+    "eval": ("evaluate a model or checkpoint on held-out seeds (95 % intervals)", "cluster.eval:main"),
     "env-server": (
         "start one standalone BrowserGym OpenEnv server",
         "envs.browsergym.server.app:main",

@@ -229,13 +229,57 @@ class EvalConfig:
     episodes_per_task: int = 2
     """Episodes per task per evaluation (each on a distinct held-out seed)."""
     greedy: bool = True
-    """Greedy decoding (temperature 0) during evaluation."""
+    """Greedy decoding (temperature 0) during evaluation; false samples with rollout.sampling."""
+    before_training: bool = False
+    """Also evaluate before the first learner step (after the warm start): the "before" of a
+    before -> after comparison on the same held-out seeds."""
+    num_sessions: int = 1
+    """Env sessions (browsers) of the evaluation worker: held-out episodes run this many at once."""
 
     def validate(self) -> None:
         if self.every_steps < 0:
             raise ConfigError(f"eval.every_steps must be >= 0, got {self.every_steps}")
         if self.episodes_per_task < 1:
             raise ConfigError(f"eval.episodes_per_task must be >= 1, got {self.episodes_per_task}")
+        if self.num_sessions < 1:
+            raise ConfigError(f"eval.num_sessions must be >= 1, got {self.num_sessions}")
+
+
+@dataclass
+class WarmStartConfig:
+    """Supervised warm start before GRPO (`bgrpo sft`): scripted-teacher demonstrations on training
+    seeds, then completion-only cross-entropy in the learner, then a checkpoint."""
+
+    enabled: bool = False
+    """Run the warm start at the start of `bgrpo train` (skipped on --resume)."""
+    tasks: list[str] = field(default_factory=list)
+    """Tasks to demonstrate (empty = sampler.tasks); each needs a scripted teacher."""
+    episodes_per_task: int = 16
+    """Demonstration episodes per task, on distinct training seeds."""
+    epsilon: float = 0.0
+    """Probability that the teacher takes a random valid action at a step (an imperfect teacher)."""
+    num_sessions: int = 2
+    """Env sessions (browsers) that play demonstrations at once."""
+    demos_dir: str = ""
+    """Use the demonstrations in this folder (`bgrpo demos --out`) instead of collecting new ones."""
+    epochs: int = 1
+    """Passes over the training demonstrations."""
+    batch_episodes: int = 8
+    """Demonstration episodes per SFT optimizer step."""
+    lr: float = 1.0e-4
+    """SFT learning rate (GRPO then uses learner.lr with a fresh optimizer state)."""
+    heldout_fraction: float = 0.2
+    """Share of demonstration episodes kept out of training to measure the held-out loss."""
+
+    def validate(self) -> None:
+        if self.episodes_per_task < 1 or self.epochs < 1 or self.batch_episodes < 1 or self.num_sessions < 1:
+            raise ConfigError("warm_start.episodes_per_task, epochs, batch_episodes and num_sessions must be >= 1")
+        if not 0.0 <= self.epsilon <= 1.0:
+            raise ConfigError(f"warm_start.epsilon must be in [0, 1], got {self.epsilon}")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ConfigError(f"warm_start.heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        if not self.lr > 0:
+            raise ConfigError(f"warm_start.lr must be > 0, got {self.lr}")
 
 
 @dataclass
@@ -334,6 +378,8 @@ class TrainConfig:
     """Periodic greedy evaluation on held-out seeds."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     """Tasks and seeds."""
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    """Supervised warm start from scripted demonstrations before GRPO."""
 
 
 # --- the seed gist's environment variables ---------------------------------------------------------
@@ -633,10 +679,16 @@ def parse_value(text: str, tp: Any) -> Any:
 # The `local` preset embedded in code, so `bgrpo train` works from an installed package without the
 # configs/ folder. configs/local.yaml holds the same content (a test keeps them equal).
 EMBEDDED_LOCAL_PRESET = """\
-# local: a smoke run that finishes in a few minutes on 2 CPU cores. Tiny Qwen3-VL built offline,
-# transformers engine on CPU, real Chromium + MiniWoB click-test, 2 rollout workers with one
-# browser each, G=4, 3 learner steps, synchronous (on-policy).
-model: tiny-vlm
+# local: the main job, a learning run that finishes in minutes on 2 CPU cores. A tiny Qwen3 built
+# offline reading the accessibility tree; a short supervised warm start on deliberately imperfect
+# demonstrations (a scripted teacher that clicks a random button 80 % of the time); then GRPO on
+# real MiniWoB click-test-2 ("Click button ONE." next to a TWO button, both at random places) in
+# real Chromium; and the same held-out seeds evaluated before and after GRPO with sampling
+# (temperature 1), so the before -> after difference is what GRPO changed in the policy, with its
+# 95 % interval. Text, not the screenshot: click-test-2's tree is the same on every seed, so the
+# warm start learns the teacher's preference (~60/40) instead of memorising screenshots, which
+# made the tiny VLM copy the majority action with full confidence on unseen seeds.
+model: tiny-lm
 cluster:
   num_cpus: 8
   num_rollout_workers: 2
@@ -646,7 +698,7 @@ cluster:
   mode: sync
   max_staleness: 1
   groups_per_step: 2
-  total_steps: 3
+  total_steps: 8
   seed: 0
 engine:
   backend: transformers
@@ -654,7 +706,12 @@ engine:
   max_model_len: 2048
 rollout:
   num_sessions: 1
-  max_steps: 3
+  max_steps: 1
+  allowed_actions: [noop, click]
+  prompt:
+    include_screenshot: false
+    include_axtree: true
+    max_clickable_elements: 0
   sampling:
     temperature: 1.0
     top_k: 0
@@ -662,17 +719,29 @@ rollout:
 grpo:
   num_generations: 4
 learner:
-  lr: 1.0e-4
-  micro_batch_size: 4
+  lr: 2.0e-3
+  micro_batch_size: 8
 checkpoint:
-  every_steps: 2
+  every_steps: 0
   keep_last: 2
+warm_start:
+  enabled: true
+  episodes_per_task: 16
+  epsilon: 0.8
+  num_sessions: 2
+  epochs: 8
+  batch_episodes: 4
+  lr: 2.0e-3
+  heldout_fraction: 0.25
 eval:
   every_steps: 0
+  before_training: true
   at_end: true
-  episodes_per_task: 2
+  greedy: false
+  episodes_per_task: 40
+  num_sessions: 2
 sampler:
-  tasks: [miniwob.click-test]
+  tasks: [miniwob.click-test-2]
 logging:
   progress_bar: true
 """
@@ -887,6 +956,10 @@ def validate_config(config: TrainConfig) -> None:
                 raise ConfigError(f"{f.name}: {e}") from e
     if not config.model:
         raise ConfigError("model is empty")
+    if config.cluster.env_placement == "ray_actors" and config.eval.num_sessions > config.env.max_sessions:
+        # The evaluation's own env-server host runs one server (driver `_eval_env_urls`).
+        raise ConfigError(f"eval.num_sessions ({config.eval.num_sessions}) > env.max_sessions "
+                          f"({config.env.max_sessions}): the evaluation's env server would refuse sessions")
     # tasks must exist in BrowserGym's registry: a typo would otherwise fail minutes later in a worker.
     from envs.recorded.environment import TASKS as RECORDED_TASKS, is_recorded_task
 
@@ -907,6 +980,10 @@ def validate_config(config: TrainConfig) -> None:
             close = difflib.get_close_matches(t, sorted(known), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ConfigError(f"sampler.tasks: unknown MiniWoB task {task!r}{hint}")
+    if config.warm_start.enabled:
+        from cluster.warm_start import check_teachers
+
+        check_teachers(config)
     # G must agree wherever it is configured, and be >= 2 (a group of one has no advantage).
     gs = {n: v for n, v in (("grpo.num_generations", _get(config.grpo, "num_generations")),
                             ("rollout.num_generations", _get(config.rollout, "num_generations", "group_size")))

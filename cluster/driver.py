@@ -152,6 +152,10 @@ def resolve_model(name: str) -> str:
         from actors.tiny_models import build_tiny_vl_model
 
         return str(build_tiny_vl_model())
+    if name in ("smollm2-135m", "SmolLM2-135M-Instruct"):
+        from actors.smollm2 import build_smollm2
+
+        return str(build_smollm2())
     if name in ("tiny-lm", "tiny-text"):
         from actors.tiny_models import build_tiny_text_model
 
@@ -188,6 +192,9 @@ class Trainer:
         self.accounting = Accounting()
         self.steps: list[StepRecord] = []
         self.eval_results: list[dict[str, Any]] = []
+        self.eval_details: list[dict[str, Any]] = []
+        """Full results of every evaluation (cluster/eval.py: per task, intervals, failures)."""
+        self.warm_start: dict[str, Any] | None = None
         self.step = 0
         self.version = 0
         self.owns_ray = False
@@ -312,6 +319,14 @@ class Trainer:
                     + [w.connect_weight_sync.remote(info["host"], info["port"], 1 + i, world, info["layout"])
                        for i, w in enumerate(self.workers)], timeout=600)
             log.info("NCCL weight sync: %d ranks, %.2f GB per sync", world, info["bytes"] / 1e9)
+
+        # --- supervised warm start: demonstrations -> SFT on the learner ranks -> every worker ---
+        if cfg.warm_start.enabled and not self.resume:
+            from cluster.warm_start import run_warm_start
+
+            self.warm_start = run_warm_start(self.learners, cfg, self.run_dir, model_path,
+                                             lambda record: self.metrics.log(record, step=0))
+            self._sync_weights()
 
         # --- resume: learner state, data cursor, and the workers at the learner's version ---
         if self.resume:
@@ -711,9 +726,10 @@ class Trainer:
     # --- evaluation -----------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, Any]:
-        """Greedy episodes on the held-out seeds; per-task and overall success rates."""
+        """The held-out seeds, greedy or sampled (cluster/eval.py, shared with `bgrpo eval`)."""
         import ray
         from actors.rollout_worker import RolloutWorkerActor
+        from cluster.eval import evaluate, eval_sessions, metrics_record, ray_runner, write_json
 
         cfg = self.config
         if self.eval_worker is None:
@@ -722,7 +738,7 @@ class Trainer:
             rollout = copy.deepcopy(cfg.rollout)
             if cfg.eval.greedy:
                 rollout.sampling = dataclasses.replace(rollout.sampling, temperature=0.0, top_k=-1, top_p=1.0)
-            rollout.num_sessions = 1
+            rollout.num_sessions = eval_sessions(cfg)
             # Its own GPU share when engines use GPUs (a vLLM engine needs a visible GPU); counted
             # in the resource check at start-up.
             self.eval_worker = RolloutWorkerActor.options(num_cpus=0, num_gpus=cfg.cluster.rollout_num_gpus).remote(
@@ -731,19 +747,18 @@ class Trainer:
             )
         handle = self._publish()
         ray.get(self.eval_worker.update_weights.remote(handle.version, handle.ref), timeout=600)
-        t0 = time.monotonic()
-        groups = []
-        for inst in self.sampler.eval_instances(cfg.eval.episodes_per_task):
-            group = ray.get(self.eval_worker.run_group.remote(inst.task, inst.seed, 1), timeout=cfg.cluster.group_timeout_s)
-            self.accounting.eval_episodes += len(group.trajectories)
-            groups.append(group)
-        result: dict[str, Any] = {"event": "eval", "eval_policy_version": handle.version, "eval_s": time.monotonic() - t0}
-        result.update(summarize_eval(groups))
+        instances = [(x.task, x.seed) for x in self.sampler.eval_instances(cfg.eval.episodes_per_task)]
+        details = evaluate(ray_runner(self.eval_worker, cfg.cluster.group_timeout_s), instances, handle.version)
+        details["step"] = self.step
+        self.accounting.eval_episodes += details["overall"]["episodes"] + details["overall"]["failures"]
+        write_json(details, self.run_dir / "eval" / f"eval-step{self.step:06d}.json")
+        result = metrics_record(details)
         if result["eval_status"] != "ok":
             log.warning("evaluation at step %d FAILED: %d of %d episodes failed (%s); no success rate is reported",
                         self.step, result["eval_episodes_failed"], result["eval_episodes"], result["eval_failure_reasons"])
         self.metrics.log(result, step=self.step)
         self.eval_results.append(result)
+        self.eval_details.append(details)
         return result
 
     def _eval_env_urls(self) -> list[str] | None:
@@ -753,7 +768,7 @@ class Trainer:
         every evaluation session refused. Embedded: None, the eval worker starts its own server.
         Ray actors: one more env-server host, for evaluation only (its CPU is counted at start-up).
         Remote: the configured servers, which need a session of headroom for evaluation; when they
-        have none the evaluation is reported as failed (`summarize_eval`)."""
+        have none the evaluation is reported as failed (`cluster.eval.metrics_record`)."""
         import ray
 
         cfg = self.config
@@ -781,6 +796,8 @@ class Trainer:
 
             pbar = tqdm(total=cfg.cluster.total_steps, initial=self.step, desc=f"bgrpo {cfg.cluster.mode}",
                         unit="step", dynamic_ncols=True, file=sys.stderr)
+        if cfg.eval.before_training and self.step == 0:
+            self.evaluate()
         try:
             if self.step < cfg.cluster.total_steps:
                 (self.run_sync if cfg.cluster.mode == "sync" else self.run_async)(pbar)
@@ -811,6 +828,9 @@ class Trainer:
             "dropped_instances": [list(i) for i in self.accounting.dropped_instances],
             "dropped_before_resume": [list(i) for i in self._dropped_before],
             "eval": self.eval_results,
+            "eval_details": self.eval_details,
+            "warm_start": self.warm_start,
+            "learning": self._learning(),
             "async_overlap": self.async_overlap,
             "mode": self.config.cluster.mode,
             "max_staleness": self.config.cluster.max_staleness,
@@ -836,6 +856,14 @@ class Trainer:
         if set(worker_versions) != {learner_version}:
             raise TrainingError(f"workers ended at versions {worker_versions}, learner at {learner_version}")
         return summary
+
+    def _learning(self) -> dict[str, Any] | None:
+        """Held-out success of the first evaluation (before training) vs the last, same seeds."""
+        if not (self.config.eval.before_training and len(self.eval_details) >= 2):
+            return None
+        from cluster.eval import compare
+
+        return compare(self.eval_details[0], self.eval_details[-1])
 
     # --- shutdown -----------------------------------------------------------------------------------
 
@@ -874,31 +902,6 @@ class Trainer:
         if self.owns_ray and ray.is_initialized():
             ray.shutdown()
             self.owns_ray = False
-
-
-def summarize_eval(groups: list[Any]) -> dict[str, Any]:
-    """An evaluation's outcome from its groups: overall and per-task success rates when every
-    episode has an outcome; otherwise `eval_status: failed` with the count and the reasons and no
-    success rate at all. An episode that failed (session refused, env died or hung) says nothing
-    about the policy: counting it as 0 % success once reported a broken evaluation as a result."""
-    from actors.trajectory import FAILED
-
-    episodes = [t for g in groups for t in g.trajectories]
-    failed = [t for t in episodes if t.status == FAILED]
-    result: dict[str, Any] = {"eval_episodes": len(episodes), "eval_episodes_failed": len(failed)}
-    if failed or not episodes:
-        reasons = Counter(t.failure_reason.split(":", 1)[0] for t in failed)
-        result.update(eval_status="failed", eval_failure_reasons=dict(reasons) or {"no_episodes": 1},
-                      eval_failure_example=failed[0].failure_reason[:300] if failed else "no episodes ran")
-        return result
-    per_task: dict[str, list[bool]] = {}
-    for g in groups:
-        per_task.setdefault(g.task, []).extend(t.success for t in g.trajectories)
-    result["eval_status"] = "ok"
-    result["eval_success_rate"] = sum(t.success for t in episodes) / len(episodes)
-    for task, outcomes in per_task.items():
-        result[f"eval/{task}/success_rate"] = sum(outcomes) / len(outcomes)
-    return result
 
 
 def train(
@@ -987,4 +990,11 @@ def main(argv: list[str] | None = None) -> int:
         f"run folder {cl.config.cluster.run_dir}",
         flush=True,
     )
+    if summary.get("learning"):
+        from cluster.eval import format_rate
+
+        learning = summary["learning"]
+        lo, hi = learning["difference_ci95"]
+        print(f"bgrpo train: held-out success {format_rate(learning['before'])} -> {format_rate(learning['after'])}; "
+              f"difference {learning['difference']:+.2f} [{lo:+.2f}, {hi:+.2f}]", flush=True)
     return 0

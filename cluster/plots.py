@@ -17,7 +17,7 @@ PLOTS: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
     "success_rate.png": (
         "Success rate",
         "fraction of episodes",
-        [("success_rate", "train (sampled)"), ("eval_success_rate", "eval (greedy, held-out seeds)")],
+        [("success_rate", "train (sampled)"), ("eval_success_rate", "eval (held-out seeds)")],
     ),
     "throughput.png": (
         "Throughput",

@@ -532,6 +532,26 @@ class Learner:
             self.model.train()
         return out
 
+    # --- the supervised warm start (learner/sft.py) -----------------------------------------
+
+    def sft_step(self, groups: list[TrajectoryGroup], lr: float) -> dict[str, float]:
+        """One step of completion-only cross-entropy on demonstrations (same groups on every rank)."""
+        from .sft import sft_step
+
+        return sft_step(self, groups, lr, train=True)
+
+    def sft_loss(self, groups: list[TrajectoryGroup]) -> dict[str, float]:
+        """The demonstrations' mean token loss without a gradient (held-out demonstrations)."""
+        from .sft import sft_step
+
+        return sft_step(self, groups, 0.0, train=False)
+
+    def finish_warm_start(self) -> int:
+        """Fresh optimizer state for GRPO; the policy version moves once. Returns it."""
+        from .sft import finish_warm_start
+
+        return finish_warm_start(self)
+
     def _reference_logps(self, batch: dict[str, Any]) -> torch.Tensor:
         """The reference model's full-softmax logprobs at the temperature: the KL is between the
         two models' whole distributions (TRL's), not their top-k/top-p truncations (where a

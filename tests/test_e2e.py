@@ -28,8 +28,18 @@ pytestmark = pytest.mark.browser
 E2E_MODEL = os.environ.get("BGRPO_E2E_MODEL", "tiny-vlm")
 
 
+# The `local` preset is the learning run (warm start, GRPO on click-test-2, before/after evaluation);
+# these tests check the system's wiring on the old smoke settings: no warm start, click-test,
+# 3-step episodes, 3 learner steps, checkpoints every 2 steps.
+SMOKE = {"warm_start.enabled": "false", "eval.before_training": "false", "sampler.tasks": "[click-test]",
+         "rollout.max_steps": "3", "cluster.total_steps": "3", "learner.lr": "1e-4", "learner.micro_batch_size": "4",
+         "checkpoint.every_steps": "2", "eval.episodes_per_task": "2", "eval.greedy": "true", "eval.num_sessions": "1",
+         "rollout.prompt.include_screenshot": "true", "rollout.prompt.include_axtree": "false",
+         "rollout.prompt.max_clickable_elements": "40"}
+
+
 def local_config(run_dir, **overrides) -> C.TrainConfig:
-    base = {"cluster.run_dir": str(run_dir), "eval.at_end": "false", "logging.progress_bar": "false",
+    base = {**SMOKE, "cluster.run_dir": str(run_dir), "eval.at_end": "false", "logging.progress_bar": "false",
             "model": E2E_MODEL}
     if E2E_MODEL == "tiny-lm":
         base.update({"rollout.prompt.include_screenshot": "false", "rollout.prompt.include_axtree": "true"})

@@ -145,7 +145,7 @@ def test_ray_job_submit_local_preset(ray_head, tmp_path):
     rt_path = tmp_path / "runtime_env.yaml"
     rt_path.write_text(yaml.safe_dump(runtime_env))
     run_dir = tmp_path / "run"
-    from tests.test_e2e import E2E_MODEL
+    from tests.test_e2e import E2E_MODEL, SMOKE
 
     model_args = ["--model", E2E_MODEL]
     if E2E_MODEL == "tiny-lm":
@@ -157,7 +157,8 @@ def test_ray_job_submit_local_preset(ray_head, tmp_path):
          "--runtime-env", str(rt_path), "--working-dir", str(REPO), "--",
          "bgrpo", "train", "--config", "local", "--cluster.run_dir", str(run_dir),
          "--cluster.total_steps", "2", "--eval.at_end", "false", "--logging.progress_bar", "false",
-         *model_args],
+         *model_args, *[x for k, v in SMOKE.items() if k != "cluster.total_steps" and f"--{k}" not in model_args
+           for x in (f"--{k}", v)]],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert submit.returncode == 0, submit.stdout + submit.stderr

@@ -80,16 +80,20 @@ def test_served_over_websocket_without_a_browser():
 
 
 def test_config_must_name_one_kind_of_task():
-    base = {"sampler.tasks": f"[{TASK}]"}
+    base = {"sampler.tasks": f"[{TASK}]", "warm_start.enabled": "false"}
     with pytest.raises(C.ConfigError, match=f"set --env.task {TASK}"):
         C.validate_config(C.build_config("local", base, environ={}))
     with pytest.raises(C.ConfigError, match="mixes recorded"):
-        C.validate_config(C.build_config("local", {"sampler.tasks": f"[{TASK},click-test]", "env.task": TASK}, environ={}))
+        C.validate_config(C.build_config("local", {"sampler.tasks": f"[{TASK},click-test]", "env.task": TASK,
+                                                   "warm_start.enabled": "false"}, environ={}))
     C.validate_config(C.build_config("local", {**base, "env.task": TASK}, environ={}))
 
 
 def recorded_config(run_dir, **overrides) -> C.TrainConfig:
+    from tests.test_e2e import SMOKE  # the old smoke settings of the local preset (tiny VLM, no warm start)
+
     cfg = C.build_config("local", {
+        **SMOKE, "model": "tiny-vlm",
         "cluster.run_dir": str(run_dir), "eval.at_end": "false", "logging.progress_bar": "false",
         "sampler.tasks": f"[{TASK}]", "env.task": TASK, "cluster.total_steps": "2",
         **{k: str(v) for k, v in overrides.items()},
