@@ -117,7 +117,9 @@ def metrics_record(result: dict[str, Any]) -> dict[str, Any]:
         # Each reason reads "seed N: <kind>: <detail>"; count the kinds.
         reasons = Counter(r.split(": ")[1] if ": " in r else r
                           for row in result["tasks"].values() for r in row["failure_reasons"])
-        record.update(eval_status="failed", eval_failure_reasons=dict(reasons) or {"no_episodes": 1})
+        examples = [r for row in result["tasks"].values() for r in row["failure_reasons"]]
+        record.update(eval_status="failed", eval_failure_reasons=dict(reasons) or {"no_episodes": 1},
+                      eval_failure_example=examples[0][:300] if examples else "no episodes ran")
         return record
     record["eval_status"] = "ok"
     record["eval_success_rate"] = overall["success_rate"]
