@@ -23,8 +23,8 @@ from trl.trainer.utils import selective_log_softmax
 from actors.trajectory import TrajectoryGroup
 
 from . import distributed as D
-from .batching import TrainingSample, collate, micro_batches, shard, to_device
-from .vision import VISION_KWARGS, vision_precompute
+from .batching import TrainingSample, micro_batches, shard, to_device
+from .vision import VISION_KWARGS
 
 if TYPE_CHECKING:
     from .learner import Learner
@@ -71,15 +71,7 @@ def sft_step(learner: "Learner", groups: list[TrajectoryGroup], lr: float, train
     correct = torch.zeros((), dtype=torch.float64, device=dev)
     image_cache: dict = {}
     for mb in (micro_batches(mine, learner.config.micro_batch_size) if mine else []):
-        batch = collate(mb, learner.pad_token_id, False, learner.vision, "cpu", image_cache)
-        if learner._rope_index is not None and "image_grid_thw" in batch and "mm_token_type_ids" in batch:
-            batch["position_ids"] = learner._rope_index(
-                batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
-                image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"],
-            )[0]
-        if learner._vision_tower is not None and "image_grid_thw" in batch:
-            batch.update(vision_precompute(learner._vision_tower, batch["image_grid_thw"]))
-        batch = to_device(batch, dev)
+        batch = to_device(learner._prepare(mb, False, image_cache), dev)  # the GRPO step's collation
         T = batch["logits_to_keep"]
         kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                   "logits_to_keep": T + 1, "use_cache": False}
