@@ -52,9 +52,6 @@ class RolloutConfig:
     """Limit for one whole episode; past it the episode is marked failed (never scored)."""
     connect_timeout_s: float = 30.0
     """Limit for opening the WebSocket session to an env server."""
-    batch_wait_s: float = 0.05
-    """How long the engine waits for more episodes' prompts before generating a partial batch.
-    It generates at once when every live episode is waiting."""
     reward_aggregation: str = "sum"
     """Episode return from step rewards: "sum" (the gist's), "mean" or "max"."""
     invalid_action_penalty: float = 0.0
@@ -95,8 +92,6 @@ class RolloutConfig:
         for name in ("step_timeout_s", "engine_timeout_s", "episode_timeout_s", "connect_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"rollout.{name} must be > 0, got {getattr(self, name)}")
-        if self.batch_wait_s < 0:
-            raise ValueError(f"rollout.batch_wait_s must be >= 0, got {self.batch_wait_s}")
         if self.reward_aggregation not in REWARD_AGGREGATIONS:
             raise ValueError(
                 f"rollout.reward_aggregation must be one of {REWARD_AGGREGATIONS}, "

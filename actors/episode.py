@@ -5,8 +5,9 @@ up to `max_steps`. It never raises for an env or engine failure: the episode com
 FAILED and a reason, so the caller can replace the env server and count it (a failed episode is
 never scored and never trained on).
 
-`GenerationBatcher` collects the pending prompts of every live episode of a worker and sends them
-to the engine as one batch: when all live episodes are waiting, or after `batch_wait_s`.
+`GenerationBatcher` is continuous batching over a worker's episodes: whenever the engine is free,
+every prompt waiting at that moment goes into the next engine call. It never waits for an episode
+that is still resetting or stepping its browser, so a slow browser does not hold the others back.
 """
 
 from __future__ import annotations
@@ -170,37 +171,33 @@ class BatcherStats:
 
 
 class GenerationBatcher:
-    """Batches the prompts of concurrent episodes into `engine.generate` calls on one thread.
+    """Continuous batching of concurrent episodes' prompts into `engine.generate` calls, on one thread.
 
-    Episodes call `generate(request)` (blocking). The batcher thread generates as soon as every
-    active episode has a prompt waiting, or `batch_wait_s` after the first prompt arrived, so an
-    episode whose browser is still stepping does not hold the others back for long.
+    Episodes call `generate(request)` (blocking). As soon as a prompt is waiting, the batcher takes
+    the engine (`engine_lock`; weight updates hold it too) and then sends every prompt waiting at
+    that moment as one call. Prompts that arrive while the engine is busy go into the next call.
+    Invariant: the batcher never waits for an episode that is not waiting for the engine (one still
+    resetting or stepping its browser), and when all K episodes are waiting they share one call.
     """
 
-    def __init__(self, engine: InferenceEngine, sampling: SamplingSettings, batch_wait_s: float,
-                 timeout_s: float, engine_lock: threading.Lock | None = None) -> None:
+    def __init__(self, engine: InferenceEngine, sampling: SamplingSettings, timeout_s: float,
+                 engine_lock: threading.Lock | None = None) -> None:
         self.engine = engine
         self.sampling = sampling
-        self.batch_wait_s = batch_wait_s
         self.timeout_s = timeout_s
         # Shared with update_weights so new weights never land in the middle of a batch.
         self.engine_lock = engine_lock or threading.Lock()
         self.stats = BatcherStats()
         self._cv = threading.Condition()
         self._pending: list[tuple[ChatRequest, Future]] = []
-        self._active = 0
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="generation-batcher", daemon=True)
         self._thread.start()
 
-    def episode_started(self) -> None:
+    def waiting(self) -> int:
+        """How many prompts are queued for the next engine call (not yet taken into one)."""
         with self._cv:
-            self._active += 1
-
-    def episode_ended(self) -> None:
-        with self._cv:
-            self._active -= 1
-            self._cv.notify_all()  # the others may now all be waiting
+            return len(self._pending)
 
     def generate(self, request: ChatRequest) -> Generation:
         """Blocks until the batch holding `request` is generated; raises on engine error/timeout."""
@@ -226,39 +223,40 @@ class GenerationBatcher:
 
     def _loop(self) -> None:
         while True:
-            # --- collect a batch ---
             with self._cv:
                 while not self._pending and not self._closed:
                     self._cv.wait()
                 if self._closed:
                     return
-                deadline = time.monotonic() + self.batch_wait_s
-                while len(self._pending) < self._active and not self._closed:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cv.wait(left)
-                batch, self._pending = self._pending, []
-            # --- generate it ---
-            try:
-                gens = self._generate(batch)
-            except Exception:  # noqa: BLE001
-                # One bad request (e.g. a prompt over the context) must not fail the others:
-                # retry them one by one, so only the culprit's episode gets the error.
-                for item in batch:
-                    try:
-                        item[1].set_result(self._generate([item])[0])
-                    except Exception as exc:  # noqa: BLE001 - handed to the waiting episode
-                        item[1].set_exception(exc)
-                continue
-            for (_, fut), gen in zip(batch, gens):
-                fut.set_result(gen)
+            # Take the engine first, then the batch: prompts that arrived while the engine was
+            # busy (a previous call, a weight update) all go into this call.
+            with self.engine_lock:
+                with self._cv:
+                    batch, self._pending = self._pending, []
+                if not batch:  # close() took them
+                    continue
+                try:
+                    results: list[Generation | BaseException] = list(self._generate(batch))
+                except Exception:  # noqa: BLE001
+                    # One bad request (e.g. a prompt over the context) must not fail the others:
+                    # retry them one by one, so only the culprit's episode gets the error.
+                    results = []
+                    for item in batch:
+                        try:
+                            results.append(self._generate([item])[0])
+                        except Exception as exc:  # noqa: BLE001 - handed to the waiting episode
+                            results.append(exc)
+            for (_, fut), result in zip(batch, results):
+                if isinstance(result, BaseException):
+                    fut.set_exception(result)
+                else:
+                    fut.set_result(result)
 
     def _generate(self, batch: list[tuple[ChatRequest, Future]]) -> list[Generation]:
+        """One engine call; the caller holds `engine_lock`."""
         t0 = time.monotonic()
         try:
-            with self.engine_lock:
-                gens = self.engine.generate([r for r, _ in batch], self.sampling)
+            gens = self.engine.generate([r for r, _ in batch], self.sampling)
         finally:
             self.stats.calls += 1
             self.stats.requests += len(batch)

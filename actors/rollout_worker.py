@@ -4,8 +4,10 @@ A plain class (constructible in a unit test); the last line makes it a Ray actor
 `run_group(task, seed, G)` and, between groups, `update_weights(version, weights)`.
 
 Inside `run_group` the G episodes run on K session threads (one env client each); every step's
-prompt goes through one `GenerationBatcher`, so the engine sees the pending prompts of all live
-episodes as one batch. An env server that dies or hangs fails its episode (status FAILED, with the
+prompt goes through one `GenerationBatcher` (continuous batching: each engine call takes the prompts
+waiting at that moment; a session still stepping or resetting its browser holds no one back).
+Several `run_group` calls may run at once (the actor is threaded): the next group's episodes take
+sessions as the current group's episodes free them, so its resets overlap the current group's end. An env server that dies or hangs fails its episode (status FAILED, with the
 reason) and is replaced before the session is used again; the group is then re-run or dropped per
 `RolloutConfig.on_failure`. Every episode started is counted exactly once as finished, truncated
 or failed (`stats()`).
@@ -198,8 +200,7 @@ class RolloutWorker:
 
             self.engine = create_engine(engine_config)
             self._batcher = GenerationBatcher(
-                self.engine, rollout_config.sampling, rollout_config.batch_wait_s,
-                rollout_config.engine_timeout_s, self._engine_lock,
+                self.engine, rollout_config.sampling, rollout_config.engine_timeout_s, self._engine_lock,
             )
             self._executor = ThreadPoolExecutor(
                 max_workers=rollout_config.num_sessions, thread_name_prefix=f"rollout-{self.worker_id}"
@@ -364,7 +365,6 @@ class RolloutWorker:
         with self._lock:
             self._stats.episodes_started += 1
             self._stats.episodes_in_flight += 1
-        self._batcher.episode_started()
         try:
             traj = self._episode_on_slot(slot, task, seed, episode_id, group_id)
         except Exception as exc:  # noqa: BLE001 - an unexpected error still accounts the episode
@@ -372,7 +372,6 @@ class RolloutWorker:
             traj = Trajectory(episode_id, group_id, task, seed, status=FAILED, worker_id=self.worker_id,
                               failure_reason=f"worker_error: {type(exc).__name__}: {exc}")
         finally:
-            self._batcher.episode_ended()
             self._free.put(slot)
         with self._lock:
             s = self._stats

@@ -56,7 +56,7 @@ def _rollout_config(num_sessions: int, max_steps: int):
     from actors.config import RolloutConfig
 
     return RolloutConfig(num_sessions=num_sessions, max_steps=max_steps, step_timeout_s=120.0,
-                         episode_timeout_s=900.0, batch_wait_s=0.05, fallback_action="noop(0)",
+                         episode_timeout_s=900.0, fallback_action="noop(0)",
                          write_viewer=False)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import pytest
 
@@ -49,7 +50,7 @@ def test_batcher_isolates_a_bad_request(rollout_engine_config):
     from actors.engine import SamplingSettings
 
     engine = create_engine(rollout_engine_config)
-    batcher = GenerationBatcher(engine, SamplingSettings(max_new_tokens=4), batch_wait_s=5.0, timeout_s=300)
+    batcher = GenerationBatcher(engine, SamplingSettings(max_new_tokens=4), timeout_s=300)
     good = ChatRequest([{"role": "user", "content": "click the button"}])
     bad = ChatRequest([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}],
                       images=[b"not an image"])
@@ -60,15 +61,17 @@ def test_batcher_isolates_a_bad_request(rollout_engine_config):
             results[name] = batcher.generate(request)
         except Exception as exc:  # noqa: BLE001
             results[name] = exc
-        finally:
-            batcher.episode_ended()
 
     try:
-        batcher.episode_started()  # both episodes live before either asks: one batch of two
-        batcher.episode_started()
-        threads = [threading.Thread(target=ask, args=a) for a in (("good", good), ("bad", bad))]
-        for t in threads:
-            t.start()
+        # The engine is busy (as during a weight update) while both ask: they share the next call.
+        with batcher.engine_lock:
+            threads = [threading.Thread(target=ask, args=a) for a in (("good", good), ("bad", bad))]
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 60
+            while batcher.waiting() < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert batcher.waiting() == 2
         for t in threads:
             t.join(timeout=300)
     finally:

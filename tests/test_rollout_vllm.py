@@ -37,4 +37,7 @@ def test_worker_on_vllm_engine(tiny_vl_model, rollout_env_config, tmp_path):
         group = worker.run_group("miniwob.click-test", 32, 2)
         assert {s.policy_version for t in group.trajectories for s in t.steps} == {1}
         st = worker.stats()
-        assert st["balanced"] and st["episodes_started"] == 4 and st["engine_max_batch"] == 2
+        assert st["balanced"] and st["episodes_started"] == 4
+        # Continuous batching: one request per step, never more than K = 2 per call (whether the
+        # two sessions' prompts met in one call depends on timing; test_rollout_worker forces it).
+        assert st["engine_requests"] == st["steps"] and 1 <= st["engine_max_batch"] <= 2

@@ -52,7 +52,19 @@ def _group_from_disk(run_dir, group_id):
 
 def test_group_of_four_episodes_is_recorded_exactly(worker, run_dir, tokenizer):
     before = worker.stats()
-    group = worker.run_group(TASK, 11, 4)
+    # The engine is busy (as during a weight update) while both sessions reset and ask: the
+    # batcher then sends both waiting prompts as one call (batch size reaches K when all are ready).
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(group=worker.run_group(TASK, 11, 4)))
+    with worker._engine_lock:
+        thread.start()
+        deadline = time.monotonic() + 300
+        while worker._batcher.waiting() < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert worker._batcher.waiting() == 2
+    thread.join(timeout=900)
+    assert not thread.is_alive()
+    group = result["group"]
 
     # --- one GRPO group: four episodes of the same task instance ---
     assert len(group.trajectories) == 4
@@ -81,15 +93,15 @@ def test_group_of_four_episodes_is_recorded_exactly(worker, run_dir, tokenizer):
     assert group.trajectories[0].goal in page and page.count("data:image/png;base64,") == sum(
         len(t.steps) for t in group.trajectories)
 
-    # --- counters balance; the engine batched the sessions' prompts ---
+    # --- counters balance; every step was one engine request; the two ready prompts shared a call ---
     st = worker.stats()
     assert st["balanced"]
     assert st["episodes_started"] - before["episodes_started"] == 4
     new_steps = st["steps"] - before["steps"]
     assert new_steps == sum(len(t.steps) for t in group.trajectories)
     assert st["engine_requests"] - before["engine_requests"] == new_steps
-    assert st["engine_calls"] - before["engine_calls"] < new_steps  # some calls served 2 episodes
-    assert st["engine_max_batch"] == 2
+    assert st["engine_calls"] - before["engine_calls"] < new_steps  # the first call served 2 episodes
+    assert st["engine_max_batch"] == 2  # never more than K = 2
 
 
 def test_update_weights_passes_through_and_versions_are_recorded(worker, tiny_vl_model):
@@ -151,5 +163,75 @@ def test_killed_env_server_fails_its_episode_and_is_replaced(worker, run_dir):
     assert all(t.status in (FINISHED, TRUNCATED) for t in group.trajectories) and len(group.trajectories) == 4
     nxt = worker.run_group(TASK, 14, 2)
     assert all(t.status in (FINISHED, TRUNCATED) for t in nxt.trajectories)
+    st = worker.stats()
+    assert st["balanced"] and st["groups_completed"] - before["groups_completed"] == 2
+
+
+class _SlowSession:
+    """A wrapper around the worker's real env session (real Chromium behind it) whose first step
+    blocks until the test releases it: a deliberately slow browser. Everything else passes through."""
+
+    def __init__(self, inner, release: threading.Event, batcher):
+        self.inner = inner
+        self.release = release
+        self.batcher = batcher
+        self.blocked = threading.Event()  # set while the first step is held
+        self.released_by_test = None
+        self.requests_at_release = None
+        self.steps = 0
+
+    def reset(self, task, seed):
+        return self.inner.reset(task=task, seed=seed)
+
+    def step(self, action):
+        self.steps += 1
+        if self.steps == 1:
+            self.blocked.set()
+            self.released_by_test = self.release.wait(timeout=300)
+            self.requests_at_release = self.batcher.stats.requests
+        return self.inner.step(action)
+
+    def __getattr__(self, name):  # close() and the rest
+        return getattr(self.inner, name)
+
+
+def test_slow_session_holds_back_neither_the_fast_one_nor_the_next_group(worker):
+    """No lockstep: while one session is stuck in a step, the other session's episode runs all
+    its steps through the engine, and the next group (a concurrent run_group, as the threaded
+    actor allows) resets on the freed session and finishes, before the slow step returns."""
+    from actors.rollout_worker import ClientEnvSession
+
+    cfg = worker.config
+    slot = worker._slots[0]
+    if slot.session is None:
+        slot.session = ClientEnvSession(slot.url, cfg.connect_timeout_s, cfg.step_timeout_s)
+    release = threading.Event()
+    slow = _SlowSession(slot.session, release, worker._batcher)
+    slot.session = slow
+    before = worker.stats()
+    results = {}
+    try:
+        first = threading.Thread(target=lambda: results.update(first=worker.run_group(TASK, 21, 2)))
+        first.start()
+        assert slow.blocked.wait(timeout=300), "the slow session never stepped"
+        # The next group, dispatched while the first one is still running (one episode stuck).
+        second = worker.run_group(TASK, 22, 1)
+        assert not release.is_set() and slow.steps == 1  # the slow step is still held
+    finally:
+        release.set()
+        first.join(timeout=900)
+        if slot.session is slow:
+            slot.session = slow.inner
+    assert not first.is_alive() and slow.released_by_test
+    group = results["first"]
+    assert all(t.status in (FINISHED, TRUNCATED) for t in group.trajectories + second.trajectories)
+
+    # Before the slow step was released, the engine had served the slow episode's first prompt
+    # and every step of the fast episode and of the second group's episode (which could only run
+    # on the other session, freed by the fast episode): counted exactly.
+    fast_steps = sum(len(t.steps) for t in group.trajectories) - slow.steps
+    second_steps = len(second.trajectories[0].steps)
+    assert fast_steps >= 1 and second_steps >= 1
+    assert slow.requests_at_release - before["engine_requests"] == 1 + fast_steps + second_steps
     st = worker.stats()
     assert st["balanced"] and st["groups_completed"] - before["groups_completed"] == 2
