@@ -3,6 +3,7 @@ checkpoint resume, a checkpoint killed mid-write."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import statistics
@@ -163,12 +164,30 @@ def test_train_step_metrics_and_version(tiny_text_model, make_groups):
                 "is_ratio/max", "tokens", "samples", "zero_variance_groups", "lr", "step_time_s"):
         assert key in m and m[key] == m[key], key  # present and not NaN
     assert m["grad_norm"] > 0 and m["tokens"] > 0 and m["entropy"] > 0
+    # Values a bug could get wrong: the counts are the batch's own, one pass (mu=1) never clips
+    # (the ratio is exactly 1), beta=0 has no KL, the entropy is that of a V-way distribution.
+    groups = make_groups(seed=0)
+    samples, _ = build_samples(groups, learner.cfg)
+    assert m["tokens"] == sum(len(s.completion_ids) for s in samples)
+    assert m["samples"] == len(samples)
+    assert m["prompt_tokens"] == sum(len(s.prompt_ids) for s in samples)
+    assert m["episodes"] == sum(len(g.trajectories) for g in groups) and m["groups"] == len(groups)
+    assert m["reward_mean"] == pytest.approx(statistics.mean(t.episode_return for g in groups for t in g.trajectories))
+    assert m["clip_ratio/low_mean"] == m["clip_ratio/high_mean"] == m["clip_ratio/region_mean"] == 0.0
+    assert m["kl"] == 0.0
+    vocab = learner.model.get_output_embeddings().out_features
+    assert 0 < m["entropy"] <= math.log(vocab) + 1e-6
     after = learner.get_weights()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     # A batch with nothing trainable does not step and does not move the version.
     only_failed = [_group("x", [1.0, 0.0], failed=(0, 1))]
     m = learner.train_step(only_failed)
     assert m["skipped"] == 1.0 and learner.policy_version == 1
+    # Equal returns in every group: all advantages are 0, so the gradient is exactly 0.
+    flat = [_group("y", [1.0, 1.0, 1.0]), _group("z", [0.0, 0.0])]
+    m = learner.train_step(flat)
+    assert m["zero_variance_groups"] == 2 and m["episodes"] == 5 and m["samples"] == 5
+    assert m["tokens"] == 5 * 2 and m["grad_norm"] == 0.0
 
 
 def test_published_versions_are_whole_and_immutable(tiny_text_model, make_groups, ray_cluster):
