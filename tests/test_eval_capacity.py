@@ -15,8 +15,29 @@ from cluster import config as C
 from cluster import driver
 from tests.test_recorded_env import TASK, recorded_config
 
+
+def test_summarize_eval_counts_exactly_the_successful_episodes():
+    """Per-task and overall rates are the episodes' own success flags: a finished episode with a
+    positive return is a success; a truncated one is not, whatever its return."""
+    from actors.trajectory import FINISHED, TRUNCATED, Trajectory, TrajectoryGroup
+
+    def group(task: str, outcomes: list[tuple[str, float]]) -> TrajectoryGroup:
+        return TrajectoryGroup(f"{task}-g", task, 0, [
+            Trajectory(episode_id=f"{task}-{i}", group_id=f"{task}-g", task=task, seed=0, status=s, episode_return=r)
+            for i, (s, r) in enumerate(outcomes)])
+
+    ev = driver.summarize_eval([
+        group("a", [(FINISHED, 1.0), (FINISHED, 0.0), (TRUNCATED, 1.0)]),
+        group("b", [(FINISHED, 0.5)]),
+        group("a", [(FINISHED, 1.0)]),
+    ])
+    assert ev["eval_status"] == "ok" and ev["eval_episodes"] == 5 and ev["eval_episodes_failed"] == 0
+    assert ev["eval/a/success_rate"] == 2 / 4 and ev["eval/b/success_rate"] == 1.0
+    assert ev["eval_success_rate"] == 3 / 5
+
+
 # Each is a whole one-step training run: 440 s and 292 s on the shared 2-core machine under load (--durations).
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow
 
 
 def _preset_layout_scaled_down(run_dir, **overrides) -> C.TrainConfig:
@@ -28,6 +49,7 @@ def _preset_layout_scaled_down(run_dir, **overrides) -> C.TrainConfig:
     })
 
 
+@slow
 def test_preset_fills_every_session_of_its_env_servers():
     """The structure the tests below scale down: the preset's workers use every session."""
     cfg = C.build_config("qwen3-vl-2b-miniwob", {}, environ={})
@@ -35,6 +57,7 @@ def test_preset_fills_every_session_of_its_env_servers():
     assert cfg.cluster.env_placement == "ray_actors" and (cfg.eval.every_steps or cfg.eval.at_end)
 
 
+@slow
 def test_evaluation_gets_its_own_env_capacity(ray_cluster, tmp_path):
     run_dir = tmp_path / "run"
     cfg = _preset_layout_scaled_down(run_dir, **{"cluster.env_placement": "ray_actors", "cluster.run_name": "eval-cap"})
@@ -43,10 +66,17 @@ def test_evaluation_gets_its_own_env_capacity(ray_cluster, tmp_path):
     (ev,) = summary["eval"]
     assert ev["eval_status"] == "ok", ev
     assert ev["eval_episodes"] == 2 and ev["eval_episodes_failed"] == 0
-    assert 0.0 <= ev["eval_success_rate"] <= 1.0 and f"eval/{TASK}/success_rate" in ev
+    # The reported rates are the success flags of the episodes the evaluation wrote.
+    from actors.trajectory import read_trajectories
+
+    written = [t for g in read_trajectories(run_dir / "eval" / "trajectories") for t in g.trajectories]
+    assert len(written) == 2 and all(t.task == TASK for t in written)
+    successes = sum(t.success for t in written)
+    assert ev["eval_success_rate"] == ev[f"eval/{TASK}/success_rate"] == successes / 2, (ev, written)
     assert summary["accounting"]["eval_episodes"] == 2
 
 
+@slow
 def test_refused_evaluation_is_reported_failed_with_a_count(ray_cluster, tmp_path):
     """Remote servers with no session to spare (a real server at max_sessions, held by the
     training worker): every evaluation session is refused. The evaluation is `failed` with the
