@@ -16,24 +16,43 @@ from cluster import driver
 from tests.test_recorded_env import TASK, recorded_config
 
 
-def test_summarize_eval_counts_exactly_the_successful_episodes():
+def _group(task: str, outcomes: list[tuple[str, float]]):
+    from actors.trajectory import Trajectory, TrajectoryGroup
+
+    return TrajectoryGroup(f"{task}-g", task, 0, [
+        Trajectory(episode_id=f"{task}-{i}", group_id=f"{task}-g", task=task, seed=0, status=s, episode_return=r,
+                   failure_reason="env_error: refused (CAPACITY_REACHED)" if s == "failed" else "")
+        for i, (s, r) in enumerate(outcomes)])
+
+
+def test_eval_record_counts_exactly_the_successful_episodes():
     """Per-task and overall rates are the episodes' own success flags: a finished episode with a
     positive return is a success; a truncated one is not, whatever its return."""
-    from actors.trajectory import FINISHED, TRUNCATED, Trajectory, TrajectoryGroup
+    from actors.trajectory import FINISHED, TRUNCATED
+    from cluster.eval import metrics_record, summarize
 
-    def group(task: str, outcomes: list[tuple[str, float]]) -> TrajectoryGroup:
-        return TrajectoryGroup(f"{task}-g", task, 0, [
-            Trajectory(episode_id=f"{task}-{i}", group_id=f"{task}-g", task=task, seed=0, status=s, episode_return=r)
-            for i, (s, r) in enumerate(outcomes)])
-
-    ev = driver.summarize_eval([
-        group("a", [(FINISHED, 1.0), (FINISHED, 0.0), (TRUNCATED, 1.0)]),
-        group("b", [(FINISHED, 0.5)]),
-        group("a", [(FINISHED, 1.0)]),
-    ])
+    groups = [_group("a", [(FINISHED, 1.0), (FINISHED, 0.0), (TRUNCATED, 1.0)]),
+              _group("b", [(FINISHED, 0.5)]),
+              _group("a", [(FINISHED, 1.0)])]
+    ev = metrics_record(summarize([(g.task, 0) for g in groups], groups))
     assert ev["eval_status"] == "ok" and ev["eval_episodes"] == 5 and ev["eval_episodes_failed"] == 0
     assert ev["eval/a/success_rate"] == 2 / 4 and ev["eval/b/success_rate"] == 1.0
     assert ev["eval_success_rate"] == 3 / 5
+
+
+def test_eval_record_with_a_failed_episode_has_no_success_rate():
+    """One infrastructure failure makes the evaluation `failed`, with its count and reason, and no
+    success-rate key at all (neither 0 % nor a rate over the survivors). A group that raised
+    (timed out) counts as failed too."""
+    from actors.trajectory import FAILED, FINISHED
+    from cluster.eval import metrics_record, summarize
+
+    groups = [_group("a", [(FINISHED, 1.0), (FAILED, 0.0)]), TimeoutError("group timed out")]
+    ev = metrics_record(summarize([("a", 0), ("b", 1)], groups))
+    assert ev["eval_status"] == "failed" and ev["eval_episodes"] == 3 and ev["eval_episodes_failed"] == 2
+    assert ev["eval_failure_reasons"] == {"env_error": 1, "TimeoutError": 1}
+    assert "CAPACITY" in ev["eval_failure_example"]
+    assert not any("success_rate" in k for k in ev)
 
 
 # Each is a whole one-step training run: 440 s and 292 s on the shared 2-core machine under load (--durations).
