@@ -9,6 +9,7 @@ import torch
 from actors.trajectory import Step, Trajectory, TrajectoryGroup
 from learner.batching import build_samples, collate
 from learner.config import GRPOConfig
+from tests.fixtures.recorded_session import RecordedSession
 
 
 def test_completion_mask_marks_exactly_the_completion_positions():
@@ -36,24 +37,6 @@ def test_completion_mask_marks_exactly_the_completion_positions():
             # The prompt ends right where the completion starts: position -T-1 is its last token.
             assert batch["input_ids"][i, -T - 1].item() == s.prompt_ids[-1]
             assert batch["attention_mask"][i].sum().item() == len(s.prompt_ids) + c
-
-
-class RecordedSession:
-    """The browser-free recorded click-button env in-process (it only supplies observations)."""
-
-    def __init__(self) -> None:
-        from envs.recorded.environment import RecordedEnvironment
-
-        self.env = RecordedEnvironment()
-
-    def reset(self, task: str, seed: int):
-        return self.env.reset(seed=seed, task=task)
-
-    def step(self, action: str):
-        from envs.browsergym.models import BrowserGymAction
-
-        obs = self.env.step(BrowserGymAction(action_str=action))
-        return obs, obs.reward, obs.done
 
 
 def test_weights_updated_mid_episode_stamp_later_steps_and_change_generation(tiny_text_model):

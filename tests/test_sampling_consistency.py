@@ -23,27 +23,10 @@ from actors.engine import SamplingSettings
 from actors.episode import run_episode
 from actors.trajectory import TrajectoryGroup
 from learner.config import GRPOConfig, LearnerConfig
+from tests.fixtures.recorded_session import RecordedSession
 
 LOGPROB_ATOL = 1e-4
 SAMPLING = SamplingSettings(temperature=0.5, top_k=10, max_new_tokens=8, seed=1234)
-
-
-class RecordedSession:
-    """The recorded click-button environment driven in-process (EnvSession protocol)."""
-
-    def __init__(self) -> None:
-        from envs.recorded.environment import RecordedEnvironment
-
-        self.env = RecordedEnvironment()
-
-    def reset(self, task: str, seed: int):
-        return self.env.reset(seed=seed, task=task)
-
-    def step(self, action: str):
-        from envs.browsergym.models import BrowserGymAction
-
-        obs = self.env.step(BrowserGymAction(action_str=action))
-        return obs, obs.reward, obs.done
 
 
 def _rollout(engine, n: int = 4) -> TrajectoryGroup:
