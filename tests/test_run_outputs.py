@@ -10,10 +10,12 @@ scraped for every metric the dashboard queries; the index page is opened in real
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -42,7 +44,10 @@ def outputs_run(ray_cluster, tmp_path_factory):
     os.environ["TRACKIO_DIR"] = str(root / "trackio")
     os.environ["WANDB_SILENT"] = "true"
     os.environ.pop("WANDB_MODE", None)
+    from tests.test_e2e import SMOKE  # the local preset's old smoke settings: tiny VLM, no warm start
+
     cfg = C.build_config("local", {
+        **SMOKE,
         "cluster.run_dir": str(run_dir), "cluster.run_name": RUN_NAME, "cluster.total_steps": str(STEPS),
         "model": "tiny-vlm", "sampler.tasks": "[recorded.click-button]", "env.task": "recorded.click-button",
         "logging.progress_bar": "false", "logging.trackers": "[trackio, tensorboard, wandb]",
@@ -264,7 +269,33 @@ def test_index_lists_every_group_with_its_step(outputs_run):
         assert f"href='{name}'" in html
 
 
+def _in_fresh_thread(test):
+    """Runs the test body on a new thread. Playwright's sync API refuses to start in a thread that
+    already runs one (BrowserGym keeps a global sync Playwright in the test process once an
+    in-process env test has used it: "using Playwright Sync API inside the asyncio loop", seen in
+    the full suite), and a fresh thread has none."""
+
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        error: list[BaseException] = []
+
+        def body():
+            try:
+                test(*args, **kwargs)
+            except BaseException as exc:  # noqa: BLE001 - re-raised on the test's own thread
+                error.append(exc)
+
+        thread = threading.Thread(target=body, name=test.__name__)
+        thread.start()
+        thread.join()
+        if error:
+            raise error[0]
+
+    return run
+
+
 @pytest.mark.browser
+@_in_fresh_thread
 def test_index_page_in_chromium_links_resolve(outputs_run, tmp_path):
     run_dir = outputs_run["run_dir"]
     with _chromium() as browser:
@@ -309,6 +340,7 @@ def _group(task: str, seed: int, returns: list[float], failed: int = 0):
 
 
 @pytest.mark.browser
+@_in_fresh_thread
 def test_index_filters_by_task_and_outcome_in_chromium(tmp_path):
     from actors.trajectory import TrajectoryWriter
     from actors.viewer import write_group_html
