@@ -39,9 +39,13 @@ def outputs_run(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("outputs")
     run_dir = root / "run"
     saved_env = {k: os.environ.get(k) for k in ("TRACKIO_DIR", "WANDB_MODE", "WANDB_SILENT")}
-    # trackio reads TRACKIO_DIR when first imported (it is imported by the run, in this process);
+    # trackio reads TRACKIO_DIR when first imported, and its modules copy the value
+    # (`from trackio.utils import TRACKIO_DIR`). TRL's GRPOTrainer imports trackio, so after
+    # tests/test_grpo_loss.py it is already imported in this process and the variable alone would
+    # send the run to ~/.cache (seen in CI: an empty database here). Rebind the copies too.
     # wandb stays offline by default (cluster/metrics.py) and writes under run_dir/wandb.
     os.environ["TRACKIO_DIR"] = str(root / "trackio")
+    saved_trackio = _point_imported_trackio_at(root / "trackio")
     os.environ["WANDB_SILENT"] = "true"
     os.environ.pop("WANDB_MODE", None)
     from tests.test_e2e import SMOKE  # the local preset's old smoke settings: tiny VLM, no warm start
@@ -73,6 +77,8 @@ def outputs_run(ray_cluster, tmp_path_factory):
     try:
         summary = driver.train(cfg, run_dir, on_step=at_last_step)
     finally:
+        for module, value in saved_trackio:
+            module.TRACKIO_DIR = value
         for k, v in saved_env.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -82,6 +88,18 @@ def outputs_run(ray_cluster, tmp_path_factory):
     assert sorted(rows) == list(range(1, STEPS + 1))
     return {"summary": summary, "run_dir": run_dir, "rows": rows, "trackio_dir": root / "trackio",
             "metrics_text": scraped.get("text", "")}
+
+
+def _point_imported_trackio_at(directory: Path) -> list[tuple[object, object]]:
+    """Rebinds TRACKIO_DIR in every already-imported trackio module; returns what to restore."""
+    import sys
+
+    saved = []
+    for name, module in list(sys.modules.items()):
+        if (name == "trackio" or name.startswith("trackio.")) and hasattr(module, "TRACKIO_DIR"):
+            saved.append((module, module.TRACKIO_DIR))
+            module.TRACKIO_DIR = Path(directory)
+    return saved
 
 
 def _expected(outputs_run) -> dict[str, dict[int, float]]:
