@@ -33,7 +33,7 @@ from actors.action_parser import ActionParser
 from actors.config import RolloutConfig
 from actors.engine import ChatRequest, Generation
 from actors.episode import run_episode
-from actors.trajectory import FAILED, Trajectory, TrajectoryGroup, TrajectoryWriter, new_id
+from core.trajectory import FAILED, Trajectory, TrajectoryGroup, TrajectoryWriter, new_id
 
 log = logging.getLogger(__name__)
 

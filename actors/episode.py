@@ -25,7 +25,7 @@ from actors.config import RolloutConfig
 from actors.engine import ChatRequest, Generation, InferenceEngine, SamplingSettings
 from actors.prompts import action_error, build_request, history_line
 from actors.rewards import episode_return
-from actors.trajectory import FAILED, FINISHED, TRUNCATED, Step, Trajectory
+from core.trajectory import FAILED, FINISHED, TRUNCATED, Step, Trajectory
 
 log = logging.getLogger(__name__)
 

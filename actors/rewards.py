@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from actors.trajectory import Step
+from core.trajectory import Step
 
 
 def shaped_step_reward(step: Step, invalid_action_penalty: float = 0.0, step_penalty: float = 0.0) -> float:

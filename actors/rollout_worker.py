@@ -34,7 +34,7 @@ from actors.episode import (
     is_env_failure,
     run_episode,
 )
-from actors.trajectory import FAILED, FINISHED, TRUNCATED, Trajectory, TrajectoryGroup, TrajectoryWriter, new_id
+from core.trajectory import FAILED, FINISHED, TRUNCATED, Trajectory, TrajectoryGroup, TrajectoryWriter, new_id
 
 log = logging.getLogger(__name__)
 

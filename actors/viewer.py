@@ -14,7 +14,7 @@ import html
 import os
 from pathlib import Path
 
-from actors.trajectory import TrajectoryGroup
+from core.trajectory import TrajectoryGroup
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}

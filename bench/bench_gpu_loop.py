@@ -65,7 +65,7 @@ def reward_of(completion_ids: list[int]) -> float:
 
 
 def to_groups(generations, num_groups: int, group_size: int, step: int):
-    from actors.trajectory import Step, Trajectory, TrajectoryGroup
+    from core.trajectory import Step, Trajectory, TrajectoryGroup
 
     png = recorded_observation()["screenshot_png"]
     groups = []

@@ -73,7 +73,7 @@ def _png(width: int, height: int, seed: int) -> bytes:
 
 def make_groups(args, vocab: int, vision, special: set[int]):
     """Synthetic GRPO groups of one-step episodes with exact (random) token ids."""
-    from actors.trajectory import Step, Trajectory, TrajectoryGroup
+    from core.trajectory import Step, Trajectory, TrajectoryGroup
 
     rng = random.Random(0)
     image_tokens, image = 0, None

@@ -86,7 +86,7 @@ def bench_gist(engine_config, env_config, groups, group_size, max_steps, seeds):
     from actors.engines import create_engine
     from actors.episode import run_episode
     from actors.rollout_worker import ClientEnvSession
-    from actors.trajectory import new_id
+    from core.trajectory import new_id
     from envs.browsergym.pool import EnvServerPool
 
     cfg = _rollout_config(1, max_steps)

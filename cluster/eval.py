@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from actors.trajectory import FAILED, TrajectoryGroup
+from core.trajectory import FAILED, TrajectoryGroup
 
 Z95 = 1.959963984540054
 

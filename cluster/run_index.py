@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping
 import pyarrow.parquet as pq
 import yaml
 
-from actors.trajectory import FAILED, TRAJECTORY_SCHEMA, TrajectoryGroup, table_to_groups
+from core.trajectory import FAILED, TRAJECTORY_SCHEMA, TrajectoryGroup, table_to_groups
 from cluster.metrics import read_metrics
 from cluster.plots import PLOTS
 

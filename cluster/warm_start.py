@@ -51,7 +51,7 @@ def run_warm_start(
     import ray
 
     from actors.demos import collect_demonstrations, demo_instances
-    from actors.trajectory import read_trajectories
+    from core.trajectory import read_trajectories
     from learner.sft import split_heldout
 
     ws = config.warm_start

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from trl.trainer.utils import nanstd
 
-from actors.trajectory import Trajectory, TrajectoryGroup
+from core.trajectory import Trajectory, TrajectoryGroup
 
 from .config import GRPOConfig
 

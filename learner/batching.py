@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from actors.trajectory import TrajectoryGroup
+from core.trajectory import TrajectoryGroup
 
 from .advantages import AdvantageStats, compute_advantages
 from .config import GRPOConfig

@@ -29,7 +29,7 @@ import numpy as np
 import ray
 import torch
 
-from actors.trajectory import TrajectoryGroup
+from core.trajectory import TrajectoryGroup
 
 from . import checkpoint as ckpt
 from . import distributed as D
@@ -54,7 +54,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def load_model(model_path: str, attn_implementation: str = "sdpa") -> torch.nn.Module:
     """A text (CausalLM) or vision-language (ImageTextToText) model, float32 parameters."""
-    from actors.engines.processing import is_vision_language
+    from core.processor import is_vision_language
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     cls = AutoModelForImageTextToText if is_vision_language(model_path) else AutoModelForCausalLM
@@ -203,7 +203,7 @@ class Learner:
     # --- setup helpers ---------------------------------------------------------------------
 
     def _vision_spec(self) -> VisionSpec | None:
-        from actors.engines.processing import is_vision_language, load_processor
+        from core.processor import is_vision_language, load_processor
 
         if not is_vision_language(self.config.model_path):
             return None

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from trl.trainer.utils import selective_log_softmax
 
-from actors.trajectory import TrajectoryGroup
+from core.trajectory import TrajectoryGroup
 
 from . import distributed as D
 from .batching import TrainingSample, micro_batches, shard, to_device

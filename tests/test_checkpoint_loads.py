@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from actors.engine import ChatRequest, SamplingSettings
-from actors.trajectory import Step, Trajectory, TrajectoryGroup
+from core.trajectory import Step, Trajectory, TrajectoryGroup
 from learner.config import GRPOConfig, LearnerConfig
 from tests.fixtures.learner import vl_group
 

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.browser
 def test_demonstrations_are_training_samples(tmp_path):
     from actors.demos import DEMO_POLICY_VERSION, DemoRenderer, main
     from actors.tiny_models import build_tiny_vl_model
-    from actors.trajectory import read_trajectories
+    from core.trajectory import read_trajectories
 
     import yaml
 

@@ -15,7 +15,7 @@ import time
 import pytest
 import requests
 
-from actors.trajectory import read_trajectories
+from core.trajectory import read_trajectories
 from cluster import config as C
 from cluster import driver
 from cluster.metrics import read_metrics

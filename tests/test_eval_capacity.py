@@ -17,7 +17,7 @@ from tests.test_recorded_env import TASK, recorded_config
 
 
 def _group(task: str, outcomes: list[tuple[str, float]]):
-    from actors.trajectory import Trajectory, TrajectoryGroup
+    from core.trajectory import Trajectory, TrajectoryGroup
 
     return TrajectoryGroup(f"{task}-g", task, 0, [
         Trajectory(episode_id=f"{task}-{i}", group_id=f"{task}-g", task=task, seed=0, status=s, episode_return=r,
@@ -28,7 +28,7 @@ def _group(task: str, outcomes: list[tuple[str, float]]):
 def test_eval_record_counts_exactly_the_successful_episodes():
     """Per-task and overall rates are the episodes' own success flags: a finished episode with a
     positive return is a success; a truncated one is not, whatever its return."""
-    from actors.trajectory import FINISHED, TRUNCATED
+    from core.trajectory import FINISHED, TRUNCATED
     from cluster.eval import metrics_record, summarize
 
     groups = [_group("a", [(FINISHED, 1.0), (FINISHED, 0.0), (TRUNCATED, 1.0)]),
@@ -44,7 +44,7 @@ def test_eval_record_with_a_failed_episode_has_no_success_rate():
     """One infrastructure failure makes the evaluation `failed`, with its count and reason, and no
     success-rate key at all (neither 0 % nor a rate over the survivors). A group that raised
     (timed out) counts as failed too."""
-    from actors.trajectory import FAILED, FINISHED
+    from core.trajectory import FAILED, FINISHED
     from cluster.eval import metrics_record, summarize
 
     groups = [_group("a", [(FINISHED, 1.0), (FAILED, 0.0)]), TimeoutError("group timed out")]
@@ -86,7 +86,7 @@ def test_evaluation_gets_its_own_env_capacity(ray_cluster, tmp_path):
     assert ev["eval_status"] == "ok", ev
     assert ev["eval_episodes"] == 2 and ev["eval_episodes_failed"] == 0
     # The reported rates are the success flags of the episodes the evaluation wrote.
-    from actors.trajectory import read_trajectories
+    from core.trajectory import read_trajectories
 
     written = [t for g in read_trajectories(run_dir / "eval" / "trajectories") for t in g.trajectories]
     assert len(written) == 2 and all(t.task == TASK for t in written)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.trajectory import FAILED, Step, Trajectory, TrajectoryGroup
+from core.trajectory import FAILED, Step, Trajectory, TrajectoryGroup
 from learner.advantages import compute_advantages
 from learner.batching import BatchError, batch_normalizer, build_samples, collate
 from learner.config import GRPOConfig, LearnerConfig

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from actors.trajectory import Step, Trajectory, TrajectoryGroup
+from core.trajectory import Step, Trajectory, TrajectoryGroup
 from learner.config import GRPOConfig, LearnerConfig
 
 STEPS, GROUPS, G, NEW_TOKENS, TEMPERATURE = 30, 2, 8, 2, 1.0

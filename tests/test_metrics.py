@@ -62,7 +62,7 @@ def test_missing_tracker_is_a_config_error(monkeypatch):
 
 
 def test_per_task_figures_count_trainable_episodes_only():
-    from actors.trajectory import FAILED, Trajectory, TrajectoryGroup
+    from core.trajectory import FAILED, Trajectory, TrajectoryGroup
 
     def group(task, returns, failed=0):
         trajs = [Trajectory(f"e{i}", f"g-{task}-{len(returns)}", task, 1,
@@ -78,7 +78,7 @@ def test_per_task_figures_count_trainable_episodes_only():
 
 
 def _step():
-    from actors.trajectory import Step
+    from core.trajectory import Step
 
     return Step(index=0, prompt_ids=[1], completion_ids=[2], logprobs=[-1.0], policy_version=0)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from actors.trajectory import Step, Trajectory, TrajectoryGroup
+from core.trajectory import Step, Trajectory, TrajectoryGroup
 from learner.batching import build_samples, collate
 from learner.config import GRPOConfig
 from tests.fixtures.recorded_session import RecordedSession

@@ -9,7 +9,7 @@ from PIL import Image
 from actors.config import PromptConfig, RolloutConfig
 from actors.prompts import build_request, history_line, system_prompt
 from actors.rewards import aggregate, episode_return
-from actors.trajectory import Step
+from core.trajectory import Step
 
 
 def _png() -> bytes:

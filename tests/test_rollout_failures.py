@@ -9,7 +9,7 @@ import time
 import pytest
 
 from actors.engine import ChatRequest, EngineError
-from actors.trajectory import FAILED
+from core.trajectory import FAILED
 from tests.fixtures.rollout import small_rollout_config
 
 
@@ -24,7 +24,7 @@ def _dead_url() -> str:
 @pytest.mark.parametrize("on_failure, reruns", [("drop", 0), ("rerun", 1)])
 def test_unreachable_env_fails_episodes_and_group_is_dropped(rollout_engine_config, tmp_path, on_failure, reruns):
     from actors.rollout_worker import RolloutWorker, group_failed
-    from actors.trajectory import read_trajectories
+    from core.trajectory import read_trajectories
 
     cfg = small_rollout_config(on_failure=on_failure, max_group_reruns=reruns, connect_timeout_s=5.0)
     with RolloutWorker("dead", cfg, rollout_engine_config, None, tmp_path, env_urls=[_dead_url()]) as worker:

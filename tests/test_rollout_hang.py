@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from actors.trajectory import FAILED, FINISHED, TRUNCATED, read_trajectories
+from core.trajectory import FAILED, FINISHED, TRUNCATED, read_trajectories
 from tests.fixtures.rollout import small_rollout_config
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]

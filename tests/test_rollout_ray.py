@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from actors.trajectory import FINISHED, TRUNCATED
+from core.trajectory import FINISHED, TRUNCATED
 from tests.fixtures.rollout import small_rollout_config
 
 pytestmark = pytest.mark.browser

@@ -344,7 +344,7 @@ def test_index_page_in_chromium_links_resolve(outputs_run, tmp_path):
 
 
 def _group(task: str, seed: int, returns: list[float], failed: int = 0):
-    from actors.trajectory import FAILED, FINISHED, Step, Trajectory, TrajectoryGroup, new_id
+    from core.trajectory import FAILED, FINISHED, Step, Trajectory, TrajectoryGroup, new_id
 
     gid = new_id()
     trajs = []
@@ -360,7 +360,7 @@ def _group(task: str, seed: int, returns: list[float], failed: int = 0):
 @pytest.mark.browser
 @_in_fresh_thread
 def test_index_filters_by_task_and_outcome_in_chromium(tmp_path):
-    from actors.trajectory import TrajectoryWriter
+    from core.trajectory import TrajectoryWriter
     from actors.viewer import write_group_html
     from cluster.run_index import RunIndex
 

@@ -21,7 +21,7 @@ from actors.action_parser import ActionParser
 from actors.config import RolloutConfig
 from actors.engine import SamplingSettings
 from actors.episode import run_episode
-from actors.trajectory import TrajectoryGroup
+from core.trajectory import TrajectoryGroup
 from learner.config import GRPOConfig, LearnerConfig
 from tests.fixtures.recorded_session import RecordedSession
 

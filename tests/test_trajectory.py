@@ -1,6 +1,6 @@
 import pytest
 
-from actors.trajectory import (
+from core.trajectory import (
     FAILED,
     Step,
     Trajectory,

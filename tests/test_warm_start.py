@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from actors.trajectory import FAILED, FINISHED, Step, Trajectory, TrajectoryGroup
+from core.trajectory import FAILED, FINISHED, Step, Trajectory, TrajectoryGroup
 from cluster.eval import compare, difference_interval, summarize, wilson_interval
 from envs.browsergym.models import BrowserGymObservation
 from envs.browsergym.scripted import NoScriptedAction, noisy_action, random_valid_action, scripted_action

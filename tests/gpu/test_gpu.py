@@ -31,7 +31,7 @@ def _requests(n: int):
 
 
 def _groups(gens, group_size: int, step: int):
-    from actors.trajectory import Step, Trajectory, TrajectoryGroup
+    from core.trajectory import Step, Trajectory, TrajectoryGroup
 
     groups = []
     for g in range(len(gens) // group_size):
