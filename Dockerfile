@@ -33,8 +33,8 @@ RUN useradd --create-home --uid 1000 --shell /bin/bash ray \
  && echo "ray ALL=(ALL) NOPASSWD:ALL" > /etc/sudoers.d/ray
 WORKDIR /app
 
-# Dependencies first (a layer that survives code edits), then the code, installed editable so the
-# presets in /app/configs are found by name.
+# Dependencies first (a layer that survives code edits), then the code, installed editable (the
+# presets are found by name in /app/cluster/presets).
 COPY pyproject.toml README.md ./
 RUN mkdir -p actors learner cluster envs \
  && pip install ".[gpu]" \

@@ -5,7 +5,7 @@ VENV ?= .venv
 setup:
 	@bash scripts/bootstrap.sh
 
-# The main job: a local training run on the embedded `local` preset (local Ray, local env servers,
+# The main job: a local training run on the `local` preset (cluster/presets/local.yaml) (local Ray, local env servers,
 # tiny offline model, MiniWoB click-test). Extra arguments: make run ARGS="--learner.lr 1e-5"
 run: setup
 	$(VENV)/bin/bgrpo train --config local $(ARGS)

@@ -18,28 +18,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from cluster.config import check_teachers, warm_start_tasks
+
 log = logging.getLogger(__name__)
 
 SFT_DIR = "sft"
 DEMOS_DIR = "demos"
-
-
-def warm_start_tasks(config: Any) -> list[str]:
-    from cluster.config import normalize_task
-
-    return [normalize_task(t) for t in (config.warm_start.tasks or config.sampler.tasks)]
-
-
-def check_teachers(config: Any) -> None:
-    """Every warm-start task needs a scripted teacher (a ConfigError names the ones without)."""
-    from cluster.config import ConfigError
-    from envs.browsergym.scripted import SCRIPTED_TASKS
-
-    if config.warm_start.demos_dir:
-        return
-    missing = [t for t in warm_start_tasks(config) if t not in SCRIPTED_TASKS]
-    if missing:
-        raise ConfigError(f"warm_start: no scripted teacher for {missing}; teachers exist for {list(SCRIPTED_TASKS)}")
 
 
 def run_warm_start(

@@ -104,7 +104,7 @@ def test_kuberay_rayjob_matches_the_crd(rayjob_schema):
     assert runtime_env["working_dir"] == "/app"
     assert job["spec"]["entrypoint"].startswith("bgrpo train --config ")
     preset = job["spec"]["entrypoint"].split("--config ")[1].split()[0]
-    assert (REPO / "configs" / f"{preset}.yaml").is_file()
+    assert (REPO / "cluster" / "presets" / f"{preset}.yaml").is_file()
 
 
 def test_kuberay_raycluster_matches_the_crd_and_the_rayjob(raycluster_schema):

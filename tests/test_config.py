@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
+import cluster
 from cluster import config as C
 
 
@@ -33,8 +38,21 @@ def test_presets_load_and_validate():
     assert len(qwen.sampler.tasks) > 5
 
 
-def test_local_preset_file_equals_embedded_default():
-    assert yaml.safe_load((C.PRESETS_DIR / "local.yaml").read_text()) == yaml.safe_load(C.EMBEDDED_LOCAL_PRESET)
+def test_presets_ship_as_package_data():
+    # An installed package (no checkout around it) finds the presets by name: they live inside the
+    # `cluster` package and pyproject's package-data lists them.
+    root = Path(cluster.__file__).resolve().parent
+    assert C.PRESETS_DIR.resolve().parent == root
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    pyproject = tomllib.loads((root.parent / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["cluster"]
+    presets = sorted(C.PRESETS_DIR.glob("*.yaml"))
+    assert {p.stem for p in presets} >= {"local", "gpu-smoke", "qwen3-vl-2b-miniwob"}
+    for path in presets:
+        assert any(fnmatch.fnmatch(str(path.relative_to(root)), pat) for pat in patterns), path
 
 
 def test_preset_by_path(tmp_path):
@@ -127,7 +145,7 @@ def test_env_vars_of_the_seed_gist():
 
 def test_every_env_var_maps_to_an_existing_field():
     for var, dotted in C.ENV_OVERRIDES.items():
-        C._field_type_at(dotted)  # raises ConfigError if a layer renamed the field
+        C.field_type_at(dotted)  # raises ConfigError if a layer renamed the field
 
 
 def test_resolved_config_round_trips(tmp_path):
@@ -219,7 +237,7 @@ def test_every_seed_gist_env_var_is_honoured_or_refused(var):
     if isinstance(expected, dict):
         cfg = build(env={var: value})
         for dotted, want in expected.items():
-            assert C._get_dotted(cfg, dotted) == want, (var, dotted)
+            assert C.get_dotted(cfg, dotted) == want, (var, dotted)
         assert var in C.help_text()
     else:  # refused: the message names the variable and the field to use instead
         with pytest.raises(C.ConfigError, match=rf"{var}.*{re.escape(expected)}"):
@@ -236,3 +254,13 @@ def test_seed_gist_env_vars_edge_cases():
     assert cfg.cluster.env_server_urls == ["http://a:8001", "http://b:8001"]
     # A command-line flag still beats the variable.
     assert build({"checkpoint.every_steps": "3"}, {"SAVE_INTERVAL": "25"}).checkpoint.every_steps == 3
+
+
+def test_configuration_reference_is_the_help_output():
+    # docs/configuration.md is `bgrpo train --help` verbatim: a field added or documented differently
+    # must be regenerated there too.
+    out = subprocess.run([sys.executable, "-m", "cluster.cli", "train", "--help"], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    doc = (Path(cluster.__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    block = doc.split("```\n", 1)[1].rsplit("```", 1)[0]
+    assert block == out, "regenerate docs/configuration.md from `python -m cluster.cli train --help`"
