@@ -55,6 +55,17 @@ def test_derived_sampling_fields_cannot_be_set_apart(overrides, message):
         build(overrides)
 
 
+def test_a_resolved_config_takes_new_source_values(tmp_path):
+    # A run folder's config.yaml holds the derived copies; overriding their source (e.g. on
+    # --resume) moves them along, and the learner's GRPO settings are the `grpo` section itself.
+    path = C.save_config(build(), tmp_path / "config.yaml")
+    cfg = build({"rollout.sampling.temperature": "0.9", "checkpoint.keep_last": "0"}, preset=str(path))
+    assert cfg.learner.grpo is cfg.grpo and cfg.grpo.temperature == 0.9
+    assert cfg.learner.keep_checkpoints == C.loader.KEEP_ALL
+    with pytest.raises(C.ConfigError, match="grpo.temperature is derived from rollout.sampling.temperature"):
+        build({"grpo.temperature": "0.9"}, preset=str(path))
+
+
 def test_a_preset_cannot_set_the_completion_limit_apart(tmp_path):
     p = tmp_path / "apart.yaml"
     p.write_text("rollout:\n  sampling:\n    max_new_tokens: 16\ngrpo:\n  max_completion_length: 512\n")
