@@ -170,6 +170,9 @@ def test_every_field_has_a_docstring_and_help_lists_it():
             missing.append(name)
     assert not missing, f"fields without a docstring: {missing}"
     assert "MODEL_ID" in text
+    # Derived fields are listed with their source, not a default one could set.
+    assert "--learner.total_steps (int, derived from cluster.total_steps, not set directly)" in text
+    assert "--grpo.temperature (float, derived from rollout.sampling.temperature, not set directly)" in text
 
 
 def test_parse_cli_and_resume(tmp_path):

@@ -14,7 +14,7 @@ from pydantic import ConfigDict, TypeAdapter
 
 from cluster.config.checks import validate_config
 from cluster.config.env_vars import ENV_OVERRIDES, ENV_REFUSED, ENV_REMOTE_SERVERS
-from cluster.config.loader import build_config
+from cluster.config.loader import DERIVED, build_config
 from cluster.config.schema import ConfigError, TrainConfig
 
 # --- help ------------------------------------------------------------------------------------------
@@ -56,10 +56,20 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _derived_source(name: str) -> str | None:
+    """The field a derived field (loader.DERIVED, or a field inside a derived section) comes from."""
+    for target, source in DERIVED.items():
+        if name == target or name.startswith(target + "."):
+            return source + name[len(target):]
+    return None
+
+
 def help_text() -> str:
     lines = ["Config fields (set with --<name> VALUE; values are YAML: 1e-6, true, [a, b]):", ""]
     for name, tp, default, doc in iter_fields():
-        lines.append(f"  --{name} ({_type_name(tp)}, default {default!r})")
+        source = _derived_source(name)
+        value = f"derived from {source}, not set directly" if source else f"default {default!r}"
+        lines.append(f"  --{name} ({_type_name(tp)}, {value})")
         if doc:
             lines.extend("      " + ln for ln in textwrap.wrap(doc, 92))
     lines += ["", "Environment variables (the seed gist's names) override the preset:"]
