@@ -140,82 +140,114 @@ def collect_demonstrations(
     (embedded env servers unless `env_urls`); writes `out_dir/trajectories/*.parquet` and
     `out_dir/viewer/`. Returns the groups (one episode each, in instance order) and a summary.
     Infrastructure failures are kept (status failed, with the reason) and never trained on."""
-    from actors.rollout_worker import ClientEnvSession, _is_timeout
-    from actors.viewer import write_group_html
-
     if not 0.0 <= epsilon <= 1.0:
         raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
     if num_sessions < 1:
         raise ValueError(f"num_sessions must be >= 1, got {num_sessions}")
-    out_dir = Path(out_dir)
-    renderer = DemoRenderer(model_path)
-    parser = ActionParser(rollout.allowed_actions, rollout.max_action_chars, fallback_action=rollout.fallback_action)
-    writer = TrajectoryWriter(out_dir / "trajectories")
-    pool = None
-    if not env_urls:
-        from envs.browsergym.pool import EnvServerPool
-
-        pool = EnvServerPool(num_servers=num_sessions, env_config=env_config)
-        env_urls = pool.urls
-    slots: queue.Queue[int] = queue.Queue()
-    for i in range(num_sessions):
-        slots.put(i)
-    sessions: list[Any] = [None] * num_sessions
-    write_lock = threading.Lock()
-    summary = DemoSummary()
     t0 = time.monotonic()
+    collection = _DemoCollection(model_path, rollout, env_config, Path(out_dir), epsilon, num_sessions,
+                                 seed, env_urls)
+    try:
+        with ThreadPoolExecutor(max_workers=num_sessions, thread_name_prefix="teacher") as executor:
+            groups = list(executor.map(lambda a: collection.play(*a),
+                                       [(i, t, s) for i, (t, s) in enumerate(instances)]))
+    finally:
+        collection.close()
+    collection.summary.wall_s = time.monotonic() - t0
+    return groups, collection.summary
 
-    def play(index: int, task: str, task_seed: int) -> TrajectoryGroup:
-        slot = slots.get()
+
+class _DemoCollection:
+    """The state of one `collect_demonstrations`: `num_sessions` env sessions (one thread each
+    takes a free one per episode), the writer and the summary, shared by the teacher threads."""
+
+    def __init__(self, model_path: str, rollout: RolloutConfig, env_config: Any, out_dir: Path,
+                 epsilon: float, num_sessions: int, seed: int, env_urls: Sequence[str] | None) -> None:
+        # Imported here, before any env server starts, so a broken import fails the collection
+        # instead of becoming every episode's teacher_error.
+        from actors.rollout_worker import ClientEnvSession, _is_timeout
+        from actors.viewer import write_group_html
+
+        self._session_type, self._is_timeout, self._write_html = ClientEnvSession, _is_timeout, write_group_html
+        self.rollout, self.out_dir, self.epsilon, self.seed = rollout, out_dir, epsilon, seed
+        self.renderer = DemoRenderer(model_path)
+        self.parser = ActionParser(rollout.allowed_actions, rollout.max_action_chars,
+                                   fallback_action=rollout.fallback_action)
+        self.writer = TrajectoryWriter(out_dir / "trajectories")
+        self.pool = None
+        if not env_urls:
+            from envs.browsergym.pool import EnvServerPool
+
+            self.pool = EnvServerPool(num_servers=num_sessions, env_config=env_config)
+            env_urls = self.pool.urls
+        self.env_urls = env_urls
+        self.slots: queue.Queue[int] = queue.Queue()
+        for i in range(num_sessions):
+            self.slots.put(i)
+        self.sessions: list[Any] = [None] * num_sessions
+        self.write_lock = threading.Lock()
+        self.summary = DemoSummary()
+
+    def play(self, index: int, task: str, task_seed: int) -> TrajectoryGroup:
+        """Instance `index` played by the teacher on a free session, written and counted."""
+        slot = self.slots.get()
         try:
-            if sessions[slot] is None:
-                sessions[slot] = ClientEnvSession(env_urls[slot % len(env_urls)], rollout.connect_timeout_s,
-                                                  rollout.step_timeout_s)
-            recording = _RecordingSession(sessions[slot])
-            # One RNG per episode, from the collection seed and the instance: reproducible whatever
-            # the thread interleaving.
-            rng = random.Random(f"{seed}:{index}:{task}:{task_seed}")
-            group_id = new_id()
-            traj = run_episode(
-                recording, teacher_generate(recording, renderer, epsilon, rng), task=task, seed=task_seed,
-                episode_id=new_id(), group_id=group_id, config=rollout, parser=parser, worker_id="teacher",
-                is_timeout=_is_timeout,
-            )
-            if traj.status == FAILED and pool is not None and traj.failure_reason.startswith("env_"):
-                sessions[slot].close()
-                sessions[slot] = None
-                pool.restart(slot % len(pool.urls))
+            traj = self._teacher_episode(slot, index, task, task_seed)
         except Exception as exc:  # noqa: BLE001 - recorded as a failed episode, like the worker does
             traj = Trajectory(new_id(), new_id(), task, task_seed, status=FAILED, worker_id="teacher",
                               failure_reason=f"teacher_error: {type(exc).__name__}: {exc}")
-            if sessions[slot] is not None:
-                sessions[slot].close()
-                sessions[slot] = None
+            self._drop_session(slot)
         finally:
-            slots.put(slot)
+            self.slots.put(slot)
         group = TrajectoryGroup(traj.group_id, task, task_seed, [traj])
-        with write_lock:
-            writer.write(group)
-            write_group_html(group, out_dir / "viewer")
+        self._record(group, traj)
+        return group
+
+    def _teacher_episode(self, slot: int, index: int, task: str, task_seed: int) -> Trajectory:
+        rollout = self.rollout
+        if self.sessions[slot] is None:
+            self.sessions[slot] = self._session_type(self.env_urls[slot % len(self.env_urls)],
+                                                   rollout.connect_timeout_s, rollout.step_timeout_s)
+        recording = _RecordingSession(self.sessions[slot])
+        # One RNG per episode, from the collection seed and the instance: reproducible whatever
+        # the thread interleaving.
+        rng = random.Random(f"{self.seed}:{index}:{task}:{task_seed}")
+        group_id = new_id()
+        traj = run_episode(
+            recording, teacher_generate(recording, self.renderer, self.epsilon, rng), task=task,
+            seed=task_seed, episode_id=new_id(), group_id=group_id, config=rollout, parser=self.parser,
+            worker_id="teacher", is_timeout=self._is_timeout,
+        )
+        if traj.status == FAILED and self.pool is not None and traj.failure_reason.startswith("env_"):
+            # The env server died or hung: a fresh server on this slot for the next episode.
+            self.sessions[slot].close()
+            self.sessions[slot] = None
+            self.pool.restart(slot % len(self.pool.urls))
+        return traj
+
+    def _drop_session(self, slot: int) -> None:
+        if self.sessions[slot] is not None:
+            self.sessions[slot].close()
+            self.sessions[slot] = None
+
+    def _record(self, group: TrajectoryGroup, traj: Trajectory) -> None:
+        with self.write_lock:
+            self.writer.write(group)
+            self._write_html(group, self.out_dir / "viewer")
+            summary = self.summary
             summary.episodes += 1
             summary.steps += len(traj.steps)
             summary.successes += traj.success
             if traj.status == FAILED:
                 summary.failed += 1
                 summary.failure_reasons.append(traj.failure_reason[:300])
-        return group
 
-    try:
-        with ThreadPoolExecutor(max_workers=num_sessions, thread_name_prefix="teacher") as executor:
-            groups = list(executor.map(lambda a: play(*a), [(i, t, s) for i, (t, s) in enumerate(instances)]))
-    finally:
-        for s in sessions:
+    def close(self) -> None:
+        for s in self.sessions:
             if s is not None:
                 s.close()
-        if pool is not None:
-            pool.close()
-    summary.wall_s = time.monotonic() - t0
-    return groups, summary
+        if self.pool is not None:
+            self.pool.close()
 
 
 def demo_instances(tasks: Sequence[str], episodes_per_task: int, seed_range: Sequence[int], seed: int = 0) -> list[tuple[str, int]]:

@@ -79,85 +79,106 @@ def run_episode(
     started = time.monotonic()
     deadline = started + config.episode_timeout_s
     traj = Trajectory(episode_id=episode_id, group_id=group_id, task=task, seed=seed, worker_id=worker_id)
-
-    def fail(kind: str, detail: str) -> Trajectory:
-        traj.status = FAILED
-        traj.failure_reason = f"{kind}: {detail}"[:2000]
-        traj.episode_return = 0.0  # meaningless for a failed episode; it is never trained on
-        traj.wall_s = time.monotonic() - started
-        log.warning("episode %s (%s seed %s) failed: %s", episode_id, task, seed, traj.failure_reason)
-        return traj
-
-    def env_fail(op: str, exc: BaseException) -> Trajectory:
-        kind = ENV_TIMEOUT if is_timeout(exc) else ENV_ERROR
-        return fail(kind, f"{op} at step {len(traj.steps)}: {type(exc).__name__}: {exc}")
-
-    # --- reset ---------------------------------------------------------------------------
     try:
-        obs = env.reset(task=task, seed=seed)
-    except Exception as exc:  # noqa: BLE001 - any env failure is recorded, not raised
-        return env_fail("reset", exc)
-    traj.goal = str(_obs_field(obs, "goal", "") or "")
-    history: list[str] = []
-    done = bool(_obs_field(obs, "done", False))
+        # --- reset -----------------------------------------------------------------------
+        obs = _env_call(lambda: env.reset(task=task, seed=seed), "reset", 0, is_timeout)
+        traj.goal = str(_obs_field(obs, "goal", "") or "")
+        history: list[str] = []
+        done = bool(_obs_field(obs, "done", False))
 
-    # --- steps ---------------------------------------------------------------------------
-    for index in range(config.max_steps):
-        if done:
-            break
-        if time.monotonic() > deadline:
-            return fail(EPISODE_TIMEOUT, f"over {config.episode_timeout_s:g}s after {index} steps")
+        # --- steps -----------------------------------------------------------------------
+        for index in range(config.max_steps):
+            if done:
+                break
+            if time.monotonic() > deadline:
+                raise _Failure(EPISODE_TIMEOUT, f"over {config.episode_timeout_s:g}s after {index} steps")
 
-        request = build_request(obs, index, history, config.prompt, config.allowed_actions)
-        t0 = time.monotonic()
-        try:
-            gen = generate(request)
-        except Exception as exc:  # noqa: BLE001
-            return fail(ENGINE_ERROR, f"step {index}: {type(exc).__name__}: {exc}")
-        engine_s = time.monotonic() - t0
+            request = build_request(obs, index, history, config.prompt, config.allowed_actions)
+            t0 = time.monotonic()
+            try:
+                gen = generate(request)
+            except Exception as exc:  # noqa: BLE001
+                raise _Failure(ENGINE_ERROR, f"step {index}: {type(exc).__name__}: {exc}") from exc
+            engine_s = time.monotonic() - t0
 
-        parsed = parser.parse(gen.text)
-        t0 = time.monotonic()
-        try:
-            obs, reward, done = env.step(parsed.action)
-        except Exception as exc:  # noqa: BLE001
-            return env_fail("step", exc)
-        env_s = time.monotonic() - t0
+            parsed = parser.parse(gen.text)
+            t0 = time.monotonic()
+            obs, reward, done = _env_call(lambda: env.step(parsed.action), "step", index, is_timeout)
+            env_s = time.monotonic() - t0
 
-        error = action_error(obs)
-        reward = float(reward or 0.0)
-        done = bool(done)
-        traj.steps.append(
-            Step(
-                index=index,
-                prompt_ids=list(gen.prompt_ids),
-                completion_ids=list(gen.completion_ids),
-                logprobs=[float(x) for x in gen.logprobs],
-                policy_version=int(gen.policy_version),
-                images=list(request.images),
-                completion_text=gen.text,
-                action=parsed.action,
-                parse_fallback=parsed.fallback,
-                reward=reward,
-                done=done,
-                action_error=error[:2000],
-                finish_reason=gen.finish_reason,
-                engine_s=engine_s,
-                env_s=env_s,
-                temperature=gen.temperature,
-                top_k=gen.top_k,
-                top_p=gen.top_p,
-            )
-        )
-        history.append(history_line(index, parsed.action, reward, error))
+            error = action_error(obs)
+            reward = float(reward or 0.0)
+            done = bool(done)
+            traj.steps.append(_step(index, request, gen, parsed, reward, done, error, engine_s, env_s))
+            history.append(history_line(index, parsed.action, reward, error))
+    except _Failure as failure:
+        return _failed(traj, started, failure.kind, failure.detail)
 
-    # --- outcome -------------------------------------------------------------------------
+    # --- outcome ---------------------------------------------------------------------------
     traj.status = FINISHED if done else TRUNCATED
     traj.episode_return = episode_return(
         traj.steps, config.reward_aggregation, config.invalid_action_penalty, config.step_penalty
     )
     traj.wall_s = time.monotonic() - started
     return traj
+
+
+class _Failure(Exception):
+    """An env or engine failure inside `run_episode`, turned into a FAILED trajectory there."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind, self.detail = kind, detail
+
+
+def _env_call(call: Callable[[], Any], op: str, index: int,
+              is_timeout: Callable[[BaseException], bool]) -> Any:
+    """`call()`, with any env failure as an `_Failure` of kind ENV_TIMEOUT or ENV_ERROR (the
+    worker replaces a timed-out server, presumed hung)."""
+    try:
+        return call()
+    except Exception as exc:  # noqa: BLE001 - any env failure is recorded, not raised
+        kind = ENV_TIMEOUT if is_timeout(exc) else ENV_ERROR
+        raise _Failure(kind, f"{op} at step {index}: {type(exc).__name__}: {exc}") from exc
+
+
+def _failed(traj: Trajectory, started: float, kind: str, detail: str) -> Trajectory:
+    """`traj` marked FAILED with reason "kind: detail" (the worker repairs by the kind)."""
+    traj.status = FAILED
+    traj.failure_reason = f"{kind}: {detail}"[:2000]
+    traj.episode_return = 0.0  # meaningless for a failed episode; it is never trained on
+    traj.wall_s = time.monotonic() - started
+    log.warning("episode %s (%s seed %s) failed: %s", traj.episode_id, traj.task, traj.seed,
+                traj.failure_reason)
+    return traj
+
+
+def _step(
+    index: int, request: ChatRequest, gen: Generation, parsed: Any, reward: float, done: bool,
+    error: str, engine_s: float, env_s: float,
+) -> Step:
+    """One recorded step: the engine's exact ids and logprobs (what the learner re-scores), the
+    prompt's images, the parsed action and what the env answered."""
+    return Step(
+        index=index,
+        prompt_ids=list(gen.prompt_ids),
+        completion_ids=list(gen.completion_ids),
+        logprobs=[float(x) for x in gen.logprobs],
+        policy_version=int(gen.policy_version),
+        images=list(request.images),
+        completion_text=gen.text,
+        action=parsed.action,
+        parse_fallback=parsed.fallback,
+        reward=reward,
+        done=done,
+        action_error=error[:2000],
+        finish_reason=gen.finish_reason,
+        engine_s=engine_s,
+        env_s=env_s,
+        temperature=gen.temperature,
+        top_k=gen.top_k,
+        top_p=gen.top_p,
+    )
 
 
 @dataclass

@@ -153,7 +153,7 @@ def time_async_llm(model_path: pathlib.Path, requests, sampling, repeats: int, a
     return asyncio.run(run())
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=["tiny-text", "tiny-vl", "qwen3-vl-2b"], default="tiny-text")
     parser.add_argument("--image", action="store_true", help="one MiniWoB screenshot per request (VL shapes)")
@@ -171,6 +171,61 @@ def main(argv: list[str] | None = None) -> int:
                         help="vLLM without CUDA graphs; auto = graphs on GPU (as the GPU presets), eager on CPU")
     parser.add_argument("--async-batch", type=int, default=0,
                         help="also time vLLM's AsyncLLM with this many concurrent requests (vs LLM batch)")
+    return parser
+
+
+def image_compare(engine, backend: str, bs: int, sampling, repeats: int) -> tuple[float, float]:
+    """Batch size `bs` on one engine with no image, the same screenshot in every request and a
+    distinct one per request (and, on vLLM, the old renderer); prints the ratios. Returns the
+    distinct-screenshot (seconds per call, tokens/s)."""
+    rates = {}
+    kinds = [False, "same", "distinct"] + (["distinct+pixels"] if backend == "vllm" else [])
+    for kind in kinds:
+        # distinct+pixels: the old renderer, which ran the image processor before vLLM did.
+        engine.render_pixels = kind == "distinct+pixels"
+        requests = make_requests(bs, "distinct" if kind == "distinct+pixels" else kind)
+        sec, rates[kind] = time_generate(engine, requests, sampling, repeats)
+        print(f"[{backend}] batch {bs:>3} {kind or 'no image'}: {sec:.3f}s/call, {rates[kind]:,.0f} tokens/s",
+              flush=True)
+    engine.render_pixels = False
+    print(f"[{backend}] batch {bs:>3} image / no image: same {rates['same'] / rates[False]:.2f}, "
+          f"distinct {rates['distinct'] / rates[False]:.2f}"
+          + (f"; distinct / old renderer {rates['distinct'] / rates['distinct+pixels']:.2f}x"
+             if "distinct+pixels" in rates else ""), flush=True)
+    return sec, rates["distinct"]
+
+
+def bench_backend(backend: str, args: argparse.Namespace, model_path: pathlib.Path, batch_sizes: list[int],
+                  sampling) -> tuple[dict[int, tuple[float, float]], tuple[float, float]]:
+    """One engine of `backend`: (seconds per call, tokens/s) per batch size, then one full weight
+    update (seconds, MB). The engine is closed before the next backend starts."""
+    import torch
+
+    from actors.engines import EngineConfig, create_engine
+
+    start = time.perf_counter()
+    eager = {"true": True, "false": False}.get(args.enforce_eager, not torch.cuda.is_available())
+    engine = create_engine(EngineConfig(model=str(model_path), backend=backend, dtype=args.dtype,
+                                        max_model_len=args.max_model_len, max_num_seqs=max(batch_sizes),
+                                        enforce_eager=eager))
+    print(f"[{backend}] engine start {time.perf_counter() - start:.1f}s", flush=True)
+    results: dict[int, tuple[float, float]] = {}
+    for bs in batch_sizes:
+        if args.image_compare:
+            results[bs] = image_compare(engine, backend, bs, sampling, args.repeats)
+            continue
+        results[bs] = time_generate(engine, make_requests(bs, args.image), sampling, args.repeats)
+        sec, tps = results[bs]
+        print(f"[{backend}] batch {bs:>3}: {sec:.3f}s/call, {tps:,.0f} tokens/s", flush=True)
+    update = time_update(engine, model_path)
+    print(f"[{backend}] weight update: {update[0]:.3f}s for {update[1]:.1f} MB", flush=True)
+    engine.close()
+    del engine
+    return results, update
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if (args.image or args.image_compare) and args.shape == "tiny-text":
         parser.error("--image needs a vision-language shape (tiny-vl or qwen3-vl-2b)")
@@ -181,7 +236,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from actors.engine import SamplingSettings
-    from actors.engines import EngineConfig, create_engine
 
     model_path = model_for(args.shape, args.cache_dir)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -195,38 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[int, tuple[float, float]]] = {}
     updates: dict[str, tuple[float, float]] = {}
     for backend in args.backends.split(","):
-        start = time.perf_counter()
-        eager = {"true": True, "false": False}.get(args.enforce_eager, not torch.cuda.is_available())
-        engine = create_engine(EngineConfig(model=str(model_path), backend=backend, dtype=args.dtype,
-                                            max_model_len=args.max_model_len, max_num_seqs=max(batch_sizes),
-                                            enforce_eager=eager))
-        print(f"[{backend}] engine start {time.perf_counter() - start:.1f}s", flush=True)
-        results[backend] = {}
-        for bs in batch_sizes:
-            if args.image_compare:
-                rates = {}
-                kinds = [False, "same", "distinct"] + (["distinct+pixels"] if backend == "vllm" else [])
-                for kind in kinds:
-                    # distinct+pixels: the old renderer, which ran the image processor before vLLM did.
-                    engine.render_pixels = kind == "distinct+pixels"
-                    requests = make_requests(bs, "distinct" if kind == "distinct+pixels" else kind)
-                    sec, rates[kind] = time_generate(engine, requests, sampling, args.repeats)
-                    print(f"[{backend}] batch {bs:>3} {kind or 'no image'}: {sec:.3f}s/call, {rates[kind]:,.0f} tokens/s",
-                          flush=True)
-                engine.render_pixels = False
-                print(f"[{backend}] batch {bs:>3} image / no image: same {rates['same'] / rates[False]:.2f}, "
-                      f"distinct {rates['distinct'] / rates[False]:.2f}"
-                      + (f"; distinct / old renderer {rates['distinct'] / rates['distinct+pixels']:.2f}x"
-                         if "distinct+pixels" in rates else ""), flush=True)
-                results[backend][bs] = (sec, rates["distinct"])
-                continue
-            results[backend][bs] = time_generate(engine, make_requests(bs, args.image), sampling, args.repeats)
-            sec, tps = results[backend][bs]
-            print(f"[{backend}] batch {bs:>3}: {sec:.3f}s/call, {tps:,.0f} tokens/s", flush=True)
-        updates[backend] = time_update(engine, model_path)
-        print(f"[{backend}] weight update: {updates[backend][0]:.3f}s for {updates[backend][1]:.1f} MB", flush=True)
-        engine.close()
-        del engine
+        results[backend], updates[backend] = bench_backend(backend, args, model_path, batch_sizes, sampling)
 
     if {"vllm", "transformers"} <= results.keys():
         print("\nbatch | transformers tok/s | vLLM tok/s | vLLM / transformers")

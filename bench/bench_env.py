@@ -107,57 +107,71 @@ def main(argv: list[str] | None = None) -> int:
     if args.soak:
         return soak(args.soak, args.soak_every, args.soak_max_episodes)
 
-    from openenv.core.env_server.serialization import serialize_observation
-
-    from envs.browsergym.client import BrowserGymEnvClient
     from envs.browsergym.config import EnvConfig
     from envs.browsergym.models import BrowserGymAction
-    from envs.browsergym.pool import EnvServerPool
     from envs.browsergym.server.environment import BrowserGymEnvironment
 
     max_steps = 2 * args.steps + 20
-    config = EnvConfig(task=args.task, max_steps=max_steps)
-    env = BrowserGymEnvironment(config)  # the baseline: same env in this process, no socket
-    phases = []  # (websocket label, samples per setting) measured side by side
+    env = BrowserGymEnvironment(EnvConfig(task=args.task, max_steps=max_steps))  # the baseline: no socket
     try:
         first = env.reset(seed=args.seed)
 
         def in_process(action: str):
             return env.step(BrowserGymAction(action_str=action))
 
-        # --- observation bytes: the JSON the server sends for one step ---
-        observation = in_process(f"fill('{_textbox_bid(first)}', 'bytes')")
-        with_png = len(json.dumps(serialize_observation(observation)).encode())
-        without = len(json.dumps(serialize_observation(observation.model_copy(update={"screenshot_png_b64": ""}))).encode())
-        png_bytes = len(observation.screenshot_png_b64) * 3 // 4
-        # upstream OpenEnv's format: the screenshot as nested integer lists
-        raw = env._gym_env._get_obs()["screenshot"]
-        started = time.perf_counter()
-        nested = observation.model_copy(update={"screenshot_png_b64": "", "screenshot": raw.tolist()})
-        with_nested = len(json.dumps(serialize_observation(nested)).encode())
-        nested_seconds = time.perf_counter() - started
-
-        # --- the same env behind a server, over the WebSocket, interleaved with the baseline ---
-        for label, include_screenshot in (("websocket", True), ("websocket, no screenshot", False)):
-            server_config = EnvConfig(
-                task=args.task, max_steps=max_steps, include_screenshot=include_screenshot, max_sessions=1
-            )
-            with EnvServerPool(1, server_config) as pool:
-                with BrowserGymEnvClient(pool.urls[0], message_timeout_s=120) as client:
-                    remote_first = client.reset(seed=args.seed).observation
-                    local_first = env.reset(seed=args.seed)
-                    samples = _time_interleaved(
-                        {"in-process": in_process, label: client.step},
-                        {"in-process": local_first, label: remote_first},
-                        args.steps,
-                    )
-            phases.append((label, samples))
+        sizes = observation_bytes(env, in_process(f"fill('{_textbox_bid(first)}', 'bytes')"))
+        phases = websocket_phases(env, in_process, args, max_steps)
     finally:
         env.close()
         from envs.browsergym.chromium import stop_global_playwright
 
         stop_global_playwright()  # this process's Playwright driver
+    report(args, phases, sizes)
+    return 0
 
+
+def observation_bytes(env, observation) -> dict[str, float]:
+    """The JSON the server sends for one step: without the screenshot, with our PNG, and with
+    upstream OpenEnv's format (the screenshot as nested integer lists, timed to build)."""
+    from openenv.core.env_server.serialization import serialize_observation
+
+    with_png = len(json.dumps(serialize_observation(observation)).encode())
+    without = len(json.dumps(serialize_observation(observation.model_copy(update={"screenshot_png_b64": ""}))).encode())
+    png_bytes = len(observation.screenshot_png_b64) * 3 // 4
+    raw = env._gym_env._get_obs()["screenshot"]
+    started = time.perf_counter()
+    nested = observation.model_copy(update={"screenshot_png_b64": "", "screenshot": raw.tolist()})
+    with_nested = len(json.dumps(serialize_observation(nested)).encode())
+    return {"with_png": with_png, "without": without, "png": png_bytes, "with_nested": with_nested,
+            "nested_seconds": time.perf_counter() - started}
+
+
+def websocket_phases(env, in_process, args: argparse.Namespace, max_steps: int) -> list:
+    """The same env behind a server, over the WebSocket (with and without the screenshot), each
+    timed interleaved with the in-process baseline. Returns (label, samples per setting) pairs."""
+    from envs.browsergym.client import BrowserGymEnvClient
+    from envs.browsergym.config import EnvConfig
+    from envs.browsergym.pool import EnvServerPool
+
+    phases = []
+    for label, include_screenshot in (("websocket", True), ("websocket, no screenshot", False)):
+        server_config = EnvConfig(
+            task=args.task, max_steps=max_steps, include_screenshot=include_screenshot, max_sessions=1
+        )
+        with EnvServerPool(1, server_config) as pool:
+            with BrowserGymEnvClient(pool.urls[0], message_timeout_s=120) as client:
+                remote_first = client.reset(seed=args.seed).observation
+                local_first = env.reset(seed=args.seed)
+                samples = _time_interleaved(
+                    {"in-process": in_process, label: client.step},
+                    {"in-process": local_first, label: remote_first},
+                    args.steps,
+                )
+        phases.append((label, samples))
+    return phases
+
+
+def report(args: argparse.Namespace, phases: list, sizes: dict[str, float]) -> None:
     print(f"BrowserGym env benchmark: {args.task}, {args.steps} steps per setting (after 2 warm-up steps), one run;")
     print("each WebSocket setting is timed alternating step by step with the in-process env (same load)")
     print("step latency")
@@ -166,14 +180,14 @@ def main(argv: list[str] | None = None) -> int:
         remote = statistics.median(samples[label])
         print(f"  in-process                 {_summary(samples['in-process'])}")
         print(f"  {label:26s} {_summary(samples[label])}   ratio vs in-process {remote / base:5.2f}x   ({(remote - base) * 1000:+.1f} ms)")
+    without, with_png, with_nested = sizes["without"], sizes["with_png"], sizes["with_nested"]
     print("observation bytes per step (JSON message)")
     print(f"  without screenshot          {without:9d} B")
-    print(f"  with PNG screenshot (ours)  {with_png:9d} B   ratio {with_png / without:6.2f}x   (PNG itself {png_bytes} B)")
+    print(f"  with PNG screenshot (ours)  {with_png:9d} B   ratio {with_png / without:6.2f}x   (PNG itself {sizes['png']} B)")
     print(
         f"  with nested-list screenshot {with_nested:9d} B   ratio {with_nested / without:6.2f}x   "
-        f"(upstream format; {with_nested / with_png:.1f}x ours, {nested_seconds * 1000:.0f} ms to build + encode)"
+        f"(upstream format; {with_nested / with_png:.1f}x ours, {sizes['nested_seconds'] * 1000:.0f} ms to build + encode)"
     )
-    return 0
 
 
 if __name__ == "__main__":

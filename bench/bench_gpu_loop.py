@@ -85,7 +85,7 @@ def to_groups(generations, num_groups: int, group_size: int, step: int):
     return groups
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="qwen3-vl-2b", help="qwen3-vl-2b or tiny-vl")
     p.add_argument("--model-dir", default=None, help="cache folder of the shaped model")
@@ -103,17 +103,160 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sync-repeats", type=int, default=4)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.6)
     p.add_argument("--out", default="")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def init_ray(num_gpus: int) -> None:
+    """A local Ray whose workers inherit the variables that shape vLLM, NCCL and offline mode."""
+    import ray
+
+    ray.init(address="local", num_gpus=num_gpus, include_dashboard=False,
+             runtime_env={"env_vars": {k: os.environ[k] for k in (
+                 "PYTHONPATH", "VLLM_WORKER_MULTIPROC_METHOD", "VLLM_USE_FLASHINFER_SAMPLER",
+                 "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "NCCL_NVLS_ENABLE",
+                 "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS") if k in os.environ}})
+
+
+class GpuLoop:
+    """R learner ranks and M vLLM engines (Ray sets CUDA_VISIBLE_DEVICES per actor), the
+    weight-sync transports between them, and one timed sync-mode step."""
+
+    def __init__(self, args: argparse.Namespace, model_dir: str, result: dict) -> None:
+        import ray
+
+        from actors.engine import SamplingSettings
+        from actors.engines.config import EngineConfig
+        from actors.engines.host import EngineHostActor
+        from learner.config import GRPOConfig, LearnerConfig
+        from learner.learner import LearnerActor
+
+        self.args, self.result = args, result
+        R, M, frac = args.learner_ranks, args.engines, args.gpu_fraction
+        lcfg = LearnerConfig(model_path=model_dir, device="cuda", dtype="bfloat16", lr=1e-6,
+                             gradient_checkpointing=True, micro_batch_size=8, total_steps=1000,
+                             warmup_steps=0, publish_dtype="bfloat16", num_ranks=R,
+                             grpo=GRPOConfig(num_generations=args.group_size, temperature=0.5,
+                                             max_completion_length=args.max_new_tokens))
+        self.learners = [LearnerActor.options(num_gpus=frac).remote(lcfg, rank=r, world_size=R) for r in range(R)]
+        self.engines = [EngineHostActor.options(num_gpus=frac).remote(
+            EngineConfig(model=model_dir, backend="vllm", dtype="bfloat16", max_model_len=2048,
+                         gpu_memory_utilization=args.gpu_memory_utilization * (frac if frac < 1 else 1),
+                         enforce_eager=True, max_num_seqs=128)) for _ in range(M)]
+        if R > 1:
+            addr, port = ray.get(self.learners[0].rendezvous_address.remote())
+            ray.get([lr.connect.remote(addr, port) for lr in self.learners])
+        self.rank0 = self.learners[0]
+        self.sampling = SamplingSettings(temperature=0.5, top_k=10, max_new_tokens=args.max_new_tokens)
+        self.requests = build_requests(args.groups * args.group_size)
+
+    def connect_nccl(self) -> None:
+        """The NCCL weight-sync group: learner rank 0 + every engine's worker."""
+        import ray
+
+        M = len(self.engines)
+        info = ray.get(self.rank0.prepare_weight_broadcast.remote(bucket_mb=self.args.bucket_mb))
+        ray.get([self.rank0.connect_weight_broadcast.remote(world_size=1 + M)]
+                + [e.connect_weight_sync.remote(info["host"], info["port"], 1 + i, 1 + M, info["layout"])
+                   for i, e in enumerate(self.engines)])
+        self.result["sync_bytes"] = info["bytes"]
+
+    def sync_nccl(self, version: int) -> tuple[float, dict]:
+        import ray
+
+        t = time.perf_counter()
+        out = ray.get([self.rank0.broadcast_weights.remote()]
+                      + [e.update_weights_nccl.remote(version) for e in self.engines])
+        return time.perf_counter() - t, out[0]
+
+    def sync_store(self, version: int) -> tuple[float, dict]:
+        import ray
+
+        t = time.perf_counter()
+        handle = ray.get(self.rank0.publish_weights.remote())
+        t_pub = time.perf_counter() - t
+        details = ray.get([e.update_weights_from_handle.remote(handle) for e in self.engines])
+        assert handle.version == version and all(d["version"] == version for d in details)
+        self.result["sync_bytes"] = handle.num_bytes
+        return time.perf_counter() - t, {"publish_s": t_pub, "fetch_s": max(d["fetch_s"] for d in details),
+                                         "load_s": max(d["load_s"] for d in details)}
+
+    def warm_up(self) -> None:
+        """One generation at the loop's batch size, so the first timed step compiles nothing."""
+        import ray
+
+        ray.get([e.generate.remote(self.requests, self.sampling) for e in self.engines])
+
+    def one_step(self, step: int, sync) -> dict:
+        """Sample (each engine its share of the groups), train, sync with `sync`; every version
+        is checked and the row printed."""
+        import ray
+
+        args, engines, learners, requests = self.args, self.engines, self.learners, self.requests
+        M = len(engines)
+        t0 = time.perf_counter()
+        per = [requests[i::M] for i in range(M)]
+        outs = ray.get([e.generate.remote(rq, self.sampling) for e, rq in zip(engines, per)])
+        gens = [None] * len(requests)
+        for i, out in enumerate(outs):
+            gens[i::M] = out
+        t1 = time.perf_counter()
+        assert {g.policy_version for g in gens} == {step - 1}, "an engine sampled with a stale version"
+        groups = to_groups(gens, args.groups, args.group_size, step)
+        metrics = ray.get([lr.train_step.remote(groups) for lr in learners])[0]
+        t2 = time.perf_counter()
+        sync_s, detail = sync(step)
+        versions = ray.get([lr.get_policy_version.remote() for lr in learners]
+                           + [e.policy_version.remote() for e in engines])
+        assert set(versions) == {step}, f"versions diverged: {versions}"
+        row = {"step": step, "generate_s": round(t1 - t0, 3), "train_s": round(t2 - t1, 3),
+               "sync_s": round(sync_s, 4), "versions": versions,
+               "train_tokens": metrics.get("tokens"), "train_tokens_per_s": round(metrics.get("tokens", 0) / (t2 - t1), 1),
+               "loss": metrics.get("loss"),
+               "detail": {k: round(v, 4) for k, v in detail.items() if isinstance(v, float)}}
+        if len(learners) > 1:
+            digests = ray.get([lr.parameters_digest.remote() for lr in learners])
+            row["ranks_identical"] = all(d == digests[0] for d in digests)
+            assert row["ranks_identical"], "learner ranks diverged"
+        print(json.dumps(row), flush=True)
+        return row
+
+
+def timed_loop(loop: GpuLoop, args: argparse.Namespace, result: dict) -> None:
+    """`--steps` steps over the chosen transport; medians of sync time and training throughput."""
+    main_sync = loop.sync_nccl if args.transport == "nccl" else loop.sync_store
+    steps = [loop.one_step(step, main_sync) for step in range(1, args.steps + 1)]
+    result["steps"] = steps
+    sync_times = [r["sync_s"] for r in steps]
+    result["sync_median_s"] = round(statistics.median(sync_times), 4)
+    result["train_tokens_per_s_median"] = round(statistics.median(r["train_tokens_per_s"] for r in steps), 1)
+    result["sync_GBps"] = round(result["sync_bytes"] / 1e9 / result["sync_median_s"], 2)
+
+
+def object_store_comparison(loop: GpuLoop, args: argparse.Namespace, result: dict) -> None:
+    """The object store in the same run as NCCL: the same loop, more steps; and the raw link."""
+    import ray
+
+    start = args.steps + 1
+    store = [loop.one_step(step, loop.sync_store) for step in range(start, start + args.sync_repeats)]
+    store_med = statistics.median(r["sync_s"] for r in store)
+    link = ray.get([loop.rank0.broadcast_probe.remote()] + [e.broadcast_probe.remote() for e in loop.engines])[0]
+    # The first object-store sync also pays one-time costs (pinned staging on the learner,
+    # the engine's staging file): the steady state is the median of the later ones.
+    steady = statistics.median(r["sync_s"] for r in store[1:]) if len(store) > 1 else store_med
+    result["object_store"] = {"sync_s": [r["sync_s"] for r in store], "median_s": round(store_med, 3),
+                              "steady_median_s": round(steady, 3),
+                              "detail": [r["detail"] for r in store],
+                              "over_nccl": round(store_med / result["sync_median_s"], 1)}
+    result["raw_link"] = {"GBps": round(link["GBps"], 1), "seconds": round(link["seconds"], 4)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
 
     import ray
     import torch
 
-    from actors.engine import SamplingSettings
-    from actors.engines.config import EngineConfig
-    from actors.engines.host import EngineHostActor
     from actors.tiny_models import build_qwen3_vl_2b_shape, build_tiny_vl_model
-    from learner.config import GRPOConfig, LearnerConfig
-    from learner.learner import LearnerActor
 
     R, M, frac = args.learner_ranks, args.engines, args.gpu_fraction
     need = (R + M) * frac
@@ -123,108 +266,19 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = str(build_tiny_vl_model() if args.shape == "tiny-vl" else build_qwen3_vl_2b_shape(args.model_dir))
     build_s = time.perf_counter() - t0
 
-    ray.init(address="local", num_gpus=torch.cuda.device_count(), include_dashboard=False,
-             runtime_env={"env_vars": {k: os.environ[k] for k in (
-                 "PYTHONPATH", "VLLM_WORKER_MULTIPROC_METHOD", "VLLM_USE_FLASHINFER_SAMPLER",
-                 "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "NCCL_NVLS_ENABLE",
-                 "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS") if k in os.environ}})
+    init_ray(torch.cuda.device_count())
     result: dict = {"gpu": gpu_name, "shape": args.shape, "learner_ranks": R, "engines": M,
                     "transport": args.transport, "model_build_s": round(build_s, 1)}
     try:
-        # --- actors: R learner ranks, M engines, one GPU each (Ray sets CUDA_VISIBLE_DEVICES) ---
-        lcfg = LearnerConfig(model_path=model_dir, device="cuda", dtype="bfloat16", lr=1e-6,
-                             gradient_checkpointing=True, micro_batch_size=8, total_steps=1000,
-                             warmup_steps=0, publish_dtype="bfloat16", num_ranks=R,
-                             grpo=GRPOConfig(num_generations=args.group_size, temperature=0.5,
-                                             max_completion_length=args.max_new_tokens))
-        learners = [LearnerActor.options(num_gpus=frac).remote(lcfg, rank=r, world_size=R) for r in range(R)]
-        engines = [EngineHostActor.options(num_gpus=frac).remote(
-            EngineConfig(model=model_dir, backend="vllm", dtype="bfloat16", max_model_len=2048,
-                         gpu_memory_utilization=args.gpu_memory_utilization * (frac if frac < 1 else 1),
-                         enforce_eager=True, max_num_seqs=128)) for _ in range(M)]
-        if R > 1:
-            addr, port = ray.get(learners[0].rendezvous_address.remote())
-            ray.get([lr.connect.remote(addr, port) for lr in learners])
-        rank0 = learners[0]
+        loop = GpuLoop(args, model_dir, result)
         t0 = time.perf_counter()
         if args.transport == "nccl":
-            info = ray.get(rank0.prepare_weight_broadcast.remote(bucket_mb=args.bucket_mb))
-            ray.get([rank0.connect_weight_broadcast.remote(world_size=1 + M)]
-                    + [e.connect_weight_sync.remote(info["host"], info["port"], 1 + i, 1 + M, info["layout"])
-                       for i, e in enumerate(engines)])
-            result["sync_bytes"] = info["bytes"]
+            loop.connect_nccl()
         result["setup_s"] = round(time.perf_counter() - t0, 2)
-
-        def sync_nccl(version: int) -> tuple[float, dict]:
-            t = time.perf_counter()
-            out = ray.get([rank0.broadcast_weights.remote()]
-                          + [e.update_weights_nccl.remote(version) for e in engines])
-            return time.perf_counter() - t, out[0]
-
-        def sync_store(version: int) -> tuple[float, dict]:
-            t = time.perf_counter()
-            handle = ray.get(rank0.publish_weights.remote())
-            t_pub = time.perf_counter() - t
-            details = ray.get([e.update_weights_from_handle.remote(handle) for e in engines])
-            assert handle.version == version and all(d["version"] == version for d in details)
-            result["sync_bytes"] = handle.num_bytes
-            return time.perf_counter() - t, {"publish_s": t_pub, "fetch_s": max(d["fetch_s"] for d in details),
-                                             "load_s": max(d["load_s"] for d in details)}
-
-        sampling = SamplingSettings(temperature=0.5, top_k=10, max_new_tokens=args.max_new_tokens)
-        requests = build_requests(args.groups * args.group_size)
-        ray.get([e.generate.remote(requests, sampling) for e in engines])  # warm-up at this batch size
-
-        def one_step(step: int, sync) -> dict:
-            t0 = time.perf_counter()
-            # each engine samples its share of the groups (one engine: all of them)
-            per = [requests[i::M] for i in range(M)]
-            outs = ray.get([e.generate.remote(rq, sampling) for e, rq in zip(engines, per)])
-            gens = [None] * len(requests)
-            for i, out in enumerate(outs):
-                gens[i::M] = out
-            t1 = time.perf_counter()
-            assert {g.policy_version for g in gens} == {step - 1}, "an engine sampled with a stale version"
-            groups = to_groups(gens, args.groups, args.group_size, step)
-            metrics = ray.get([lr.train_step.remote(groups) for lr in learners])[0]
-            t2 = time.perf_counter()
-            sync_s, detail = sync(step)
-            versions = ray.get([lr.get_policy_version.remote() for lr in learners]
-                               + [e.policy_version.remote() for e in engines])
-            assert set(versions) == {step}, f"versions diverged: {versions}"
-            row = {"step": step, "generate_s": round(t1 - t0, 3), "train_s": round(t2 - t1, 3),
-                   "sync_s": round(sync_s, 4), "versions": versions,
-                   "train_tokens": metrics.get("tokens"), "train_tokens_per_s": round(metrics.get("tokens", 0) / (t2 - t1), 1),
-                   "loss": metrics.get("loss"),
-                   "detail": {k: round(v, 4) for k, v in detail.items() if isinstance(v, float)}}
-            if R > 1:
-                digests = ray.get([lr.parameters_digest.remote() for lr in learners])
-                row["ranks_identical"] = all(d == digests[0] for d in digests)
-                assert row["ranks_identical"], "learner ranks diverged"
-            print(json.dumps(row), flush=True)
-            return row
-
-        main_sync = sync_nccl if args.transport == "nccl" else sync_store
-        steps = [one_step(step, main_sync) for step in range(1, args.steps + 1)]
-        result["steps"] = steps
-        sync_times = [r["sync_s"] for r in steps]
-        result["sync_median_s"] = round(statistics.median(sync_times), 4)
-        result["train_tokens_per_s_median"] = round(statistics.median(r["train_tokens_per_s"] for r in steps), 1)
-        result["sync_GBps"] = round(result["sync_bytes"] / 1e9 / result["sync_median_s"], 2)
-
+        loop.warm_up()
+        timed_loop(loop, args, result)
         if args.transport == "nccl":
-            # --- the object store in the same run: the same loop, more steps ---
-            store = [one_step(step, sync_store) for step in range(args.steps + 1, args.steps + 1 + args.sync_repeats)]
-            store_med = statistics.median(r["sync_s"] for r in store)
-            link = ray.get([rank0.broadcast_probe.remote()] + [e.broadcast_probe.remote() for e in engines])[0]
-            # The first object-store sync also pays one-time costs (pinned staging on the learner,
-            # the engine's staging file): the steady state is the median of the later ones.
-            steady = statistics.median(r["sync_s"] for r in store[1:]) if len(store) > 1 else store_med
-            result["object_store"] = {"sync_s": [r["sync_s"] for r in store], "median_s": round(store_med, 3),
-                                      "steady_median_s": round(steady, 3),
-                                      "detail": [r["detail"] for r in store],
-                                      "over_nccl": round(store_med / result["sync_median_s"], 1)}
-            result["raw_link"] = {"GBps": round(link["GBps"], 1), "seconds": round(link["seconds"], 4)}
+            object_store_comparison(loop, args, result)
     finally:
         ray.shutdown()
     text = json.dumps(result, indent=2)

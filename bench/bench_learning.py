@@ -29,8 +29,9 @@ sys.path.insert(0, str(ROOT))
 DEFAULT_TASKS = "click-test-2,click-button,focus-text-2,click-link"
 
 # Per model: overrides of the `local` preset. SmolLM2 reads the pruned accessibility tree as text
-# (short prompts, FACTS.md: ~80-260 tokens on these tasks); the tiny VLM reads the screenshot and the
-# clickable element list. Learning rates: FACTS.md's SFT recipe for SmolLM2 (1e-4); GRPO smaller.
+# (short prompts: median 79-264 SmolLM2 tokens on these tasks); the tiny VLM reads the screenshot and
+# the clickable element list. Learning rates: SFT 1e-4 for SmolLM2 (one epoch at 1e-4, batch 8, on 150
+# scripted click-button demonstrations took held-out seeds from 0/30 to 11/30 solved); GRPO smaller.
 MODELS: dict[str, dict[str, Any]] = {
     "smollm2": {
         "model": "smollm2-135m",

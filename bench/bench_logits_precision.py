@@ -49,7 +49,7 @@ def spread(log_ratios: list[float]) -> dict[str, float]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=["tiny-vl", "qwen3-vl-2b"], default="tiny-vl")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -61,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-width", type=int, default=498)
     p.add_argument("--image-height", type=int, default=321)
     p.add_argument("--out", default="", help="write the result as JSON here")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
 
     from actors.tiny_models import build_tiny_vl_model
     from learner.config import LearnerConfig
@@ -76,7 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     vocab = learner.model.get_output_embeddings().weight.shape[0]
     special = set(QWEN3_VL_2B_SPECIAL_IDS.values()) | set(learner.placeholder_ids)
     groups, _ = make_groups(args, vocab, learner.vision, special)
+    return report(args, score_variants(learner, groups, device))
 
+
+def score_variants(learner, groups, device: torch.device) -> dict[str, dict]:
+    """The spreads of each variant's logprobs against the float32 reference, per token and per
+    sequence (see the module docstring)."""
     head = learner.model.get_output_embeddings()
     fp32_forward = head.forward
 
@@ -100,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
             tokens.extend(d)
             seqs.append(sum(d))
         rows[name] = {"token": spread(tokens), "sequence": spread(seqs), "tokens": len(tokens)}
+    return rows
+
+
+def report(args: argparse.Namespace, rows: dict[str, dict]) -> int:
+    """Prints the spreads and their bf16 / fp32 ratio, writes --out; 1 on non-finite values."""
     ratio = rows["bf16-head"]["token"]["log_ratio_std"] / max(rows["fp32-head"]["token"]["log_ratio_std"], 1e-300)
     seq_ratio = rows["bf16-head"]["sequence"]["log_ratio_std"] / max(
         rows["fp32-head"]["sequence"]["log_ratio_std"], 1e-300)

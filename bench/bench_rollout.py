@@ -186,6 +186,27 @@ def bench_two_workers(engine_config, env_config, k, groups, group_size, max_step
     return _summary(f"(c) 2 workers (Ray), K={k} each", trajs, wall, busy, calls, reset_s)
 
 
+class _TimedClient:
+    """An env client with every reset and step timed (the scripted policy's session)."""
+
+    def __init__(self, client):
+        self.client, self.resets, self.steps = client, [], []
+
+    def reset(self, **kwargs):
+        t0 = time.monotonic()
+        result = self.client.reset(**kwargs)
+        self.resets.append(time.monotonic() - t0)
+        return result
+
+    def step(self, action):
+        from envs.browsergym.models import BrowserGymAction
+
+        t0 = time.monotonic()
+        result = self.client.step(BrowserGymAction(action_str=action))
+        self.steps.append(time.monotonic() - t0)
+        return result
+
+
 def _scripted_sessions(url_per_session: list[str], episodes: list[tuple[str, int]], max_steps: int) -> dict:
     """Play `episodes` (task, seed) with the scripted policy over one client per session, each
     session on its own thread taking the next episode from a shared queue (sessions never wait for
@@ -193,58 +214,13 @@ def _scripted_sessions(url_per_session: list[str], episodes: list[tuple[str, int
     import queue
     import threading
 
-    from envs.browsergym.client import BrowserGymEnvClient
-    from envs.browsergym.scripted import run_scripted_episode
-
     todo: "queue.Queue[tuple[str, int]]" = queue.Queue()
     for item in episodes:
         todo.put(item)
     lock = threading.Lock()
     out = {"reset_s": [], "step_s": [], "episode_s": [], "rewards": [], "errors": []}
-
-    class Timed:
-        """The client, with every reset and step timed."""
-
-        def __init__(self, client):
-            self.client, self.resets, self.steps = client, [], []
-
-        def reset(self, **kwargs):
-            t0 = time.monotonic()
-            result = self.client.reset(**kwargs)
-            self.resets.append(time.monotonic() - t0)
-            return result
-
-        def step(self, action):
-            from envs.browsergym.models import BrowserGymAction
-
-            t0 = time.monotonic()
-            result = self.client.step(BrowserGymAction(action_str=action))
-            self.steps.append(time.monotonic() - t0)
-            return result
-
-    def session(url: str) -> None:
-        with BrowserGymEnvClient(url, message_timeout_s=300) as client:
-            timed = Timed(client)
-            while True:
-                try:
-                    task, seed = todo.get_nowait()
-                except queue.Empty:
-                    break
-                t0 = time.monotonic()
-                try:
-                    reward, _ = run_scripted_episode(timed, task, seed, max_steps=max_steps)
-                except Exception as exc:  # noqa: BLE001 - counted and shown, the bench goes on
-                    reward = 0.0
-                    with lock:
-                        out["errors"].append(f"{task} seed {seed}: {type(exc).__name__}: {exc}")
-                with lock:
-                    out["episode_s"].append(time.monotonic() - t0)
-                    out["rewards"].append(reward)
-            with lock:
-                out["reset_s"] += timed.resets
-                out["step_s"] += timed.steps
-
-    threads = [threading.Thread(target=session, args=(url,)) for url in url_per_session]
+    threads = [threading.Thread(target=_scripted_session, args=(url, todo, lock, out, max_steps))
+               for url in url_per_session]
     t0 = time.monotonic()
     for thread in threads:
         thread.start()
@@ -252,6 +228,36 @@ def _scripted_sessions(url_per_session: list[str], episodes: list[tuple[str, int
         thread.join()
     out["wall_s"] = time.monotonic() - t0
     return out
+
+
+def _scripted_session(url: str, todo, lock, out: dict, max_steps: int) -> None:
+    """One session's thread of `_scripted_sessions`: episodes from `todo` until it is empty;
+    timings, rewards and errors go into `out` under `lock`."""
+    import queue
+
+    from envs.browsergym.client import BrowserGymEnvClient
+    from envs.browsergym.scripted import run_scripted_episode
+
+    with BrowserGymEnvClient(url, message_timeout_s=300) as client:
+        timed = _TimedClient(client)
+        while True:
+            try:
+                task, seed = todo.get_nowait()
+            except queue.Empty:
+                break
+            t0 = time.monotonic()
+            try:
+                reward, _ = run_scripted_episode(timed, task, seed, max_steps=max_steps)
+            except Exception as exc:  # noqa: BLE001 - counted and shown, the bench goes on
+                reward = 0.0
+                with lock:
+                    out["errors"].append(f"{task} seed {seed}: {type(exc).__name__}: {exc}")
+            with lock:
+                out["episode_s"].append(time.monotonic() - t0)
+                out["rewards"].append(reward)
+        with lock:
+            out["reset_s"] += timed.resets
+            out["step_s"] += timed.steps
 
 
 def bench_scripted(episodes: int, sessions: int, max_steps: int) -> list[dict]:
@@ -297,7 +303,7 @@ def print_scripted(results: list[dict]) -> None:
             print(f"    error: {error}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--groups", type=int, default=2, help="timed groups per configuration (after one warm-up)")
     ap.add_argument("--group-size", type=int, default=4, help="G: episodes per group")
@@ -308,7 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scripted-episodes", type=int, default=36, help="part 1: timed episodes per configuration")
     ap.add_argument("--scripted-sessions", type=int, default=2, help="part 1: K sessions of this project's configuration")
     ap.add_argument("--skip-engine", action="store_true", help="run part 1 only")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
 
     from actors.engines import EngineConfig
     from actors.tiny_models import build_tiny_vl_model
@@ -338,7 +348,13 @@ def main(argv: list[str] | None = None) -> int:
         results.append(bench_two_workers(engine_config, env_config, 2, args.groups, args.group_size,
                                          args.max_steps, seeds, run_dir))
         print(f"  done: {results[-1]['name']}", flush=True)
+    print_engine_runs(results)
+    print_time_split(results, transport_s)
+    return 0
 
+
+def print_engine_runs(results: list[dict]) -> None:
+    """Throughput of each configuration with the engine, relative to (a) the gist's loop."""
     base = results[0]["eps_per_s"]
     print()
     print("with the tiny VLM engine ((a) uses BrowserGym's stock reset, the workers reset a fresh context)")
@@ -349,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['name']:34s} {r['episodes']:8d} {r['failed']:6d} {r['steps']:5d} {r['wall_s']:7.1f} "
               f"{r['eps_per_s']:7.3f} {r['eps_per_s'] / base:6.2f} {batch:>5s}")
 
+
+def print_time_split(results: list[dict], transport_s: float) -> None:
+    """Where each configuration's episode time went: engine wait, env step (browser + transport),
+    env reset, and the rest."""
     print()
     print("where the time goes (sums over episodes; per step in brackets)")
     print(f"  transport: WebSocket state() round trip, median {transport_s * 1000:.1f} ms (no browser work; "
@@ -368,7 +388,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    env reset   {r['reset_s']:7.1f} s ({r['reset_s'] / max(r['episodes'], 1):.2f}/episode, "
               f"{100 * r['reset_s'] / ep:4.1f}%)")
         print(f"    other       {rest:7.1f} s ({100 * rest / ep:4.1f}%)  (prompt building, parsing, queueing)")
-    return 0
 
 
 if __name__ == "__main__":

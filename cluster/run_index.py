@@ -162,7 +162,17 @@ def render_index(run_dir: Path, rows: list[dict[str, Any]]) -> str:
         f" groups; {'finished' if summary else 'running (this page is rewritten after every step)'}.</p>",
     ]
 
-    # --- configuration ---
+    out += _configuration_section(run_dir, config, summary)
+    out += _curves_section(run_dir, metrics, evals)
+    out += _per_task_section(rows)
+    out += _groups_section(rows)
+    out.append(f"<script>{_FILTER_JS}</script></body></html>")
+    return "".join(out)
+
+
+def _configuration_section(run_dir: Path, config: dict, summary: dict) -> list[str]:
+    """The run's main settings, its episode accounting once finished, and the whole config.yaml."""
+    out: list[str] = []
     out.append("<h2>Configuration</h2><table>")
     for field in _SUMMARY_FIELDS:
         value = _get(config, field)
@@ -176,8 +186,12 @@ def render_index(run_dir: Path, rows: list[dict[str, Any]]) -> str:
     if (run_dir / "config.yaml").is_file():
         text = (run_dir / "config.yaml").read_text(encoding="utf-8")
         out.append(f"<details><summary>config.yaml (every field)</summary><pre>{_e(text)}</pre></details>")
+    return out
 
-    # --- curves ---
+
+def _curves_section(run_dir: Path, metrics: list[dict], evals: list[dict]) -> list[str]:
+    """One inline chart per PLOTS entry that has points, linked to its PNG when one was drawn."""
+    out: list[str] = []
     out.append("<h2>Curves</h2><div class='charts'>")
     for file_name, (title, ylabel, series) in PLOTS.items():
         lines = {label: [(r["step"], r[key]) for r in metrics + evals if _is_number(r.get(key))] for key, label in series}
@@ -187,8 +201,13 @@ def render_index(run_dir: Path, rows: list[dict[str, Any]]) -> str:
             out.append(f"<div class='chart' id='chart-{_e(file_name[:-4])}'><b>{_e(title)}</b>{link}<br>"
                        f"{_svg_chart(lines, ylabel)}</div>")
     out.append("</div>" if metrics else "<p>No learner step logged yet.</p></div>")
+    return out
 
-    # --- success per task over steps ---
+
+def _per_task_section(rows: list[dict[str, Any]]) -> list[str]:
+    """Each task's success rate over the learner steps that trained its groups (failed groups,
+    never trained, left out), as a chart and a table."""
+    out: list[str] = []
     out.append("<h2>Success per task over steps</h2>")
     per_task: dict[str, dict[int, list[int]]] = {}
     for r in rows:
@@ -209,8 +228,12 @@ def render_index(run_dir: Path, rows: list[dict[str, Any]]) -> str:
         out.append("</table><p>successes / trained episodes of the groups trained at each step.</p>")
     else:
         out.append("<p>No trained group yet.</p>")
+    return out
 
-    # --- the groups ---
+
+def _groups_section(rows: list[dict[str, Any]]) -> list[str]:
+    """Every group as a row, filterable by task, outcome and kind, linking to its viewer page."""
+    out: list[str] = []
     out.append("<h2>Groups</h2><div class='filters'>")
     for select_id, label, values in (
         ("f-task", "task", sorted({r["task"] for r in rows})),
@@ -236,8 +259,7 @@ def render_index(run_dir: Path, rows: list[dict[str, Any]]) -> str:
             f"<td><a href='{_e(r['viewer'])}'>{_e(r['group_id'])}</a></td></tr>"
         )
     out.append("</tbody></table>")
-    out.append(f"<script>{_FILTER_JS}</script></body></html>")
-    return "".join(out)
+    return out
 
 
 def _svg_chart(

@@ -32,30 +32,13 @@ def run_warm_start(
 ) -> dict[str, Any]:
     """Collects (or reads) demonstrations, trains every learner rank on them, moves the policy
     version once and saves a checkpoint. Returns a summary (also logged through `log_metrics`)."""
-    import ray
-
-    from actors.demos import collect_demonstrations, demo_instances
-    from core.trajectory import read_trajectories
     from learner.sft import split_heldout
 
     ws = config.warm_start
     run_dir = Path(run_dir)
     t0 = time.monotonic()
     summary: dict[str, Any] = {"event": "warm_start"}
-
-    # --- demonstrations: the teacher on training seeds (never the held-out ones) ---
-    if ws.demos_dir:
-        groups = read_trajectories(Path(ws.demos_dir) / "trajectories")
-        if not groups:
-            raise FileNotFoundError(f"warm_start.demos_dir {ws.demos_dir}: no trajectories/group-*.parquet")
-        summary["demos"] = {"episodes": sum(len(g.trajectories) for g in groups), "from": ws.demos_dir}
-    else:
-        instances = demo_instances(warm_start_tasks(config), ws.episodes_per_task, config.sampler.train_seeds,
-                                   config.cluster.seed)
-        groups, demo_summary = collect_demonstrations(
-            model_path, instances, config.rollout, config.env, run_dir / DEMOS_DIR, ws.epsilon, ws.num_sessions,
-            config.cluster.seed)
-        summary["demos"] = demo_summary.as_dict()
+    groups = _demonstrations(config, run_dir, model_path, summary)
     groups = [g for g in groups if g.trainable_trajectories]
     if not groups:
         raise RuntimeError(f"warm start: no usable demonstration episode ({summary['demos']})")
@@ -63,28 +46,69 @@ def run_warm_start(
     summary["demo_success_rate"] = sum(t.success for g in groups for t in g.trajectories) / len(groups)
     log.info("warm start: %d demonstration episodes (%d held out), teacher success %.2f",
              len(groups), len(heldout), summary["demo_success_rate"])
+    _train_sft(learners, train, heldout, config, summary, log_metrics)
+    _finish(learners, run_dir, summary)
+    summary["wall_s"] = time.monotonic() - t0
+    if log_metrics is not None:
+        log_metrics({k: v for k, v in summary.items() if not isinstance(v, dict)})
+    return summary
 
-    def all_ranks(method: str, *args: Any) -> dict[str, float]:
-        return ray.get([getattr(lr, method).remote(*args) for lr in learners], timeout=3600)[0]
 
-    # --- SFT: epochs of shuffled batches on every rank, held-out loss before and after ---
+def _demonstrations(config: Any, run_dir: Path, model_path: str, summary: dict[str, Any]) -> list[Any]:
+    """The demonstration groups: read from `warm_start.demos_dir`, or the teacher played on
+    training seeds (never the held-out ones). Records where they came from in `summary["demos"]`."""
+    from actors.demos import collect_demonstrations, demo_instances
+    from core.trajectory import read_trajectories
+
+    ws = config.warm_start
+    if ws.demos_dir:
+        groups = read_trajectories(Path(ws.demos_dir) / "trajectories")
+        if not groups:
+            raise FileNotFoundError(f"warm_start.demos_dir {ws.demos_dir}: no trajectories/group-*.parquet")
+        summary["demos"] = {"episodes": sum(len(g.trajectories) for g in groups), "from": ws.demos_dir}
+        return groups
+    instances = demo_instances(warm_start_tasks(config), ws.episodes_per_task, config.sampler.train_seeds,
+                               config.cluster.seed)
+    groups, demo_summary = collect_demonstrations(
+        model_path, instances, config.rollout, config.env, run_dir / DEMOS_DIR, ws.epsilon, ws.num_sessions,
+        config.cluster.seed)
+    summary["demos"] = demo_summary.as_dict()
+    return groups
+
+
+def _all_ranks(learners: list[Any], method: str, *args: Any) -> dict[str, float]:
+    """`method(*args)` on every learner rank at once (they meet in collectives); rank 0's answer."""
+    import ray
+
+    return ray.get([getattr(lr, method).remote(*args) for lr in learners], timeout=3600)[0]
+
+
+def _train_sft(
+    learners: list[Any], train: list[Any], heldout: list[Any], config: Any, summary: dict[str, Any],
+    log_metrics: Callable[[dict[str, Any]], None] | None,
+) -> None:
+    """SFT: epochs of shuffled batches on every rank, the held-out loss before and after each
+    epoch; the step count and first/last training loss go into `summary`."""
+    import ray
+
+    ws = config.warm_start
     heldout_ref = ray.put(heldout) if heldout else None
     losses: list[float] = []
     if heldout_ref is not None:
-        summary["heldout_loss_before"] = all_ranks("sft_loss", heldout_ref)["sft_loss"]
+        summary["heldout_loss_before"] = _all_ranks(learners, "sft_loss", heldout_ref)["sft_loss"]
     rng = random.Random(f"sft:{config.cluster.seed}")
     step = 0
     for epoch in range(ws.epochs):
         order = list(train)
         rng.shuffle(order)
         for start in range(0, len(order), ws.batch_episodes):
-            metrics = all_ranks("sft_step", ray.put(order[start:start + ws.batch_episodes]), ws.lr)
+            metrics = _all_ranks(learners, "sft_step", ray.put(order[start:start + ws.batch_episodes]), ws.lr)
             losses.append(metrics["sft_loss"])
             step += 1
             if log_metrics is not None:
                 log_metrics({"event": "sft", "sft_step": step, "epoch": epoch, **metrics})
         if heldout_ref is not None:
-            held = all_ranks("sft_loss", heldout_ref)
+            held = _all_ranks(learners, "sft_loss", heldout_ref)
             summary["heldout_loss_after"] = held["sft_loss"]
             summary["heldout_token_accuracy"] = held["sft_token_accuracy"]
             if log_metrics is not None:
@@ -94,18 +118,18 @@ def run_warm_start(
     summary["train_loss_first"] = losses[0] if losses else None
     summary["train_loss_last"] = losses[-1] if losses else None
 
-    # --- the warm-started policy: a new version and a checkpoint `model:` can name ---
+
+def _finish(learners: list[Any], run_dir: Path, summary: dict[str, Any]) -> None:
+    """The warm-started policy: a new version and a checkpoint `model:` can name."""
+    import ray
+
+    from learner import checkpoint as ckpt
+
     versions = ray.get([lr.finish_warm_start.remote() for lr in learners], timeout=600)
     paths = ray.get([lr.save_checkpoint.remote(str(run_dir / SFT_DIR), {"warm_start": True}) for lr in learners],
                     timeout=3600)
-    from learner import checkpoint as ckpt
-
     summary["policy_version"] = versions[0]
     summary["checkpoint"] = str(Path(paths[0]) / ckpt.MODEL_DIR)
-    summary["wall_s"] = time.monotonic() - t0
-    if log_metrics is not None:
-        log_metrics({k: v for k, v in summary.items() if not isinstance(v, dict)})
-    return summary
 
 
 def start_learners(config: Any, model_path: str) -> list[Any]:

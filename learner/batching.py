@@ -166,6 +166,39 @@ def collate(
     """
     if not samples:
         raise BatchError("collate: empty micro-batch")
+    batch = _padded_tokens(samples, pad_token_id, mask_truncated_completions)
+    has_images = any(s.images for s in samples)
+    if has_images and vision is None:
+        raise BatchError("steps carry images but the model has no image processor (text model?)")
+    if vision is not None:
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        batch["mm_token_type_ids"] = (input_ids == vision.image_token_id).to(torch.int)
+        batch["mm_token_type_ids"][attention_mask == 0] = 0
+    if has_images:
+        pixel_values, grids = [], []
+        for s in samples:
+            out = _sample_images(s, vision, image_cache)
+            if out is not None:
+                pixel_values.append(out["pixel_values"])
+                grids.append(out["image_grid_thw"])
+        batch["pixel_values"] = torch.cat(pixel_values, dim=0)
+        batch["image_grid_thw"] = torch.cat(grids, dim=0)
+    elif vision is not None:
+        # A VL model with text-only steps: no vision inputs at all.
+        for s in samples:
+            if any(t == vision.image_token_id for t in s.prompt_ids):
+                raise BatchError(
+                    f"episode {s.episode_id} step {s.step_index}: image tokens in prompt_ids but "
+                    f"no images recorded"
+                )
+    return to_device(batch, device)
+
+
+def _padded_tokens(
+    samples: list[TrainingSample], pad_token_id: int, mask_truncated_completions: bool
+) -> dict[str, Any]:
+    """The text part of a batch: prompts padded left and completions right, so every row's
+    completion starts at the same position P (the logits of the last T + 1 positions suffice)."""
     B = len(samples)
     P = max(len(s.prompt_ids) for s in samples)
     T = max(len(s.completion_ids) for s in samples)
@@ -181,7 +214,7 @@ def collate(
         if not (mask_truncated_completions and s.truncated):
             completion_mask[i, :c] = 1.0
         sampling_logps[i, :c] = torch.tensor(s.sampling_logprobs, dtype=torch.float32)
-    batch: dict[str, Any] = {
+    return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "completion_mask": completion_mask,
@@ -194,53 +227,38 @@ def collate(
         "logits_to_keep": T,
     }
 
-    has_images = any(s.images for s in samples)
-    if has_images and vision is None:
-        raise BatchError("steps carry images but the model has no image processor (text model?)")
-    if vision is not None:
-        batch["mm_token_type_ids"] = (input_ids == vision.image_token_id).to(torch.int)
-        batch["mm_token_type_ids"][attention_mask == 0] = 0
-    if has_images:
-        pixel_values, grids = [], []
-        for s in samples:
-            n_tokens = sum(1 for t in s.prompt_ids if t == vision.image_token_id)
-            if not s.images:
-                if n_tokens:
-                    raise BatchError(
-                        f"episode {s.episode_id} step {s.step_index}: {n_tokens} image tokens in "
-                        f"prompt_ids but no images recorded"
-                    )
-                continue
-            key = b"".join(hashlib.sha1(b).digest() for b in s.images)
-            out = image_cache.get(key) if image_cache is not None else None
-            if out is None:
-                out = vision.image_processor(
-                    images=[_decode_png(b) for b in s.images], return_tensors="pt"
-                )
-                out = {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
-                if image_cache is not None:
-                    image_cache[key] = out
-            grid = out["image_grid_thw"]
-            expected = int((grid.prod(dim=-1) // (vision.merge_size**2)).sum())
-            if expected != n_tokens:
-                raise BatchError(
-                    f"episode {s.episode_id} step {s.step_index}: prompt_ids hold {n_tokens} image "
-                    f"tokens but the {len(s.images)} recorded image(s) make {expected} with this "
-                    f"image processor (different processor settings than the engine's?)"
-                )
-            pixel_values.append(out["pixel_values"])
-            grids.append(grid)
-        batch["pixel_values"] = torch.cat(pixel_values, dim=0)
-        batch["image_grid_thw"] = torch.cat(grids, dim=0)
-    elif vision is not None:
-        # A VL model with text-only steps: no vision inputs at all.
-        for s in samples:
-            if any(t == vision.image_token_id for t in s.prompt_ids):
-                raise BatchError(
-                    f"episode {s.episode_id} step {s.step_index}: image tokens in prompt_ids but "
-                    f"no images recorded"
-                )
-    return to_device(batch, device)
+
+def _sample_images(
+    s: TrainingSample, vision: VisionSpec, image_cache: dict[bytes, dict[str, torch.Tensor]] | None
+) -> dict[str, torch.Tensor] | None:
+    """One sample's processed images ({"pixel_values", "image_grid_thw"}), None for a text-only
+    step; checked against the image tokens its prompt_ids hold (the engine's processor made them)."""
+    n_tokens = sum(1 for t in s.prompt_ids if t == vision.image_token_id)
+    if not s.images:
+        if n_tokens:
+            raise BatchError(
+                f"episode {s.episode_id} step {s.step_index}: {n_tokens} image tokens in "
+                f"prompt_ids but no images recorded"
+            )
+        return None
+    key = b"".join(hashlib.sha1(b).digest() for b in s.images)
+    out = image_cache.get(key) if image_cache is not None else None
+    if out is None:
+        out = vision.image_processor(
+            images=[_decode_png(b) for b in s.images], return_tensors="pt"
+        )
+        out = {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+        if image_cache is not None:
+            image_cache[key] = out
+    grid = out["image_grid_thw"]
+    expected = int((grid.prod(dim=-1) // (vision.merge_size**2)).sum())
+    if expected != n_tokens:
+        raise BatchError(
+            f"episode {s.episode_id} step {s.step_index}: prompt_ids hold {n_tokens} image "
+            f"tokens but the {len(s.images)} recorded image(s) make {expected} with this "
+            f"image processor (different processor settings than the engine's?)"
+        )
+    return out
 
 
 def to_device(batch: dict[str, Any], device: str | torch.device) -> dict[str, Any]:

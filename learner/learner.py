@@ -113,6 +113,83 @@ def compile_layers(model: torch.nn.Module) -> int:
     return len(layers)
 
 
+class _StepSums:
+    """The running float64 sums of one `train_step` on this rank (all passes), kept on the device
+    so no micro-batch waits for a GPU -> CPU copy; summed over ranks once, at the end."""
+
+    KEYS = (
+        "loss", "tokens", "kl", "entropy", "clip_low", "clip_high", "clip_region",
+        "is_ratio", "is_masked", "prompt_tokens", "staleness", "outside_filter",
+    )
+
+    def __init__(self, device: torch.device) -> None:
+        f64 = torch.float64
+        self.sums = {k: torch.zeros((), dtype=f64, device=device) for k in self.KEYS}
+        self.is_min = torch.tensor(math.inf, dtype=f64, device=device)
+        self.is_max = torch.tensor(-math.inf, dtype=f64, device=device)
+
+    def add(self, loss: torch.Tensor, stats: Any, entropies: torch.Tensor, mask: torch.Tensor,
+            outside: torch.Tensor, completion_mask: torch.Tensor, mb: list, policy_version: int) -> None:
+        """One micro-batch: `stats` from `grpo_loss`, `mask` the trained tokens, `outside` the
+        sampled tokens the current top-k/top-p excludes."""
+        f64, sums = torch.float64, self.sums
+        sums["loss"] += loss.detach().to(f64)
+        for k in ("tokens", "kl", "clip_low", "clip_high", "clip_region", "is_ratio", "is_masked"):
+            sums[k] += getattr(stats, k).to(f64)
+        sums["entropy"] += (entropies * mask).sum().to(f64)
+        sums["outside_filter"] += (outside * completion_mask).sum().to(f64)
+        sums["prompt_tokens"] += float(sum(len(x.prompt_ids) for x in mb))
+        sums["staleness"] += float(sum(policy_version - x.policy_version for x in mb))
+        self.is_min = torch.minimum(self.is_min, stats.is_ratio_min.to(f64))
+        self.is_max = torch.maximum(self.is_max, stats.is_ratio_max.to(f64))
+
+    def reduce(self, passes: int) -> dict[str, float]:
+        """The whole batch's totals (every rank gets the same): per-batch counts are divided by
+        the number of passes (each pass sees the batch once), token sums are not (the token
+        means divide by all passes' tokens), plus "is_min"/"is_max" over every token."""
+        keys = list(self.sums)
+        packed = D.all_reduce_(torch.stack([self.sums[k] for k in keys]), "sum")
+        total = dict(zip(keys, packed.tolist()))
+        for k in ("loss", "prompt_tokens", "staleness", "outside_filter"):
+            total[k] /= passes
+        total["is_min"] = D.all_reduce_(self.is_min, "min").item()
+        total["is_max"] = D.all_reduce_(self.is_max, "max").item()
+        return total
+
+
+class _MicroBatchFeed:
+    """This rank's micro-batches on the device, pass after pass. In the first pass, collation
+    (image processing on the CPU) of micro-batch i+1 runs in a thread while the model works on
+    micro-batch i (PIL and numpy release the GIL for most of it); with several passes
+    (num_iterations > 1) the first pass's CPU batches are kept and reused."""
+
+    def __init__(self, prepare, chunks: list[list], keep: bool, device: torch.device) -> None:
+        self.prepare, self.chunks, self.keep, self.device = prepare, chunks, keep, device
+        self.cpu_batches: list[dict] = []
+        self.wait_s = 0.0  # time the training loop WAITED for collation (not collation's time)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending = None
+
+    def start_pass(self, it: int, pool: ThreadPoolExecutor) -> None:
+        self._pool = pool
+        self._pending = pool.submit(self.prepare, self.chunks[0]) if self.chunks and it == 0 else None
+
+    def get(self, it: int, i: int) -> dict[str, Any]:
+        """Micro-batch `i` of pass `it`, on the device."""
+        tc = time.perf_counter()
+        if it == 0:
+            cpu_batch = self._pending.result()
+            nxt = i + 1 < len(self.chunks)
+            self._pending = self._pool.submit(self.prepare, self.chunks[i + 1]) if nxt else None
+            if self.keep:
+                self.cpu_batches.append(cpu_batch)
+        else:
+            cpu_batch = self.cpu_batches[i]
+        batch = to_device(cpu_batch, self.device)
+        self.wait_s += time.perf_counter() - tc
+        return batch
+
+
 class Learner:
     """One learner rank. See the module docstring for the multi-rank protocol."""
 
@@ -126,8 +203,6 @@ class Learner:
         """`model`: an already-built model to train instead of loading `config.model_path`'s
         weights (benchmarks of random-initialised shapes); the tokenizer and processor still
         come from `config.model_path`."""
-        from transformers import get_scheduler
-
         config.validate()
         self.config = config
         self.cfg = config.grpo
@@ -138,7 +213,24 @@ class Learner:
         self.device = D.local_device(config.device, rank)
         seed_everything(config.seed)
 
-        # --- model (+ LoRA, gradient checkpointing) ---
+        self._build_model(model)
+        # Frozen reference model, only when the KL term is on (TRL: beta == 0 loads none).
+        self.ref_model = (
+            self._load_reference_model() if self.cfg.beta != 0.0 and not config.lora.enabled else None
+        )
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer, self.scheduler = self._build_optimizer()
+        self.autocast_dtype = _DTYPES[config.dtype]
+        self.publisher = make_publisher("object_store") if rank == 0 else None
+        self.step = 0
+        self._policy_version = 0
+
+    # --- setup helpers ---------------------------------------------------------------------
+
+    def _build_model(self, model: torch.nn.Module | None) -> None:
+        """The policy model on the device (+ LoRA, gradient checkpointing, compiled layers) and
+        what `_prepare` needs of it (vision spec, placeholder tokens, pad token, rope index)."""
+        config = self.config
         self.model = model if model is not None else load_model(
             config.model_path, config.attn_implementation
         )
@@ -168,19 +260,21 @@ class Learner:
         self.compiled_layers = compile_layers(self.model) if config.compile else 0
         self._rope_index = _rope_index_fn(self.model) if self.vision is not None else None
 
-        # --- frozen reference model, only when the KL term is on (TRL: beta == 0 loads none) ---
-        self.ref_model = None
-        if self.cfg.beta != 0.0 and not config.lora.enabled:
-            self.ref_model = load_model(config.model_path, config.attn_implementation)
-            if self.fp32_logits:
-                fp32_output_layer(self.ref_model)
-            if self.packed_vision_layers:
-                enable_packed_vision_attention(self.ref_model)
-            self.ref_model.to(self.device).eval().requires_grad_(False)
+    def _load_reference_model(self) -> torch.nn.Module:
+        """A frozen copy of the initial model, computing its logits as the policy does."""
+        ref = load_model(self.config.model_path, self.config.attn_implementation)
+        if self.fp32_logits:
+            fp32_output_layer(ref)
+        if self.packed_vision_layers:
+            enable_packed_vision_attention(ref)
+        return ref.to(self.device).eval().requires_grad_(False)
 
-        # --- optimizer and schedule ---
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
+    def _build_optimizer(self) -> tuple[torch.optim.Optimizer, Any]:
+        """AdamW over the trainable parameters and its learning-rate schedule."""
+        from transformers import get_scheduler
+
+        config = self.config
+        optimizer = torch.optim.AdamW(
             self.params,
             lr=config.lr,
             betas=tuple(config.adam_betas),
@@ -189,18 +283,13 @@ class Learner:
             # One fused kernel over all parameters on GPU (the 2B model's step is ~2x faster).
             fused=self.device.type == "cuda",
         )
-        self.scheduler = get_scheduler(
+        scheduler = get_scheduler(
             config.lr_schedule,
-            self.optimizer,
+            optimizer,
             num_warmup_steps=config.warmup_steps,
             num_training_steps=config.total_steps,
         )
-        self.autocast_dtype = _DTYPES[config.dtype]
-        self.publisher = make_publisher("object_store") if rank == 0 else None
-        self.step = 0
-        self._policy_version = 0
-
-    # --- setup helpers ---------------------------------------------------------------------
+        return optimizer, scheduler
 
     def _vision_spec(self) -> VisionSpec | None:
         from core.processor import is_vision_language, load_processor
@@ -336,122 +425,136 @@ class Learner:
         """One optimizer step on `groups` (the same list on every rank). Returns metrics of
         the whole batch (identical on every rank)."""
         t0 = time.perf_counter()
-        cfg = self.cfg
-
-        # --- samples and the whole batch's normaliser ---
-        samples, adv_stats = build_samples(groups, cfg)
-        # A completion holding an image/video placeholder token cannot be re-run faithfully:
-        # transformers would try to put image features there, while the engine embedded it as
-        # plain text. Trained models practically never emit one; random ones do. Counted, dropped.
-        placeholder_steps = 0
-        if self.placeholder_ids:
-            kept = [s for s in samples if not self.placeholder_ids.intersection(s.completion_ids)]
-            placeholder_steps, samples = len(samples) - len(kept), kept
-        normalizer = batch_normalizer(samples, cfg)
+        samples, adv_stats, placeholder_steps = self._training_samples(groups)
+        normalizer = batch_normalizer(samples, self.cfg)
         mine = shard(samples, self.rank, self.world_size)
 
         # --- forward/backward over micro-batches (gradients accumulate), num_iterations passes ---
         self.model.train()
-        dev, f64 = self.device, torch.float64
-        sums = {
-            k: torch.zeros((), dtype=f64, device=dev)
-            for k in (
-                "loss", "tokens", "kl", "entropy", "clip_low", "clip_high", "clip_region",
-                "is_ratio", "is_masked", "prompt_tokens", "staleness", "outside_filter",
-            )
-        }
-        is_min = torch.tensor(math.inf, dtype=f64, device=dev)
-        is_max = torch.tensor(-math.inf, dtype=f64, device=dev)
-        collate_s = 0.0  # time the training loop WAITED for collation (not collation's time)
+        passes = self.cfg.num_iterations
+        sums = _StepSums(self.device)
         image_cache: dict = {}
-        chunks = micro_batches(mine, self.config.micro_batch_size)
-        passes = cfg.num_iterations
+        feed = _MicroBatchFeed(
+            lambda mb: self._prepare(mb, self.cfg.mask_truncated_completions, image_cache),
+            micro_batches(mine, self.config.micro_batch_size), keep=passes > 1, device=self.device,
+        )
         # num_iterations > 1 (TRL's mu): the first pass's logprobs are the "old" policy of every
-        # later pass (per micro-batch), and its collated batches are reused.
+        # later pass (per micro-batch).
         old_logps: list[torch.Tensor] = []
-        cpu_batches: list[dict] = []
-
-        def prepare(mb):
-            return self._prepare(mb, cfg.mask_truncated_completions, image_cache)
-
         for it in range(passes):
             self.optimizer.zero_grad(set_to_none=True)
-            # Collation (image processing on CPU) of micro-batch i+1 runs in a thread while the
-            # model works on micro-batch i; PIL and numpy release the GIL for most of it.
-            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collate")
-            failure: BaseException | None = None
-            try:
-                pending = pool.submit(prepare, chunks[0]) if chunks and it == 0 else None
-                for i, mb in enumerate(chunks):
-                    tc = time.perf_counter()
-                    if it == 0:
-                        cpu_batch = pending.result()
-                        pending = pool.submit(prepare, chunks[i + 1]) if i + 1 < len(chunks) else None
-                        if passes > 1:
-                            cpu_batches.append(cpu_batch)
-                    else:
-                        cpu_batch = cpu_batches[i]
-                    batch = to_device(cpu_batch, dev)
-                    collate_s += time.perf_counter() - tc
-                    logps, entropies, full_logps = self._completion_logps(
-                        self.model, batch, with_entropy=True, with_full=True
-                    )
-                    # A sampled token the current top-k/top-p excludes has probability 0 under
-                    # this policy (-inf): left out of the loss, counted.
-                    outside = torch.isinf(logps)
-                    logps = logps.masked_fill(outside, 0.0)
-                    mask = batch["completion_mask"] * (~outside).to(batch["completion_mask"].dtype)
-                    if it == 0 and passes > 1:
-                        old_logps.append(logps.detach())
-                    ref_logps = None
-                    if cfg.beta != 0.0:
-                        with torch.no_grad():
-                            ref_logps = self._reference_logps(batch)
-                    loss, s = grpo_loss(
-                        logps,
-                        batch["advantages"],
-                        mask,
-                        cfg,
-                        normalizer,
-                        sampling_per_token_logps=batch["sampling_logps"],
-                        ref_per_token_logps=ref_logps,
-                        old_per_token_logps=old_logps[i] if it > 0 else None,
-                        kl_per_token_logps=full_logps,
-                    )
-                    loss.backward()
-                    sums["loss"] += loss.detach().to(f64)
-                    for k in ("tokens", "kl", "clip_low", "clip_high", "clip_region", "is_ratio", "is_masked"):
-                        sums[k] += getattr(s, k).to(f64)
-                    sums["entropy"] += (entropies * mask).sum().to(f64)
-                    sums["outside_filter"] += (outside * batch["completion_mask"]).sum().to(f64)
-                    sums["prompt_tokens"] += float(sum(len(x.prompt_ids) for x in mb))
-                    sums["staleness"] += float(sum(self._policy_version - x.policy_version for x in mb))
-                    is_min = torch.minimum(is_min, s.is_ratio_min.to(f64))
-                    is_max = torch.maximum(is_max, s.is_ratio_max.to(f64))
-            except Exception as e:  # e.g. a BatchError on this rank's shard
-                failure = e
-            finally:
-                pool.shutdown(wait=True, cancel_futures=True)
-            # Every rank learns whether any rank failed (one tiny collective) so that no rank is
-            # left waiting in the gradient all-reduce until the timeout; nobody steps.
-            failed = D.all_reduce_(torch.tensor([float(failure is not None)], device=dev), "max")
-            if failure is not None or float(failed) > 0:
-                self.optimizer.zero_grad(set_to_none=True)
-                if failure is not None:
-                    raise failure
-                raise RuntimeError("train_step failed on another learner rank; no update was made")
+            failure = self._forward_backward_pass(it, passes, feed, normalizer, old_logps, sums)
+            self._stop_if_any_rank_failed(failure)
+            t_opt, grad_norm, lr, stepped = self._clip_and_step(normalizer)
+        self._end_batch(stepped)
+        optimizer_s = time.perf_counter() - t_opt
 
-            # --- gradients of the whole batch on every rank, clip, step ---
-            self._sync()
-            t_opt = time.perf_counter()
-            D.all_reduce_gradients_(self.params)
-            max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-            lr = self.scheduler.get_last_lr()[0]
-            stepped = normalizer.num_sequences > 0
-            if stepped:
-                self.optimizer.step()
-        # One scheduler step and one policy version per batch, however many passes.
+        metrics = self._step_metrics(
+            sums.reduce(passes), passes, normalizer, grad_norm, lr, stepped, placeholder_steps,
+            times={"t0": t0, "t_opt": t_opt, "collate": feed.wait_s, "optimizer": optimizer_s},
+        )
+        metrics.update(adv_stats.as_metrics())
+        if self.compiled_layers:
+            # Graphs torch.compile has built so far in this process: a rise after the first steps
+            # is a recompile (a new shape or input kind), which makes that step slow.
+            from torch._dynamo.utils import counters
+
+            metrics["compiled_graphs"] = float(counters["stats"]["unique_graphs"])
+        return metrics
+
+    def _training_samples(self, groups: list[TrajectoryGroup]) -> tuple[list, Any, int]:
+        """One sample per trainable step, the batch's advantage statistics, and how many steps
+        were dropped for holding an image/video placeholder token in their completion: such a
+        completion cannot be re-run faithfully (transformers would try to put image features
+        there, while the engine embedded it as plain text). Trained models practically never
+        emit one; random ones do."""
+        samples, adv_stats = build_samples(groups, self.cfg)
+        placeholder_steps = 0
+        if self.placeholder_ids:
+            kept = [s for s in samples if not self.placeholder_ids.intersection(s.completion_ids)]
+            placeholder_steps, samples = len(samples) - len(kept), kept
+        return samples, adv_stats, placeholder_steps
+
+    def _forward_backward_pass(
+        self, it: int, passes: int, feed: _MicroBatchFeed, normalizer: Any,
+        old_logps: list[torch.Tensor], sums: _StepSums,
+    ) -> BaseException | None:
+        """Pass `it` over this rank's micro-batches: forward, GRPO loss, backward (gradients
+        accumulate). Returns the exception that stopped it (e.g. a BatchError on this rank's
+        shard) instead of raising, so every rank can first learn that one failed."""
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collate")
+        try:
+            feed.start_pass(it, pool)
+            for i, mb in enumerate(feed.chunks):
+                batch = feed.get(it, i)
+                self._micro_batch_backward(batch, mb, it, i, passes, normalizer, old_logps, sums)
+        except Exception as e:
+            return e
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        return None
+
+    def _micro_batch_backward(
+        self, batch: dict[str, Any], mb: list, it: int, i: int, passes: int, normalizer: Any,
+        old_logps: list[torch.Tensor], sums: _StepSums,
+    ) -> None:
+        """Forward, GRPO loss and backward of micro-batch `i` in pass `it`; adds to `sums`."""
+        cfg = self.cfg
+        logps, entropies, full_logps = self._completion_logps(
+            self.model, batch, with_entropy=True, with_full=True
+        )
+        # A sampled token the current top-k/top-p excludes has probability 0 under this policy
+        # (-inf): left out of the loss, counted.
+        outside = torch.isinf(logps)
+        logps = logps.masked_fill(outside, 0.0)
+        mask = batch["completion_mask"] * (~outside).to(batch["completion_mask"].dtype)
+        if it == 0 and passes > 1:
+            old_logps.append(logps.detach())
+        ref_logps = None
+        if cfg.beta != 0.0:
+            with torch.no_grad():
+                ref_logps = self._reference_logps(batch)
+        loss, s = grpo_loss(
+            logps,
+            batch["advantages"],
+            mask,
+            cfg,
+            normalizer,
+            sampling_per_token_logps=batch["sampling_logps"],
+            ref_per_token_logps=ref_logps,
+            old_per_token_logps=old_logps[i] if it > 0 else None,
+            kl_per_token_logps=full_logps,
+        )
+        loss.backward()
+        sums.add(loss, s, entropies, mask, outside, batch["completion_mask"], mb, self._policy_version)
+
+    def _stop_if_any_rank_failed(self, failure: BaseException | None) -> None:
+        """Every rank learns whether any rank failed (one tiny collective) so that no rank is
+        left waiting in the gradient all-reduce until the timeout; nobody steps."""
+        flag = torch.tensor([float(failure is not None)], device=self.device)
+        failed = D.all_reduce_(flag, "max")
+        if failure is not None or float(failed) > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            if failure is not None:
+                raise failure
+            raise RuntimeError("train_step failed on another learner rank; no update was made")
+
+    def _clip_and_step(self, normalizer: Any) -> tuple[float, torch.Tensor, float, bool]:
+        """Gradients of the whole batch on every rank, clip, AdamW step (none for an empty
+        batch). Returns (when this began, the gradient norm before clipping, the lr, stepped)."""
+        self._sync()
+        t_opt = time.perf_counter()
+        D.all_reduce_gradients_(self.params)
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        stepped = normalizer.num_sequences > 0
+        if stepped:
+            self.optimizer.step()
+        return t_opt, grad_norm, lr, stepped
+
+    def _end_batch(self, stepped: bool) -> None:
+        """One scheduler step and one policy version per batch, however many passes."""
         if stepped:
             self.scheduler.step()
             self.step += 1
@@ -460,20 +563,18 @@ class Learner:
         self._sync()
         if self.config.release_memory_after_step and self.device.type == "cuda":
             torch.cuda.empty_cache()  # a colocated engine wakes into this memory
-        optimizer_s = time.perf_counter() - t_opt
 
-        # --- metrics of the whole batch (token means over all passes; counts of one pass) ---
-        keys = list(sums)
-        packed = D.all_reduce_(torch.stack([sums[k] for k in keys]), "sum")
-        total = dict(zip(keys, packed.tolist()))
-        for k in ("loss", "prompt_tokens", "staleness", "outside_filter"):
-            total[k] /= passes
-        is_min = D.all_reduce_(is_min, "min").item()
-        is_max = D.all_reduce_(is_max, "max").item()
+    def _step_metrics(
+        self, total: dict[str, float], passes: int, normalizer: Any, grad_norm: torch.Tensor,
+        lr: float, stepped: bool, placeholder_steps: int, times: dict[str, float],
+    ) -> dict[str, float]:
+        """Metrics of the whole batch from `_StepSums.reduce`: token means over all passes,
+        counts of one pass."""
         tokens = max(total["tokens"], 1.0)
         total["tokens"] /= passes
         n = max(normalizer.num_sequences, 1)
-        metrics = {
+        is_min, is_max = total["is_min"], total["is_max"]
+        return {
             "loss": total["loss"],
             "kl": total["kl"] / tokens,
             "entropy": total["entropy"] / tokens,
@@ -495,22 +596,15 @@ class Learner:
             "skipped": 0.0 if stepped else 1.0,
             "policy_version": float(self._policy_version),
             "step": float(self.step),
-            "step_time_s": time.perf_counter() - t0,
+            "step_time_s": time.perf_counter() - times["t0"],
             "dropped_placeholder_steps": float(placeholder_steps),
             # Where this rank's time went: collate (incl. image processing on CPU), forward +
             # backward, gradient all-reduce + clip + optimizer.
-            "time/collate_wait_s": collate_s,
-            "time/forward_backward_s": t_opt - t0 - collate_s,  # incl. sample building
-            "time/optimizer_s": optimizer_s,
+            "time/collate_wait_s": times["collate"],
+            # incl. sample building
+            "time/forward_backward_s": times["t_opt"] - times["t0"] - times["collate"],
+            "time/optimizer_s": times["optimizer"],
         }
-        metrics.update(adv_stats.as_metrics())
-        if self.compiled_layers:
-            # Graphs torch.compile has built so far in this process: a rise after the first steps
-            # is a recompile (a new shape or input kind), which makes that step slow.
-            from torch._dynamo.utils import counters
-
-            metrics["compiled_graphs"] = float(counters["stats"]["unique_graphs"])
-        return metrics
 
     def score(self, groups: list[TrajectoryGroup]) -> dict[tuple[str, int], list[float]]:
         """The current policy's logprobs of every trainable step's completion tokens, scored as

@@ -127,14 +127,7 @@ def grpo_loss(
     if old_per_token_logps is None:
         old_per_token_logps = per_token_logps.detach()
 
-    # --- policy ratio (token or sequence level) ---
-    log_ratio = per_token_logps - old_per_token_logps
-    if cfg.importance_sampling_level == "token":
-        log_importance_weights = log_ratio
-    else:
-        log_importance_weights = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
-        log_importance_weights = log_importance_weights.unsqueeze(-1)
-    coef_1 = torch.exp(log_importance_weights)
+    coef_1 = _policy_ratio(per_token_logps, old_per_token_logps, mask, cfg)
 
     # --- clipped surrogate ---
     eps_low, eps_high = cfg.epsilon_low, cfg.resolved_epsilon_high
@@ -152,24 +145,55 @@ def grpo_loss(
         )
         per_token_loss = per_token_loss * is_ratio
 
-    # --- KL to the reference model (k3 estimator, as TRL) ---
+    # --- KL to the reference model ---
     per_token_kl = None
     if cfg.beta != 0.0:
         if ref_per_token_logps is None:
             raise ValueError("beta > 0 needs the reference model's logprobs")
         policy = per_token_logps if kl_per_token_logps is None else kl_per_token_logps
-        d = ref_per_token_logps.to(per_token_logps.dtype) - policy
-        per_token_kl = torch.exp(d) - d - 1
+        per_token_kl = _k3_kl(ref_per_token_logps.to(per_token_logps.dtype), policy)
         per_token_loss = per_token_loss + cfg.beta * per_token_kl
 
-    # --- aggregation: this micro-batch's partial sum over the whole batch's denominator ---
-    if cfg.loss_type == "grpo":
-        numerator = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).sum()
-    else:
-        numerator = (per_token_loss * mask).sum()
-    loss = numerator / normalizer.denominator(cfg)
+    loss = _aggregate(per_token_loss, mask, cfg) / normalizer.denominator(cfg)
+    return loss, _loss_sums(coef_1, advantages, mask, is_ratio, per_token_kl, cfg)
 
-    # --- metric sums (token-weighted; reduced by the caller) ---
+
+def _k3_kl(ref_logps: torch.Tensor, policy_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(policy || reference) by the k3 estimator, as TRL: exp(d) - d - 1 with
+    d = ref - policy (non-negative, unbiased for samples from the policy)."""
+    d = ref_logps - policy_logps
+    return torch.exp(d) - d - 1
+
+
+def _aggregate(per_token_loss: torch.Tensor, mask: torch.Tensor, cfg: GRPOConfig) -> torch.Tensor:
+    """This micro-batch's partial sum of the batch loss (the caller divides by the whole batch's
+    denominator): grpo averages each sequence over its own tokens first, the others sum tokens."""
+    if cfg.loss_type == "grpo":
+        return ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).sum()
+    return (per_token_loss * mask).sum()
+
+
+def _policy_ratio(
+    per_token_logps: torch.Tensor, old_per_token_logps: torch.Tensor, mask: torch.Tensor,
+    cfg: GRPOConfig,
+) -> torch.Tensor:
+    """pi / pi_old per token (B, T), or per sequence (B, 1) from the mean log-ratio of its
+    active tokens (GSPO's sequence level)."""
+    log_ratio = per_token_logps - old_per_token_logps
+    if cfg.importance_sampling_level == "token":
+        log_importance_weights = log_ratio
+    else:
+        log_importance_weights = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+        log_importance_weights = log_importance_weights.unsqueeze(-1)
+    return torch.exp(log_importance_weights)
+
+
+def _loss_sums(
+    coef_1: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    is_ratio: torch.Tensor | None, per_token_kl: torch.Tensor | None, cfg: GRPOConfig,
+) -> LossSums:
+    """The micro-batch's metric sums (token-weighted; reduced by the caller)."""
+    eps_low, eps_high = cfg.epsilon_low, cfg.resolved_epsilon_high
     with torch.no_grad():
         is_low = ((coef_1 < 1 - eps_low) & (advantages < 0)).to(mask.dtype)
         is_high = ((coef_1 > 1 + eps_high) & (advantages > 0)).to(mask.dtype)
@@ -189,7 +213,7 @@ def grpo_loss(
             is_sum, is_masked = mask.sum(), torch.zeros((), dtype=mask.dtype, device=mask.device)
         vmin = torch.where(active, full, inf).min() if mask.numel() else inf
         vmax = torch.where(active, full, -inf).max() if mask.numel() else -inf
-        sums = LossSums(
+        return LossSums(
             tokens=mask.sum(),
             kl=msum(per_token_kl) if per_token_kl is not None else torch.zeros_like(mask.sum()),
             clip_low=msum(is_low),
@@ -200,4 +224,3 @@ def grpo_loss(
             is_ratio_max=vmax,
             is_masked=is_masked,
         )
-    return loss, sums

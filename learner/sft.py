@@ -9,13 +9,15 @@ log-likelihoods divided by the batch's target token count (over all ranks), so t
 ranks and micro-batches does not change the gradient.
 
 `sft_step(learner, groups, lr, train=True)` is called by `Learner.sft_step` / `Learner.sft_loss`.
+This module does not import learner/learner.py: what it uses of a learner is the `SftLearner`
+protocol below, so the two modules do not depend on each other in a cycle.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from trl.trainer.utils import selective_log_softmax
@@ -24,10 +26,27 @@ from core.trajectory import TrajectoryGroup
 
 from . import distributed as D
 from .batching import TrainingSample, micro_batches, shard, to_device
+from .config import LearnerConfig
 from .vision import VISION_KWARGS
 
-if TYPE_CHECKING:
-    from .learner import Learner
+
+class SftLearner(Protocol):
+    """The parts of a `Learner` (learner/learner.py) the warm start uses."""
+
+    rank: int
+    world_size: int
+    model: torch.nn.Module
+    device: torch.device
+    config: LearnerConfig
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    placeholder_ids: set[int]
+    _policy_version: int
+
+    def _prepare(self, mb: list, mask_truncated: bool, image_cache: dict) -> dict[str, Any]: ...
+
+    def _autocast(self) -> Any: ...
 
 
 def sft_samples(groups: list[TrajectoryGroup]) -> list[TrainingSample]:
@@ -53,7 +72,7 @@ def completion_nll(logits: torch.Tensor, completion_ids: torch.Tensor, mask: tor
     return -(logps * mask).sum()
 
 
-def sft_step(learner: "Learner", groups: list[TrajectoryGroup], lr: float, train: bool = True) -> dict[str, float]:
+def sft_step(learner: SftLearner, groups: list[TrajectoryGroup], lr: float, train: bool = True) -> dict[str, float]:
     """One optimizer step of completion-only cross-entropy on `groups` (the same list on every
     rank), or with `train=False` only the loss (held-out evaluation, no gradient). Returns the
     whole batch's mean token loss (identical on every rank)."""
@@ -108,7 +127,7 @@ def sft_step(learner: "Learner", groups: list[TrajectoryGroup], lr: float, train
     return metrics
 
 
-def finish_warm_start(learner: "Learner") -> int:
+def finish_warm_start(learner: SftLearner) -> int:
     """After the SFT steps: the GRPO optimizer starts fresh (no SFT moments, the configured lr)
     and the policy version moves once, so every engine loads the warm-started weights."""
     learner.optimizer.state.clear()

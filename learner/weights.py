@@ -54,7 +54,8 @@ def hf_named_tensors(
     `save_pretrained` does. LoRA (peft) models are merged first (see `merged_state_dict`).
     `to_cpu=False` keeps them on the model's device (the NCCL transport sends from there);
     `staging` copies GPU tensors through reused pinned host buffers (the object-store path:
-    pinned copies run at PCIe speed, pageable ones ~30x slower, DEVICE.md).
+    pinned copies run at PCIe speed, pageable ones ~30x slower: 4.26 GiB GPU -> CPU took 83 ms
+    pinned and ~3.0 s pageable on an H200).
     """
     state = merged_state_dict(model)
     out: dict[str, torch.Tensor] = {}

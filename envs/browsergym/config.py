@@ -58,8 +58,8 @@ class EnvConfig:
 
     pre_observation_delay: float = 0.0
     """Seconds BrowserGym waits after an action before reading the page (its default is 0.5).
-    0 measured ~180 ms per step against ~790 ms (FACTS.md) and the six reference MiniWoB tasks
-    still score 1.0; raise it for tasks with delayed page updates (autocomplete menus)."""
+    0 measured ~180 ms per step against ~790 ms (in-process, 2-core machine, with slow_mo 0)
+    and the six reference MiniWoB tasks still score 1.0; raise it for tasks with delayed page updates (autocomplete menus)."""
 
     slow_mo: Optional[int] = 0
     """Playwright slow-motion delay in ms for every browser operation (MiniWoB tasks ask 100;

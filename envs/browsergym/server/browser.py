@@ -1,8 +1,8 @@
 """One Chromium per env session, kept across episodes; a fresh browser context per episode.
 
 BrowserGym 0.14.3's `BrowserEnv.reset` closes and relaunches Chromium on every episode, plus a
-second Chromium for its chat window (`core/chat.py`): 1.1-2.6 s per reset on the 2-core machine
-(FACTS.md). Here a session launches Chromium once (`KeptBrowser`) and each episode gets a new
+second Chromium for its chat window (`core/chat.py`): 1.1-2.6 s per reset measured on a 2-core
+machine (`python bench/bench_rollout.py --skip-engine` times the stock reset against this one). Here a session launches Chromium once (`KeptBrowser`) and each episode gets a new
 browser context and page (`PersistentBrowserEnv.reset`): the context is Playwright's isolation
 unit (its own cookies, localStorage, cache and history), so nothing leaks from one episode to the
 next, and the task is set up exactly as BrowserGym does it (same task object from the same seed,
@@ -262,20 +262,43 @@ class PersistentBrowserEnv(BrowserEnv):
             task_goal, task_info = self._restart_in_page()
         else:
             # --- a fresh context and page (the last episode's storage and history go away) ---
-            self._close_context()
-            self.context = self.browser.new_context(
-                viewport=viewport, locale=locale, timezone_id=timezone_id, **self.pw_context_kwargs
-            )
-            self.context.set_default_timeout(timeout)
-            self.context.expose_binding(
-                "browsergym_page_activated", lambda source: self._activate_page_from_js(source["page"])
-            )
-            self.context.add_init_script(_PAGE_ACTIVATION_SCRIPT)
-            self.page_history = {}
-            self.page = self.context.new_page()
-            self.page_episodes = 0
+            self._new_context_and_page(viewport, locale, timezone_id, timeout)
             task_goal, task_info = self.task.setup(page=self.page)
         self.page_episodes += 1
+        self._set_goal(task_goal)
+
+        self._wait_dom_loaded()
+        # Let the page lay out and paint the new task before it is observed. BrowserGym's reset
+        # gives it that time by accident (it sets up the chat window between the task's setup and
+        # the observation); without it, under heavy load, a first observation of
+        # click-collapsible once lacked the accordion header among the clickable elements.
+        self.page.evaluate(_NEXT_FRAME_SCRIPT)
+        self._active_page_check()
+        self.start_time = time.time()
+        self.last_action = ""
+        self.last_action_error = ""
+        self.infeasible_message_received = False
+        obs = self._get_obs()
+        return obs, {"task_info": task_info}
+
+    def _new_context_and_page(self, viewport: Any, locale: Any, timezone_id: Any, timeout: Any) -> None:
+        """A fresh browser context and page on the kept browser, wired as BrowserGym's reset
+        wires them (page activation binding and script, default timeout)."""
+        self._close_context()
+        self.context = self.browser.new_context(
+            viewport=viewport, locale=locale, timezone_id=timezone_id, **self.pw_context_kwargs
+        )
+        self.context.set_default_timeout(timeout)
+        self.context.expose_binding(
+            "browsergym_page_activated", lambda source: self._activate_page_from_js(source["page"])
+        )
+        self.context.add_init_script(_PAGE_ACTIVATION_SCRIPT)
+        self.page_history = {}
+        self.page = self.context.new_page()
+        self.page_episodes = 0
+
+    def _set_goal(self, task_goal: Any) -> None:
+        """The goal object and the chat messages BrowserGym's reset makes from the task's goal."""
         if task_goal is None:
             self.goal_object = []
         elif isinstance(task_goal, str):
@@ -296,20 +319,6 @@ class PersistentBrowserEnv(BrowserEnv):
                 self.chat.add_message(role="user_image", msg=image_src["url"] if isinstance(image_src, dict) else image_src)
             else:
                 raise ValueError(f"Unknown message type {message['type']!r} in the task goal.")
-
-        self._wait_dom_loaded()
-        # Let the page lay out and paint the new task before it is observed. BrowserGym's reset
-        # gives it that time by accident (it sets up the chat window between the task's setup and
-        # the observation); without it, under heavy load, a first observation of
-        # click-collapsible once lacked the accordion header among the clickable elements.
-        self.page.evaluate(_NEXT_FRAME_SCRIPT)
-        self._active_page_check()
-        self.start_time = time.time()
-        self.last_action = ""
-        self.last_action_error = ""
-        self.infeasible_message_received = False
-        obs = self._get_obs()
-        return obs, {"task_info": task_info}
 
     def close(self) -> None:
         """Ends the episode; the kept browser stays (its owner closes it)."""
