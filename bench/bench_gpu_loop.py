@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     from actors.tiny_models import build_qwen3_vl_2b_shape, build_tiny_vl_model
     from learner.config import GRPOConfig, LearnerConfig
     from learner.learner import LearnerActor
+    from weightsync import make_weight_sync
 
     R, M, frac = args.learner_ranks, args.engines, args.gpu_fraction
     need = (R + M) * frac
@@ -147,29 +148,30 @@ def main(argv: list[str] | None = None) -> int:
             ray.get([lr.connect.remote(addr, port) for lr in learners])
         rank0 = learners[0]
         t0 = time.perf_counter()
+        store_sync = make_weight_sync("object_store", rank0, engines, timeout_s=60.0)
         if args.transport == "nccl":
-            info = ray.get(rank0.prepare_weight_broadcast.remote(bucket_mb=args.bucket_mb))
-            ray.get([rank0.connect_weight_broadcast.remote(world_size=1 + M)]
-                    + [e.connect_weight_sync.remote(info["host"], info["port"], 1 + i, 1 + M, info["layout"])
-                       for i, e in enumerate(engines)])
-            result["sync_bytes"] = info["bytes"]
+            nccl_sync = make_weight_sync("nccl", rank0, engines, timeout_s=60.0, bucket_mb=args.bucket_mb)
+            nccl_sync.setup()
+            result["sync_bytes"] = nccl_sync.info["bytes"]
         result["setup_s"] = round(time.perf_counter() - t0, 2)
 
         def sync_nccl(version: int) -> tuple[float, dict]:
             t = time.perf_counter()
-            out = ray.get([rank0.broadcast_weights.remote()]
-                          + [e.update_weights_nccl.remote(version) for e in engines])
-            return time.perf_counter() - t, out[0]
+            pending = nccl_sync.send()
+            sent = ray.get(pending.sender_ref)
+            assert nccl_sync.wait(pending) == version
+            return time.perf_counter() - t, sent.stats
 
         def sync_store(version: int) -> tuple[float, dict]:
             t = time.perf_counter()
-            handle = ray.get(rank0.publish_weights.remote())
+            pending = store_sync.send()
             t_pub = time.perf_counter() - t
-            details = ray.get([e.update_weights_from_handle.remote(handle) for e in engines])
-            assert handle.version == version and all(d["version"] == version for d in details)
-            result["sync_bytes"] = handle.num_bytes
-            return time.perf_counter() - t, {"publish_s": t_pub, "fetch_s": max(d["fetch_s"] for d in details),
-                                             "load_s": max(d["load_s"] for d in details)}
+            assert store_sync.wait(pending) == version
+            elapsed = time.perf_counter() - t
+            details = ray.get([e.weight_sync_stats.remote("object_store") for e in engines])
+            result["sync_bytes"] = pending.update.num_bytes
+            return elapsed, {"publish_s": t_pub, "fetch_s": max(d["fetch_s"] for d in details),
+                             "load_s": max(d["load_s"] for d in details)}
 
         sampling = SamplingSettings(temperature=0.5, top_k=10, max_new_tokens=args.max_new_tokens)
         requests = build_requests(args.groups * args.group_size)
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             # --- the object store in the same run: the same loop, more steps ---
             store = [one_step(step, sync_store) for step in range(args.steps + 1, args.steps + 1 + args.sync_repeats)]
             store_med = statistics.median(r["sync_s"] for r in store)
-            link = ray.get([rank0.broadcast_probe.remote()] + [e.broadcast_probe.remote() for e in engines])[0]
+            link = nccl_sync.probe()
             # The first object-store sync also pays one-time costs (pinned staging on the learner,
             # the engine's staging file): the steady state is the median of the later ones.
             steady = statistics.median(r["sync_s"] for r in store[1:]) if len(store) > 1 else store_med
