@@ -200,7 +200,8 @@ class RolloutWorker:
             from actors.engines import create_engine
 
             self.engine = create_engine(engine_config)
-            self._receivers = Receivers(self.engine)
+            # Weight loads take the engine lock (never mid-batch); an object-store fetch does not.
+            self._receivers = Receivers(self.engine, self._engine_lock)
             self._batcher = GenerationBatcher(
                 self.engine, rollout_config.sampling, rollout_config.engine_timeout_s, self._engine_lock,
             )
@@ -264,8 +265,7 @@ class RolloutWorker:
     def receive_weights(self, update: WeightUpdate) -> int:
         """Receives one version through the strategy the update names and loads it into the
         engine (between batches); returns the new version."""
-        with self._engine_lock:
-            return self._receivers.receive(update)
+        return self._receivers.receive(update)
 
     def sleep_engine(self) -> None:
         """Frees the engine's GPU memory for a learner on the same GPU (colocated sync runs; the

@@ -689,7 +689,6 @@ class Trainer:
 
     def evaluate(self) -> dict[str, Any]:
         """The held-out seeds, greedy or sampled (cluster/eval.py, shared with `bgrpo eval`)."""
-        import ray
         from actors.rollout_worker import RolloutWorkerActor
         from cluster.eval import evaluate, eval_sessions, metrics_record, ray_runner, write_json
 

@@ -5,6 +5,7 @@ the handshake: who is told which version, what is forwarded to the engine, what 
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -205,6 +206,8 @@ class _WorkerEngine(_ToyEngine):
         super().__init__({"weight": (3, 4)})
         self.calls: list[tuple] = []
         self.fail = False
+        self.lock = threading.Lock()
+        self.locked_during_load: list[bool] = []
 
     def call_workers(self, method, args, timeout_s):
         self.calls.append(("call", method, args, timeout_s))
@@ -212,6 +215,7 @@ class _WorkerEngine(_ToyEngine):
 
     def load_in_workers(self, version, method, args, timeout_s):
         self.calls.append(("load", method, args, timeout_s))
+        self.locked_during_load.append(self.lock.locked())
         if self.fail:
             raise WeightSyncError("did not complete before its timeout")
         self._version = version
@@ -219,7 +223,7 @@ class _WorkerEngine(_ToyEngine):
 
 def test_nccl_receiver_forwards_the_handshake_to_the_engines_workers():
     engine = _WorkerEngine()
-    receivers = Receivers(engine)
+    receivers = Receivers(engine, engine.lock)  # the host's generate-vs-load lock
     init = {"host": "10.0.0.1", "port": 1234, "layout": {"x": 1}, "rank": 2, "world_size": 3, "timeout_s": 9.0}
     receivers.connect("nccl", init)
     assert engine.calls[-1] == ("call", "bgrpo_nccl_connect", ("10.0.0.1", 1234, 2, 3, {"x": 1}, 9.0), 39.0)
@@ -229,6 +233,7 @@ def test_nccl_receiver_forwards_the_handshake_to_the_engines_workers():
     with pytest.raises(WeightSyncError, match="timeout"):
         receivers.receive(NcclUpdate(version=5, timeout_s=5.0))
     assert engine.policy_version == 4
+    assert engine.locked_during_load == [True, True] and not engine.lock.locked()
     with pytest.raises(WeightSyncError, match="ObjectStoreUpdate"):
         NcclReceiver(engine).receive(ObjectStoreUpdate(version=6))
     assert receivers.get("nccl").probe(2) == {"GBps": 1.0}

@@ -20,7 +20,9 @@ This package imports neither role: the roles import it and plug themselves in.
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
@@ -118,8 +120,11 @@ class WeightSender(abc.ABC):
 class WeightReceiver(abc.ABC):
     """One engine's end of one strategy."""
 
-    def __init__(self, engine: EngineTarget) -> None:
+    def __init__(self, engine: EngineTarget, lock: Any = None) -> None:
         self.engine = engine
+        self.lock = lock if lock is not None else contextlib.nullcontext()
+        """Held around the load only (not a fetch): the engine host's lock between generate
+        calls and weight loads."""
         self.last_stats: dict = {}
 
     def connect(self, init: Mapping[str, Any]) -> None:
@@ -173,17 +178,21 @@ class WeightSync(abc.ABC):
     def wait(self, pending: Pending | None) -> int | None:
         """Waits for `send` to finish everywhere and returns the version every receiver loaded.
 
-        The sender's ref comes first: when the sender's side of a push fails, the receivers' time
-        out, and ray.get (which raises the first error in list order once all are done) reports
-        the sender's error, the cause. A receiver reporting another version raises.
+        The sender's error comes first: when the sender's side of a push fails, the receivers'
+        time out, and the sender's error, the cause, is the one raised. ray.get of a list raises
+        whichever error arrives first (a receiver's may come sooner), so every ref is waited for
+        and the sender's is read first. A receiver reporting another version raises.
         """
         import ray
 
         if pending is None:
             return None
-        head = [pending.sender_ref] if pending.sender_ref is not None else []
-        results = ray.get(head + pending.receiver_refs, timeout=self.rpc_timeout_s)
-        versions = results[len(head):]
+        deadline = time.monotonic() + self.rpc_timeout_s
+        if pending.sender_ref is not None:
+            refs = [pending.sender_ref, *pending.receiver_refs]
+            ray.wait(refs, num_returns=len(refs), timeout=self.rpc_timeout_s)
+            ray.get(pending.sender_ref, timeout=max(0.0, deadline - time.monotonic()))
+        versions = ray.get(pending.receiver_refs, timeout=max(0.0, deadline - time.monotonic()))
         if any(v != pending.version for v in versions):
             raise WeightSyncError(f"workers loaded versions {versions}, expected {pending.version}")
         return pending.version

@@ -357,10 +357,12 @@ class NcclReceiver(WeightReceiver):
         if not isinstance(update, NcclUpdate):
             raise WeightSyncError(f"NCCL receiver got a {type(update).__name__}")
         t0 = time.perf_counter()
-        self.engine.load_in_workers(update.version, "bgrpo_nccl_receive", (update.version, update.timeout_s),
-                                    update.timeout_s + 30)
+        with self.lock:  # the broadcast lands in the workers' buffers, then loads: one step
+            self.engine.load_in_workers(update.version, "bgrpo_nccl_receive",
+                                        (update.version, update.timeout_s), update.timeout_s + 30)
+            version = self.engine.policy_version
         self.last_stats = {"receive_load_s": time.perf_counter() - t0}
-        return self.engine.policy_version
+        return version
 
     def probe(self, repeats: int = 3) -> dict:
         return self.engine.call_workers("bgrpo_nccl_probe", (repeats,), 120)[0]

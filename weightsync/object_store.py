@@ -134,9 +134,11 @@ class ObjectStoreReceiver(WeightReceiver):
         t0 = time.perf_counter()
         weights = update.fetch()
         t1 = time.perf_counter()
-        self.engine.update_weights(update.version, weights)
+        with self.lock:
+            self.engine.update_weights(update.version, weights)
+            version = self.engine.policy_version
         self.last_stats = {"fetch_s": t1 - t0, "load_s": time.perf_counter() - t1}
-        return self.engine.policy_version
+        return version
 
 
 class ObjectStoreSync(WeightSync):

@@ -57,15 +57,16 @@ class Senders:
 
 class Receivers:
     """An engine's receivers, one per strategy, built on first use; an update goes to the
-    receiver of its `kind`."""
+    receiver of its `kind`. `lock` (the host's generate-vs-load lock) is held around loads."""
 
-    def __init__(self, engine: EngineTarget) -> None:
+    def __init__(self, engine: EngineTarget, lock: Any = None) -> None:
         self.engine = engine
+        self.lock = lock
         self._receivers: dict[str, WeightReceiver] = {}
 
     def get(self, kind: str) -> WeightReceiver:
         if kind not in self._receivers:
-            self._receivers[kind] = strategy(kind).receiver(self.engine)
+            self._receivers[kind] = strategy(kind).receiver(self.engine, self.lock)
         return self._receivers[kind]
 
     def connect(self, kind: str, init: Mapping[str, Any]) -> None:
