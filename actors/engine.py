@@ -14,6 +14,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from weightsync import EngineTarget
+
 
 @dataclass
 class SamplingSettings:
@@ -78,8 +80,9 @@ class EngineError(RuntimeError):
     """A request or update the engine refused; the engine stays usable and keeps its weights."""
 
 
-class InferenceEngine(abc.ABC):
-    """Generates for batches of chat requests and accepts versioned weight updates."""
+class InferenceEngine(EngineTarget):
+    """Generates for batches of chat requests and accepts versioned weight updates (it is the
+    `weightsync.EngineTarget` its receivers load through)."""
 
     @abc.abstractmethod
     def generate(

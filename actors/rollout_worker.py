@@ -1,7 +1,7 @@
 """The rollout worker: one engine, K env sessions, GRPO groups of multi-step episodes.
 
 A plain class (constructible in a unit test); the last line makes it a Ray actor. The driver calls
-`run_group(task, seed, G)` and, between groups, `update_weights(version, weights)`.
+`run_group(task, seed, G)` and, between groups, `receive_weights(update)` (weightsync/).
 
 Inside `run_group` the G episodes run on K session threads (one env client each); every step's
 prompt goes through one `GenerationBatcher` (continuous batching: each engine call takes the prompts
@@ -35,6 +35,7 @@ from actors.episode import (
     run_episode,
 )
 from core.trajectory import FAILED, FINISHED, TRUNCATED, Trajectory, TrajectoryGroup, TrajectoryWriter, new_id
+from weightsync import Receivers, WeightUpdate
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,8 @@ class RolloutWorker:
             from actors.engines import create_engine
 
             self.engine = create_engine(engine_config)
+            # Weight loads take the engine lock (never mid-batch); an object-store fetch does not.
+            self._receivers = Receivers(self.engine, self._engine_lock)
             self._batcher = GenerationBatcher(
                 self.engine, rollout_config.sampling, rollout_config.engine_timeout_s, self._engine_lock,
             )
@@ -254,18 +257,15 @@ class RolloutWorker:
             self.engine.update_weights(version, weights)
             return self.engine.policy_version
 
-    def connect_weight_sync(self, host: str, port: int, rank_offset: int, world_size: int,
-                            layout: dict, timeout_s: float = 300.0) -> None:
-        """Joins the learner's NCCL weight-sync group (vLLM engines on GPU only)."""
-        if not hasattr(self.engine, "connect_weight_sync"):
-            raise RuntimeError(f"worker {self.worker_id}: NCCL weight sync needs the vLLM engine")
-        self.engine.connect_weight_sync(host, port, rank_offset, world_size, layout, timeout_s)
+    def connect_weight_sync(self, kind: str, init: Mapping[str, Any]) -> None:
+        """Joins the learner's end of weight-sync strategy `kind` (weightsync/; NCCL forms its
+        group here, once)."""
+        self._receivers.connect(kind, init)
 
-    def update_weights_nccl(self, version: int, timeout_s: float = 60.0) -> int:
-        """Receives one NCCL broadcast (between batches) and returns the new version."""
-        with self._engine_lock:
-            self.engine.update_weights_nccl(version, timeout_s)
-            return self.engine.policy_version
+    def receive_weights(self, update: WeightUpdate) -> int:
+        """Receives one version through the strategy the update names and loads it into the
+        engine (between batches); returns the new version."""
+        return self._receivers.receive(update)
 
     def sleep_engine(self) -> None:
         """Frees the engine's GPU memory for a learner on the same GPU (colocated sync runs; the

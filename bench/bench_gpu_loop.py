@@ -129,6 +129,7 @@ class GpuLoop:
         from actors.engines.host import EngineHostActor
         from learner.config import GRPOConfig, LearnerConfig
         from learner.learner import LearnerActor
+        from weightsync import make_weight_sync
 
         self.args, self.result = args, result
         R, M, frac = args.learner_ranks, args.engines, args.gpu_fraction
@@ -146,39 +147,41 @@ class GpuLoop:
             addr, port = ray.get(self.learners[0].rendezvous_address.remote())
             ray.get([lr.connect.remote(addr, port) for lr in self.learners])
         self.rank0 = self.learners[0]
+        self.store_sync = make_weight_sync("object_store", self.rank0, self.engines, timeout_s=60.0)
+        self.nccl_sync = None
         self.sampling = SamplingSettings(temperature=0.5, top_k=10, max_new_tokens=args.max_new_tokens)
         self.requests = build_requests(args.groups * args.group_size)
 
     def connect_nccl(self) -> None:
         """The NCCL weight-sync group: learner rank 0 + every engine's worker."""
-        import ray
+        from weightsync import make_weight_sync
 
-        M = len(self.engines)
-        info = ray.get(self.rank0.prepare_weight_broadcast.remote(bucket_mb=self.args.bucket_mb))
-        ray.get([self.rank0.connect_weight_broadcast.remote(world_size=1 + M)]
-                + [e.connect_weight_sync.remote(info["host"], info["port"], 1 + i, 1 + M, info["layout"])
-                   for i, e in enumerate(self.engines)])
-        self.result["sync_bytes"] = info["bytes"]
+        self.nccl_sync = make_weight_sync("nccl", self.rank0, self.engines, timeout_s=60.0,
+                                          bucket_mb=self.args.bucket_mb)
+        self.nccl_sync.setup()
+        self.result["sync_bytes"] = self.nccl_sync.info["bytes"]
 
     def sync_nccl(self, version: int) -> tuple[float, dict]:
         import ray
 
         t = time.perf_counter()
-        out = ray.get([self.rank0.broadcast_weights.remote()]
-                      + [e.update_weights_nccl.remote(version) for e in self.engines])
-        return time.perf_counter() - t, out[0]
+        pending = self.nccl_sync.send()
+        sent = ray.get(pending.sender_ref)
+        assert self.nccl_sync.wait(pending) == version
+        return time.perf_counter() - t, sent.stats
 
     def sync_store(self, version: int) -> tuple[float, dict]:
         import ray
 
         t = time.perf_counter()
-        handle = ray.get(self.rank0.publish_weights.remote())
+        pending = self.store_sync.send()
         t_pub = time.perf_counter() - t
-        details = ray.get([e.update_weights_from_handle.remote(handle) for e in self.engines])
-        assert handle.version == version and all(d["version"] == version for d in details)
-        self.result["sync_bytes"] = handle.num_bytes
-        return time.perf_counter() - t, {"publish_s": t_pub, "fetch_s": max(d["fetch_s"] for d in details),
-                                         "load_s": max(d["load_s"] for d in details)}
+        assert self.store_sync.wait(pending) == version
+        elapsed = time.perf_counter() - t
+        details = ray.get([e.weight_sync_stats.remote("object_store") for e in self.engines])
+        self.result["sync_bytes"] = pending.update.num_bytes
+        return elapsed, {"publish_s": t_pub, "fetch_s": max(d["fetch_s"] for d in details),
+                         "load_s": max(d["load_s"] for d in details)}
 
     def warm_up(self) -> None:
         """One generation at the loop's batch size, so the first timed step compiles nothing."""
@@ -234,12 +237,10 @@ def timed_loop(loop: GpuLoop, args: argparse.Namespace, result: dict) -> None:
 
 def object_store_comparison(loop: GpuLoop, args: argparse.Namespace, result: dict) -> None:
     """The object store in the same run as NCCL: the same loop, more steps; and the raw link."""
-    import ray
-
     start = args.steps + 1
     store = [loop.one_step(step, loop.sync_store) for step in range(start, start + args.sync_repeats)]
     store_med = statistics.median(r["sync_s"] for r in store)
-    link = ray.get([loop.rank0.broadcast_probe.remote()] + [e.broadcast_probe.remote() for e in loop.engines])[0]
+    link = loop.nccl_sync.probe()
     # The first object-store sync also pays one-time costs (pinned staging on the learner,
     # the engine's staging file): the steady state is the median of the later ones.
     steady = statistics.median(r["sync_s"] for r in store[1:]) if len(store) > 1 else store_med

@@ -27,22 +27,22 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
-    from actors.engines.weights import decode_weights, encode_for_object_store
+    from weightsync.object_store import decode, encode
 
     n = max(1, args.mb // 2)  # 1024x1024 bf16 = 2 MiB each
     named = {f"layers.{i}.weight": torch.randn(1024, 1024).to(torch.bfloat16) for i in range(n)}
     nbytes = sum(t.numel() * t.element_size() for t in named.values())
     ray.init(address="local", num_cpus=2, include_dashboard=False,
              object_store_memory=max(2 * nbytes + (256 << 20), 1 << 30))
-    variants = {"torch (pickled)": (lambda d: d, dict), "numpy wire (ours)": (encode_for_object_store, decode_weights)}
+    variants = {"torch (pickled)": (lambda d: d, dict), "numpy wire (ours)": (encode, decode)}
     results: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
     try:
         for _ in range(args.repeats):  # interleaved, so machine load hits both alike
-            for name, (encode, decode) in variants.items():
+            for name, (enc, dec) in variants.items():
                 t0 = time.perf_counter()
-                ref = ray.put(encode(named))
+                ref = ray.put(enc(named))
                 t1 = time.perf_counter()
-                back = decode(ray.get(ref))
+                back = dec(ray.get(ref))
                 t2 = time.perf_counter()
                 assert torch.equal(back["layers.0.weight"], named["layers.0.weight"])
                 results[name].append((t1 - t0, t2 - t1))

@@ -59,16 +59,6 @@ class TrainingError(RuntimeError):
     """The run cannot continue (too many actor failures, a broken invariant)."""
 
 
-@dataclass
-class _WeightSend:
-    """A weight sync in flight: the version sent, one ref per worker resolving to the version
-    it loaded, and (NCCL) the learner's broadcast ref."""
-
-    version: int
-    worker_refs: list[Any]
-    sender_ref: Any = None
-
-
 # --- accounting ------------------------------------------------------------------------------------
 
 
@@ -217,7 +207,8 @@ class Trainer:
         """Async: per step, how many groups were in flight while the learner trained, and how many
         engine calls the workers made meanwhile (measured: workers are busy while it trains)."""
         self._prev_stats: dict[str, float] = {}
-        self._handle: Any = None
+        self.weight_sync: Any = None
+        """The driver's `weightsync.WeightSync` (cluster.weight_sync): one call per sync."""
         self.t_last_step = 0.0
 
     # --- start-up -------------------------------------------------------------------------------
@@ -311,14 +302,13 @@ class Trainer:
         ray.get([w.get_policy_version.remote() for w in self.workers], timeout=600)
         ray.get([lr.get_policy_version.remote() for lr in self.learners], timeout=600)
 
-        # --- NCCL weight sync: learner rank 0 + every worker's engine form one group, once ---
-        if cfg.cluster.weight_sync == "nccl":
-            info = ray.get(self.learners[0].prepare_weight_broadcast.remote(cfg.cluster.weight_sync_bucket_mb), timeout=600)
-            world = 1 + len(self.workers)  # one vLLM worker per engine (no tensor parallelism here)
-            ray.get([self.learners[0].connect_weight_broadcast.remote(world)]
-                    + [w.connect_weight_sync.remote(info["host"], info["port"], 1 + i, world, info["layout"])
-                       for i, w in enumerate(self.workers)], timeout=600)
-            log.info("NCCL weight sync: %d ranks, %.2f GB per sync", world, info["bytes"] / 1e9)
+        # --- weight sync (cluster.weight_sync): learner rank 0 -> every worker; NCCL forms its group ---
+        from weightsync import make_weight_sync
+
+        self.weight_sync = make_weight_sync(cfg.cluster.weight_sync, self.learners[0], self.workers,
+                                            timeout_s=cfg.cluster.weight_sync_timeout_s,
+                                            bucket_mb=cfg.cluster.weight_sync_bucket_mb)
+        self.weight_sync.setup()
 
         # --- supervised warm start: demonstrations -> SFT on the learner ranks -> every worker ---
         if cfg.warm_start.enabled and not self.resume:
@@ -347,51 +337,23 @@ class Trainer:
 
     # --- weights --------------------------------------------------------------------------------
 
-    def _publish(self) -> Any:
-        """The handle of the learner's current version: published once per version (a step the
-        learner skipped, e.g. all groups filtered, keeps the version and its handle)."""
-        import ray
-
-        version = ray.get(self.learners[0].get_policy_version.remote(), timeout=600)
-        if self._handle is None or self._handle.version != version:
-            self._handle = ray.get(self.learners[0].publish_weights.remote(), timeout=600)
-        return self._handle
-
     def _sync_weights(self) -> float:
-        """Publishes the learner's weights and waits until every worker loaded them."""
+        """Sends the learner's weights and waits until every worker loaded them."""
         t0 = time.monotonic()
         self._wait_weights(self._send_weights())
         return time.monotonic() - t0
 
-    def _send_weights(self) -> "_WeightSend":
-        """Starts sending the learner's current version to every worker without waiting. NCCL:
-        one broadcast from learner rank 0 that every worker receives; object store: the
-        published handle, which every worker fetches."""
-        import ray
+    def _send_weights(self) -> Any:
+        """Starts sending the learner's current version to every worker without waiting."""
+        return self.weight_sync.send()
 
-        if self.config.cluster.weight_sync == "nccl":
-            timeout = self.config.cluster.weight_sync_timeout_s
-            version = ray.get(self.learners[0].get_policy_version.remote(), timeout=600)
-            sender = self.learners[0].broadcast_weights.remote(timeout)
-            return _WeightSend(version, [w.update_weights_nccl.remote(version, timeout) for w in self.workers], sender)
-        handle = self._publish()
-        return _WeightSend(handle.version, [w.update_weights.remote(handle.version, handle.ref) for w in self.workers])
-
-    def _wait_weights(self, send: "_WeightSend | None") -> None:
-        """Waits for a `_send_weights` to finish everywhere; the driver's version moves only when
-        every worker reports the new one. The sender's ref comes first: when the learner's side
-        of a broadcast fails, the workers' receives time out, and ray.get (which raises the
-        first error in list order once all are done) reports the learner's error, the cause."""
-        import ray
-
-        if send is None:
-            return
-        head = [send.sender_ref] if send.sender_ref is not None else []
-        results = ray.get(head + send.worker_refs, timeout=600)
-        versions = results[len(head):]
-        if any(v != send.version for v in versions):
-            raise TrainingError(f"workers loaded versions {versions}, expected {send.version}")
-        self.version = send.version
+    def _wait_weights(self, pending: Any) -> None:
+        """Waits for a `_send_weights` to finish everywhere (weightsync.WeightSync.wait: the
+        learner's error first, every worker's version checked); the driver's version moves only
+        then."""
+        version = self.weight_sync.wait(pending)
+        if version is not None:
+            self.version = version
 
     # --- training --------------------------------------------------------------------------------
 
@@ -624,7 +586,7 @@ class Trainer:
         train_batch: list[Any] = []
         train_t0 = step_t0 = time.monotonic()
         version_before = self.version
-        pending_updates: _WeightSend | None = None
+        pending_updates: Any = None
         stale_this_step = 0
         calls_at_train_start = 0.0
         in_flight_at_start = 0
@@ -727,7 +689,6 @@ class Trainer:
 
     def evaluate(self) -> dict[str, Any]:
         """The held-out seeds, greedy or sampled (cluster/eval.py, shared with `bgrpo eval`)."""
-        import ray
         from actors.rollout_worker import RolloutWorkerActor
         from cluster.eval import evaluate, eval_sessions, metrics_record, ray_runner, write_json
 
@@ -745,10 +706,9 @@ class Trainer:
                 "eval", rollout, self._engine_cfg, cfg.env, str(self.run_dir / "eval"), self._eval_env_urls(),
                 **self._env_routing,
             )
-        handle = self._publish()
-        ray.get(self.eval_worker.update_weights.remote(handle.version, handle.ref), timeout=600)
+        version = self.weight_sync.load_into([self.eval_worker])
         instances = [(x.task, x.seed) for x in self.sampler.eval_instances(cfg.eval.episodes_per_task)]
-        details = evaluate(ray_runner(self.eval_worker, cfg.cluster.group_timeout_s), instances, handle.version)
+        details = evaluate(ray_runner(self.eval_worker, cfg.cluster.group_timeout_s), instances, version)
         details["step"] = self.step
         self.accounting.eval_episodes += details["overall"]["episodes"] + details["overall"]["failures"]
         write_json(details, self.run_dir / "eval" / f"eval-step{self.step:06d}.json")

@@ -30,6 +30,8 @@ import ray
 import torch
 
 from core.trajectory import TrajectoryGroup
+from weightsync import Senders, WeightSource, WeightUpdate
+from weightsync.nccl import rendezvous_address
 
 from . import checkpoint as ckpt
 from . import distributed as D
@@ -45,9 +47,8 @@ from .batching import (
 from .config import LearnerConfig
 from .logprobs import completion_logprobs, fp32_output_layer
 from .loss import grpo_loss
-from .nccl_transport import BucketLayout, NcclWeightSender, rendezvous_address
 from .vision import VISION_KWARGS, enable_packed_vision_attention, vision_precompute, vision_tower
-from .weights import PinnedStaging, WeightHandle, hf_named_tensors, make_publisher
+from .weights import PinnedStaging, hf_named_tensors
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -221,7 +222,14 @@ class Learner:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = self._build_optimizer()
         self.autocast_dtype = _DTYPES[config.dtype]
-        self.publisher = make_publisher("object_store") if rank == 0 else None
+        # Rank 0 sends the weights (ranks hold identical ones), one sender per strategy.
+        self.weight_senders = Senders(WeightSource(
+            cpu=self.get_weights,
+            on_device=lambda: hf_named_tensors(self.model, to_cpu=False),
+            version=lambda: self._policy_version,
+            dtype=_DTYPES[config.publish_dtype],
+            device=self.device,
+        )) if rank == 0 else None
         self.step = 0
         self._policy_version = 0
 
@@ -675,45 +683,31 @@ class Learner:
         return hf_named_tensors(self.model, _DTYPES[self.config.publish_dtype],
                                 staging=getattr(self, "_staging", None))
 
-    # --- NCCL weight broadcast (GPU): rank 0 -> every vLLM worker, see nccl_transport.py -------
+    # --- weight sync (weightsync/): rank 0's end of the strategy the driver picked --------------
 
-    def prepare_weight_broadcast(self, bucket_mb: float = 256) -> dict:
-        """Rank 0: fixes the bucket layout and a rendezvous address. Returns what the engines need
-        to join: {"host", "port", "layout", "bytes"}. Then call `connect_weight_broadcast` here
-        while every engine joins."""
-        if self.rank != 0:
-            raise RuntimeError("only learner rank 0 broadcasts weights")
-        named = hf_named_tensors(self.model, to_cpu=False)
-        layout = BucketLayout.build(((n, t.shape) for n, t in named.items()),
-                                    _DTYPES[self.config.publish_dtype], int(bucket_mb * (1 << 20)))
-        self._nccl_sender = NcclWeightSender(layout, self.device)
-        host, port = rendezvous_address()
-        self._nccl_address = (host, port)
-        return {"host": host, "port": port, "layout": layout.to_wire(), "bytes": layout.total_bytes}
+    def _sender(self, kind: str):
+        if self.weight_senders is None:
+            raise RuntimeError("only learner rank 0 sends weights")
+        return self.weight_senders.get(kind)
 
-    def connect_weight_broadcast(self, world_size: int, timeout_s: float = 300.0) -> None:
-        """Rank 0 joins the weight-sync group as rank 0 of `world_size` (1 + engine workers)."""
-        host, port = self._nccl_address
-        self._nccl_sender.connect(host, port, world_size, timeout_s)
+    def setup_weight_sync(self, kind: str, **options: Any) -> dict:
+        """Rank 0: prepares strategy `kind`; returns what every receiver needs to join."""
+        return self._sender(kind).setup(**options)
 
-    def broadcast_weights(self, timeout_s: float = 60.0) -> dict:
-        """Rank 0 broadcasts the current version; the engines call their receive concurrently."""
-        with torch.no_grad():
-            named = hf_named_tensors(self.model, to_cpu=False)
-            stats = self._nccl_sender.send(named, timeout_s)
-        stats["version"] = self._policy_version
-        return stats
+    def connect_weight_sync(self, kind: str, world_size: int, timeout_s: float = 300.0) -> None:
+        """Rank 0 joins the receivers (call concurrently with theirs)."""
+        self._sender(kind).connect(world_size, timeout_s)
 
-    def broadcast_probe(self, repeats: int = 3) -> dict:
-        """Raw NCCL bandwidth of the weight-sync group (the engines run their probe concurrently)."""
-        return self._nccl_sender.probe(repeats)
-
-    def publish_weights(self) -> WeightHandle | None:
-        """Rank 0: puts this version in the object store and returns its handle; other ranks
-        return None (their weights are identical)."""
+    def send_weights(self, kind: str = "object_store", update: WeightUpdate | None = None) -> WeightUpdate | None:
+        """Rank 0 sends the current version through strategy `kind` and returns its update; other
+        ranks return None (their weights are identical)."""
         if self.rank != 0:
             return None
-        return self.publisher.publish(self._policy_version, self.get_weights())
+        return self._sender(kind).send(update)
+
+    def weight_sync_probe(self, kind: str, repeats: int = 3) -> dict:
+        """Raw bandwidth of strategy `kind`'s link (the receivers probe concurrently)."""
+        return self._sender(kind).probe(repeats)
 
     def parameters_digest(self) -> list[float]:
         """A cheap fingerprint of the trainable parameters (sum, abs-sum per tensor): lets tests

@@ -1,47 +1,14 @@
-"""Versioned weight publishing: the learner's side of weight sync.
-
-A published version is ONE immutable object: a `WeightHandle` holds the version number and a
-single Ray ObjectRef to a dict of every named CPU tensor of that version. A consumer gets the
-whole dict with one `ray.get`, so it can never load a mix of two versions; a newer publish makes
-a new object and never touches an older one.
+"""The learner's weights as the engines load them: the learner's plug into `weightsync`.
 
 Names are the Hugging Face checkpoint names, the ones `save_pretrained` writes (tied weights
 written once, e.g. no `lm_head.weight` when it is tied to the embedding), so both vLLM's loader
-and transformers' `load_state_dict` accept them.
-
-Transports sit behind `WeightPublisher` and are picked by `make_publisher`: the object store here
-(works everywhere, CPU included); NCCL broadcast (learner/nccl_transport.py) plugs in as another
-implementation.
+and transformers' `load_state_dict` accept them. `Learner` wraps these in a
+`weightsync.WeightSource`; the transports live in weightsync/.
 """
 
 from __future__ import annotations
 
-import abc
-import time
-from dataclasses import dataclass
-from typing import Any, Mapping
-
 import torch
-
-from actors.engines.weights import decode_weights, encode_for_object_store
-
-
-@dataclass(frozen=True)
-class WeightHandle:
-    """One published version. `ref` resolves (ray.get) to {hf_name: CPU tensor}."""
-
-    version: int
-    ref: Any
-    """ray.ObjectRef of the whole named-tensor dict (or None for transports that push)."""
-    num_tensors: int
-    num_bytes: int
-    dtype: str
-
-    def fetch(self, timeout_s: float = 300.0) -> dict[str, torch.Tensor]:
-        """The consumer's side: every tensor of exactly this version, or a timeout error."""
-        import ray
-
-        return decode_weights(ray.get(self.ref, timeout=timeout_s))
 
 
 def hf_named_tensors(
@@ -145,56 +112,3 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
                 t += (b @ a).to(t.dtype) * m.scaling[adapter]
         out[clean] = t
     return out
-
-
-class WeightPublisher(abc.ABC):
-    """Rank 0's end of weight sync: make one version of the weights available to the engines."""
-
-    @abc.abstractmethod
-    def publish(self, version: int, named: Mapping[str, torch.Tensor]) -> WeightHandle:
-        """Publishes `named` (HF names, CPU tensors) as `version`; returns its handle."""
-
-    def close(self) -> None:
-        """Frees transport resources."""
-
-
-class ObjectStoreWeightPublisher(WeightPublisher):
-    """Puts the whole dict in the Ray object store as one object per version.
-
-    Keeps a reference to the latest `keep` versions only, so older objects can be freed by Ray
-    once every consumer has dropped them too.
-    """
-
-    def __init__(self, keep: int = 2) -> None:
-        self.keep = max(1, keep)
-        self._handles: list[WeightHandle] = []
-        self.last_publish_s = 0.0
-
-    def publish(self, version: int, named: Mapping[str, torch.Tensor]) -> WeightHandle:
-        import ray
-
-        if self._handles and version <= self._handles[-1].version:
-            raise ValueError(
-                f"weight versions must increase: {version} after {self._handles[-1].version}"
-            )
-        t0 = time.perf_counter()
-        tensors = dict(named)
-        ref = ray.put(encode_for_object_store(tensors))
-        dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
-        handle = WeightHandle(
-            version=version,
-            ref=ref,
-            num_tensors=len(tensors),
-            num_bytes=sum(t.numel() * t.element_size() for t in tensors.values()),
-            dtype=",".join(sorted(dtypes)),
-        )
-        self._handles = (self._handles + [handle])[-self.keep :]
-        self.last_publish_s = time.perf_counter() - t0
-        return handle
-
-
-def make_publisher(kind: str = "object_store", **kwargs: Any) -> WeightPublisher:
-    """Factory of the weight transports (the NCCL one is wired in by the driver's GPU path)."""
-    if kind == "object_store":
-        return ObjectStoreWeightPublisher(**kwargs)
-    raise ValueError(f"unknown weight transport {kind!r} (known: object_store)")

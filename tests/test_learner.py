@@ -192,9 +192,10 @@ def test_train_step_metrics_and_version(tiny_text_model, make_groups):
 
 def test_published_versions_are_whole_and_immutable(tiny_text_model, make_groups, ray_cluster):
     learner = _learner(tiny_text_model, lr=1e-3)
-    h0 = learner.publish_weights()
+    h0 = learner.send_weights("object_store")
+    assert learner.send_weights("object_store") is h0  # one publish per version
     learner.train_step(make_groups(seed=0))
-    h1 = learner.publish_weights()
+    h1 = learner.send_weights("object_store")
     assert (h0.version, h1.version) == (0, 1)
     w0, w1 = h0.fetch(), h1.fetch()
     assert set(w0) == set(w1) == set(learner.get_weights()) and h1.num_tensors == len(w1)
@@ -202,7 +203,7 @@ def test_published_versions_are_whole_and_immutable(tiny_text_model, make_groups
     current = learner.get_weights()
     assert all(torch.equal(w1[k], current[k]) for k in w1)
     with pytest.raises(ValueError):
-        learner.publisher.publish(1, current)  # versions only move forward
+        learner.weight_senders.get("object_store").publish(1, current)  # versions only move forward
 
 
 def test_vl_train_step_with_images(tiny_vl_model):

@@ -59,8 +59,8 @@ def test_two_gloo_ranks_equal_one_rank(tiny_text_model, ray_cluster, loss_type):
         _bad_shard_fails_on_both_ranks(ranks)
         versions = ray.get([a.get_policy_version.remote() for a in ranks], timeout=60)
         assert versions == [STEPS, STEPS]
-        handle = ray.get(ranks[0].publish_weights.remote(), timeout=120)
-        assert ray.get(ranks[1].publish_weights.remote(), timeout=120) is None  # rank 0 publishes
+        handle = ray.get(ranks[0].send_weights.remote("object_store"), timeout=120)
+        assert ray.get(ranks[1].send_weights.remote("object_store"), timeout=120) is None  # rank 0 sends
         assert handle.version == STEPS
     finally:
         for a in ranks:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from learner.nccl_transport import BucketLayout, WeightSyncError
+from weightsync.nccl import BucketLayout, WeightSyncError, check_header
 
 
 def _named():
@@ -41,3 +41,18 @@ def test_pack_rejects_missing_and_misshaped():
     named["model.norm.weight"] = torch.zeros(9)
     with pytest.raises(WeightSyncError, match="shape"):
         layout.pack(named, torch.device("cpu"))
+
+
+def test_the_header_carries_version_and_layout():
+    """A receiver loads a broadcast only when its header is the announced version in its layout."""
+    named = _named()
+    layout = BucketLayout.build(((n, t.shape) for n, t in named.items()), torch.bfloat16, 1000)
+    same = BucketLayout.from_wire(layout.to_wire())
+    assert same.fingerprint == layout.fingerprint and 0 <= layout.fingerprint < 2**63  # an int64
+    check_header([7, layout.fingerprint], 7, same)
+    with pytest.raises(WeightSyncError, match="carries v6, the driver announced v7"):
+        check_header([6, layout.fingerprint], 7, same)
+    other = BucketLayout.build(((n, t.shape) for n, t in named.items()), torch.bfloat16, 64)
+    assert other.fingerprint != layout.fingerprint  # another bucketing is another layout
+    with pytest.raises(WeightSyncError, match="another bucket layout"):
+        check_header([7, other.fingerprint], 7, same)

@@ -119,6 +119,28 @@ def test_update_weights_passes_through_and_versions_are_recorded(worker, tiny_vl
     assert group.min_policy_version == 1
 
 
+def test_receive_weights_takes_the_strategy_the_update_names(worker, tiny_vl_model, ray_cluster):
+    """The driver's one entry point: an object-store update is fetched and loaded with its
+    version; an NCCL update is refused by the transformers engine (no worker processes to
+    broadcast into), and the weights and version stay."""
+    import torch
+    from safetensors.torch import load_file
+
+    from weightsync import WeightSyncError
+    from weightsync.nccl import NcclUpdate
+    from weightsync.object_store import ObjectStoreSender
+
+    weights = load_file(str(next(tiny_vl_model.glob("*.safetensors"))))
+    name = next(n for n in weights if "embed_tokens" in n)
+    new = weights[name] + 0.01 * torch.randn_like(weights[name])
+    update = ObjectStoreSender().publish(2, {name: new})
+    assert worker.receive_weights(update) == 2 == worker.get_policy_version()
+    assert torch.equal(worker.engine.model.state_dict()[name].float(), new.float())
+    with pytest.raises(WeightSyncError, match="no worker processes"):
+        worker.receive_weights(NcclUpdate(version=3))
+    assert worker.get_policy_version() == 2
+
+
 def test_killed_env_server_fails_its_episode_and_is_replaced(worker, run_dir):
     before = worker.stats()
     pids = worker.env_server_pids()

@@ -1,8 +1,8 @@
-"""The object-store wire format of weight updates (actors/engines/weights.py)."""
+"""The object-store wire format of weight updates (weightsync/object_store.py)."""
 
 import torch
 
-from actors.engines.weights import decode_weights, encode_for_object_store
+from weightsync.object_store import decode, encode
 
 
 def test_round_trip_is_bit_exact_for_every_float_dtype(ray_cluster):
@@ -14,7 +14,7 @@ def test_round_trip_is_bit_exact_for_every_float_dtype(ray_cluster):
         "c.f16": torch.randn(2, 2).half(),
         "d.noncontig": torch.randn(4, 6).t(),
     }
-    back = decode_weights(ray.get(ray.put(encode_for_object_store(named))))
+    back = decode(ray.get(ray.put(encode(named))))
     assert list(back) == list(named)
     for name, t in named.items():
         assert back[name].dtype == t.dtype and back[name].shape == t.shape
@@ -23,5 +23,5 @@ def test_round_trip_is_bit_exact_for_every_float_dtype(ray_cluster):
 
 def test_plain_mappings_pass_through():
     named = {"w": torch.ones(2)}
-    assert decode_weights(named) == named
-    assert decode_weights(named) is not named  # a new dict: callers may not mutate the input
+    assert decode(named) == named
+    assert decode(named) is not named  # a new dict: callers may not mutate the input

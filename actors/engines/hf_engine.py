@@ -23,7 +23,7 @@ from actors.engines.processing import (
     render_requests,
     tokenizer_of,
 )
-from actors.engines.weights import decode_weights, hf_parameter_shapes, validate_update
+from actors.engines.weights import hf_parameter_shapes, validate_update
 
 
 def _torch_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -171,7 +171,6 @@ class HFEngine(InferenceEngine):
         )
 
     def update_weights(self, version: int, weights: Mapping[str, torch.Tensor]) -> None:
-        weights = decode_weights(weights)
         validate_update(version, weights, self._expected_shapes, self._tied)
         with self._lock, torch.no_grad():
             state = self.model.state_dict()  # shares storage with the parameters

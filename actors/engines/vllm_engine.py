@@ -33,7 +33,7 @@ from actors.engine import ChatRequest, EngineError, Generation, InferenceEngine,
 from actors.engines.config import EngineConfig, resolve_max_model_len
 from actors.engines.shm_staging import StagingFile
 from actors.engines.processing import load_processor, model_config, render_requests, tokenizer_of
-from actors.engines.weights import decode_weights, hf_parameter_shapes, is_tied_lm_head, validate_update
+from actors.engines.weights import hf_parameter_shapes, is_tied_lm_head, validate_update
 
 WORKER_EXTENSION = "actors.engines.vllm_worker_ext.BgrpoWorkerExtension"
 RPC_TIMEOUT_S = 600.0  # one weight load (a 2B model from the staging file: about a second)
@@ -195,7 +195,6 @@ class VLLMEngine(InferenceEngine):
     def update_weights(self, version: int, weights: Mapping[str, torch.Tensor]) -> None:
         if self._asleep:
             raise EngineError("the engine is asleep: wake_up() before loading weights")
-        weights = decode_weights(weights)
         validate_update(version, weights, self._expected_shapes, self._tied)
         # vLLM ties the output layer to the embedding itself and skips a tied lm_head.weight.
         tensors = {name: t.detach().cpu() for name, t in weights.items() if not is_tied_lm_head(name, self._tied)}
@@ -238,35 +237,26 @@ class VLLMEngine(InferenceEngine):
                 self.llm.reset_prefix_cache()  # the KV cache was dropped
                 self._asleep = False
 
-    # --- NCCL weight sync (GPU): the learner broadcasts, every worker receives and loads -----
+    # --- weight sync into the worker processes (weightsync/: NCCL receives there) -------------
 
-    def connect_weight_sync(self, host: str, port: int, rank_offset: int, world_size: int,
-                            layout: dict, timeout_s: float = 300.0) -> None:
-        """Joins the learner's NCCL weight-sync group (learner/nccl_transport.py). Each vLLM
-        worker takes rank `rank_offset + its tensor-parallel rank`."""
-        if self.on_cpu:
-            raise EngineError("NCCL weight sync needs CUDA; use the object-store path on CPU")
-        self.llm.collective_rpc("bgrpo_nccl_connect", timeout=timeout_s + 30,
-                                args=(host, port, rank_offset, world_size, layout, timeout_s))
+    def call_workers(self, method: str, args: tuple, timeout_s: float) -> list:
+        """`method` of the worker extension (vllm_worker_ext) in every vLLM worker process."""
+        return self.llm.collective_rpc(method, timeout=timeout_s, args=args)
 
-    def update_weights_nccl(self, version: int, timeout_s: float = 60.0) -> None:
-        """Receives one broadcast from the learner and loads it; the version moves only when every
-        worker has the whole update. On a timeout the weights and version stay as they were."""
-        skip = [n for n in self._expected_shapes if is_tied_lm_head(n, self._tied)]
+    def load_in_workers(self, version: int, method: str, args: tuple, timeout_s: float) -> None:
+        """The workers receive and load `version` themselves (an NCCL broadcast); the version moves
+        only when every worker has the whole update. On an error the weights the workers kept and
+        the version stay as they were."""
         with self._lock:
             try:
-                self.llm.collective_rpc("bgrpo_nccl_receive", timeout=timeout_s + 30, args=(timeout_s, skip))
+                self.llm.collective_rpc(method, timeout=timeout_s, args=args)
             except Exception as err:
-                raise EngineError(f"NCCL weight sync to v{version} failed, engine stays at "
+                raise EngineError(f"weight sync to v{version} failed, engine stays at "
                                   f"v{self._version}: {err}") from err
             self.llm.reset_prefix_cache()
             if self.is_vision_language:
                 self.llm.llm_engine.reset_encoder_cache()
             self._version = version
-
-    def weight_sync_probe(self, repeats: int = 3) -> dict:
-        """The engine's end of the learner's raw NCCL bandwidth probe."""
-        return self.llm.collective_rpc("bgrpo_nccl_probe", timeout=120, args=(repeats,))[0]
 
     def weight_digest(self) -> dict[str, str]:
         """sha256 of each parameter of the first worker (bitwise comparisons in GPU tests)."""

@@ -8,15 +8,20 @@ object-store path hands over the path and layout of the engine's shared-memory s
 
 `load_named_tensors` is the one function that puts Hugging Face-named tensors into the model; any
 transport (this file path, a NCCL receive on GPU) ends there.
+
+The NCCL half: each vLLM worker (one per tensor-parallel rank) joins the learner's weight-sync
+group as rank `rank_offset + worker rank`, receives every bucket into its own buffers
+(`weightsync.nccl.NcclWeightReceiver`, which also checks the broadcast's version header), and only
+then loads the named views through `load_named_tensors`. A timed-out or refused receive therefore
+leaves the model as it was.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Iterable
 
 import torch
-
-from actors.engines.nccl_worker import NcclReceiverExtension
 
 
 def _model(worker) -> torch.nn.Module:
@@ -61,8 +66,9 @@ def load_named_tensors(worker, named_tensors: Iterable[tuple[str, torch.Tensor]]
     return count
 
 
-class BgrpoWorkerExtension(NcclReceiverExtension):
-    """Weight loading entry points, called through `LLM.collective_rpc("bgrpo_...")`."""
+class BgrpoWorkerExtension:
+    """Weight loading entry points, called through `LLM.collective_rpc("bgrpo_...")`; `self` is
+    the vLLM worker."""
 
     def bgrpo_load_weights_shm(self, path: str, layout: list) -> int:
         """Loads every tensor of the engine's staging file (HF names); returns the count. The file
@@ -86,3 +92,37 @@ class BgrpoWorkerExtension(NcclReceiverExtension):
             if contains in name and param.numel() > 0:
                 total += float(param.detach().float().abs().sum())
         return total
+
+    # --- NCCL (weightsync.nccl): the learner broadcasts, every worker receives, then loads ------
+
+    def bgrpo_nccl_connect(self, host: str, port: int, rank_offset: int, world_size: int,
+                           layout: dict, timeout_s: float) -> int:
+        from weightsync.nccl import BucketLayout, NcclWeightReceiver
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("NCCL weight sync needs CUDA; use the object-store path on CPU")
+        rank = rank_offset + int(getattr(self, "rank", 0))
+        device = torch.device("cuda", torch.cuda.current_device())
+        receiver = NcclWeightReceiver(BucketLayout.from_wire(layout), device)
+        receiver.connect(host, port, rank, world_size, timeout_s)
+        self._bgrpo_receiver = receiver
+        return rank
+
+    def bgrpo_nccl_receive(self, version: int, timeout_s: float) -> int:
+        """Receives one broadcast, checks it is `version`, loads it; returns the tensor count. The
+        layout is the learner's save_pretrained names, where a tied output layer is absent."""
+        receiver = getattr(self, "_bgrpo_receiver", None)
+        if receiver is None:
+            raise RuntimeError("bgrpo_nccl_receive before bgrpo_nccl_connect")
+        return load_named_tensors(self, receiver.receive(version, timeout_s))
+
+    def bgrpo_nccl_probe(self, repeats: int) -> dict:
+        return self._bgrpo_receiver.probe(repeats)
+
+    def bgrpo_weight_digest(self) -> dict[str, str]:
+        """sha256 of every parameter's bytes (vLLM names): bitwise comparisons in tests."""
+        out = {}
+        for name, p in _model(self).named_parameters():
+            data = p.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy()
+            out[name] = hashlib.sha256(data.tobytes()).hexdigest()
+        return out

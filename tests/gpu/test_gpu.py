@@ -203,6 +203,7 @@ def test_nccl_sync_is_bitwise_equal_to_the_object_store_path(gpu_ray, tiny_vl_mo
     from actors.engines.host import EngineHostActor
     from learner.config import GRPOConfig, LearnerConfig
     from learner.learner import LearnerActor
+    from weightsync import make_weight_sync
 
     learner = LearnerActor.options(num_gpus=1).remote(LearnerConfig(
         model_path=str(tiny_vl_model), device="cuda", dtype="bfloat16", lr=1e-2, micro_batch_size=4,
@@ -211,21 +212,29 @@ def test_nccl_sync_is_bitwise_equal_to_the_object_store_path(gpu_ray, tiny_vl_mo
         model=str(tiny_vl_model), backend="vllm", dtype="bfloat16", gpu_memory_utilization=0.3,
         max_model_len=1024))
     request.addfinalizer(lambda: [ray.kill(a) for a in (learner, engine)])  # free both GPUs
-    info = _get(learner.prepare_weight_broadcast.remote(bucket_mb=0.05))
-    assert len(info["layout"]["bucket_numels"]) > 1  # several buckets on a tiny model
-    _get([learner.connect_weight_broadcast.remote(world_size=2),
-             engine.connect_weight_sync.remote(info["host"], info["port"], 1, 2, info["layout"])])
+    nccl = make_weight_sync("nccl", learner, [engine], timeout_s=60.0, bucket_mb=0.05)
+    nccl.setup()
+    assert len(nccl.info["layout"]["bucket_numels"]) > 1  # several buckets on a tiny model
 
     d0 = _get(engine.weight_digest.remote())
     gens = _get(engine.generate.remote(_requests(8), SamplingSettings(temperature=1.0, max_new_tokens=8)))
     _get(learner.train_step.remote(_groups(gens, 4, 1)))  # the perturbation: a real update
-    _get([learner.broadcast_weights.remote(), engine.update_weights_nccl.remote(1)])
+    assert nccl.sync() == 1
     d_nccl = _get(engine.weight_digest.remote())
     assert _get(engine.policy_version.remote()) == 1 == _get(learner.get_policy_version.remote())
     assert d_nccl != d0, "the NCCL sync changed nothing"
 
-    handle = _get(learner.publish_weights.remote())
-    _get(engine.update_weights_from_handle.remote(handle))
+    # A broadcast of another version than the one announced: the collective completes, the
+    # engine refuses it (weights and version kept) and the group still works afterwards.
+    from weightsync.nccl import NcclUpdate
+
+    wrong = NcclUpdate(version=5, timeout_s=60.0)
+    with pytest.raises(Exception, match="announced"):
+        _get([learner.send_weights.remote("nccl", wrong), engine.receive_weights.remote(wrong)])
+    assert _get(engine.policy_version.remote()) == 1 and _get(engine.weight_digest.remote()) == d_nccl
+    assert nccl.sync() == 1
+
+    assert make_weight_sync("object_store", learner, [engine], timeout_s=60.0).sync() == 1
     d_store = _get(engine.weight_digest.remote())
     changed = [n for n in d_nccl if d_nccl[n] != d_store[n]]
     assert not changed, f"NCCL and object-store paths loaded different bytes: {changed[:5]}"
@@ -242,6 +251,8 @@ def test_nccl_sync_timeout_keeps_previous_version(gpu_ray, tiny_vl_model, reques
     from actors.engines.host import EngineHostActor
     from learner.config import LearnerConfig
     from learner.learner import LearnerActor
+    from weightsync import make_weight_sync
+    from weightsync.nccl import NcclUpdate
 
     learner = LearnerActor.options(num_gpus=1).remote(LearnerConfig(
         model_path=str(tiny_vl_model), device="cuda", dtype="bfloat16", publish_dtype="bfloat16"))
@@ -249,12 +260,10 @@ def test_nccl_sync_timeout_keeps_previous_version(gpu_ray, tiny_vl_model, reques
         model=str(tiny_vl_model), backend="vllm", dtype="bfloat16", gpu_memory_utilization=0.3,
         max_model_len=1024))
     request.addfinalizer(lambda: [ray.kill(a) for a in (learner, engine)])  # free both GPUs
-    info = _get(learner.prepare_weight_broadcast.remote(bucket_mb=0.05))
-    _get([learner.connect_weight_broadcast.remote(world_size=2),
-             engine.connect_weight_sync.remote(info["host"], info["port"], 1, 2, info["layout"])])
+    make_weight_sync("nccl", learner, [engine], timeout_s=60.0, bucket_mb=0.05).setup()
     d0 = _get(engine.weight_digest.remote())
     with pytest.raises(Exception, match="timeout|did not complete"):
-        _get(engine.update_weights_nccl.remote(1, 2.0))
+        _get(engine.receive_weights.remote(NcclUpdate(version=1, timeout_s=2.0)))
     assert _get(engine.policy_version.remote()) == 0
     assert _get(engine.weight_digest.remote()) == d0
     gens = _get(engine.generate.remote(_requests(2), SamplingSettings(max_new_tokens=4)))

@@ -1,37 +1,47 @@
-"""NCCL weight transport: learner rank 0 broadcasts bucketed weights into every vLLM worker.
+"""The NCCL strategy: learner rank 0 broadcasts bucketed weights into every vLLM worker.
 
 Both halves live here because they must agree byte for byte on the bucket layout:
 
 - `BucketLayout` packs the named parameters (Hugging Face names, cast to the engine dtype) into a
   few contiguous buffers of at most `bucket_bytes` each. It is computed once, when the group is
-  formed, and travels to the engines as plain lists (msgpack-safe), so a sync carries only the
-  version number.
+  formed, and travels to the engines as plain lists (msgpack-safe).
 - `NcclWeightSender` (learner rank 0) and `NcclWeightReceiver` (one per vLLM worker) join one
   NCCL group through vLLM's `StatelessProcessGroup` + `PyNcclCommunicator` (a group separate from
   torch.distributed's default group, which the learner ranks and vLLM already use for themselves).
   The rendezvous address is the learner's node IP and a free port, passed through Ray by the
   driver: nothing is hard-coded.
+- Every sync broadcasts a header first, [version, layout fingerprint], then the buckets: the
+  version travels with the weights, and each receiver checks it against the version the driver
+  announced (`NcclUpdate`) before anything is loaded.
 
 Failure semantics: the receiver broadcasts into its own persistent bucket buffers, never into the
-model, and waits for the last bucket with a deadline. Only when every bucket has arrived are the
-weights handed to vLLM's loader and the version moved; on a timeout the model keeps its previous
-weights and version, the communicator is marked broken (NCCL cannot cancel an in-flight
-collective) and a `WeightSyncError` says so. The driver then re-forms the group or stops.
+model, and waits for the last bucket with a deadline. Only when every bucket has arrived, and the
+header says the announced version, are the weights handed to vLLM's loader and the version moved;
+on a timeout the model keeps its previous weights and version, the communicator is marked broken
+(NCCL cannot cancel an in-flight collective) and a `WeightSyncError` says so. The driver then
+re-forms the group or stops. A version mismatch completes the collective (the group stays usable)
+and is refused.
+
+The strategy's ends: `NcclSender` (in the learner), `NcclReceiver` (beside the engine: it asks
+the engine's worker processes to receive, through `EngineTarget.load_in_workers`; the vLLM worker
+extension holds a `NcclWeightReceiver` there) and `NcclSync` (the driver).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
+import json
 import socket
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
-
-class WeightSyncError(RuntimeError):
-    """A weight sync failed or timed out; receivers kept their previous weights and version."""
-
+from weightsync.base import Pending, WeightReceiver, WeightSender, WeightSync, WeightSyncError, WeightUpdate, log
+from weightsync.object_store import ObjectStoreSync
 
 @dataclass(frozen=True)
 class TensorSlot:
@@ -77,6 +87,13 @@ class BucketLayout:
     @property
     def total_bytes(self) -> int:
         return sum(self.bucket_numels) * torch.empty((), dtype=self.torch_dtype).element_size()
+
+    @functools.cached_property
+    def fingerprint(self) -> int:
+        """63 bits of a digest of the whole layout (fits an int64 header): both ends check they
+        pack and unpack the same one."""
+        digest = hashlib.sha256(json.dumps(self.to_wire(), sort_keys=True).encode()).digest()
+        return int.from_bytes(digest[:8], "big") >> 1
 
     def to_wire(self) -> dict:
         """Plain lists and strings: survives msgpack (vLLM's collective_rpc) and Ray."""
@@ -172,6 +189,7 @@ class _NcclEnd:
         self.device = torch.device(device)
         self._comm = None
         self._buckets: list[torch.Tensor] | None = None
+        self._header: torch.Tensor | None = None
         self.broken = False
 
     def _connect(self, host: str, port: int, rank: int, world_size: int, timeout_s: float) -> None:
@@ -184,6 +202,9 @@ class _NcclEnd:
             torch.empty(n, dtype=self.layout.torch_dtype, device=self.device)
             for n in self.layout.bucket_numels
         ]
+        # [version, layout id]: broadcast ahead of the buckets, so the version travels with the
+        # weights and a receiver can check it before anything is loaded.
+        self._header = torch.zeros(2, dtype=torch.int64, device=self.device)
 
     def _check(self) -> None:
         if self._comm is None or self._buckets is None:
@@ -191,8 +212,8 @@ class _NcclEnd:
         if self.broken:
             raise WeightSyncError("weight-sync group is broken by an earlier timeout; re-form it")
 
-    def _broadcast(self, timeout_s: float, what: str) -> None:
-        for b in self._buckets:
+    def _broadcast(self, timeout_s: float, what: str, header: bool = True) -> None:
+        for b in ([self._header] if header else []) + self._buckets:
             self._comm.broadcast(b, src=0, stream=self._stream)
         done = torch.cuda.Event()
         done.record(self._stream)
@@ -211,7 +232,7 @@ class _NcclEnd:
         for _ in range(repeats):
             self._stream.synchronize()
             t0 = time.perf_counter()
-            self._broadcast(timeout_s, "NCCL probe broadcast")
+            self._broadcast(timeout_s, "NCCL probe broadcast", header=False)
             best = min(best, time.perf_counter() - t0)
         return {"bytes": nbytes, "seconds": best, "GBps": nbytes / best / 1e9}
 
@@ -226,12 +247,13 @@ class NcclWeightSender(_NcclEnd):
         """Blocks until every receiver has joined (call concurrently with the receivers')."""
         self._connect(host, port, 0, world_size, timeout_s)
 
-    def send(self, named: Mapping[str, torch.Tensor], timeout_s: float = 60.0) -> dict:
-        """Broadcasts one version. Returns {"bytes", "pack_s", "send_s"}."""
+    def send(self, named: Mapping[str, torch.Tensor], version: int, timeout_s: float = 60.0) -> dict:
+        """Broadcasts one version (header, then buckets). Returns {"bytes", "pack_s", "send_s"}."""
         self._check()
         t0 = time.perf_counter()
         with torch.no_grad():
             self.layout.pack_into(named, self._buckets)
+            self._header.copy_(torch.tensor([int(version), self.layout.fingerprint], dtype=torch.int64))
         torch.cuda.current_stream(self.device).synchronize()
         t1 = time.perf_counter()
         self._broadcast(timeout_s, "NCCL weight broadcast (sender)")
@@ -245,12 +267,143 @@ class NcclWeightReceiver(_NcclEnd):
                 timeout_s: float = 300.0) -> None:
         self._connect(host, port, rank, world_size, timeout_s)
 
-    def receive(self, timeout_s: float = 60.0) -> list[tuple[str, torch.Tensor]]:
-        """Waits for every bucket (or raises `WeightSyncError`), then returns named views."""
+    def receive(self, version: int, timeout_s: float = 60.0) -> list[tuple[str, torch.Tensor]]:
+        """Waits for the header and every bucket (or raises `WeightSyncError`), checks that they
+        are `version` in this layout, then returns named views."""
         self._check()
         # The buckets may still be read by the previous load on the current stream.
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         self._broadcast(timeout_s, "NCCL weight broadcast (receiver)")
         # The loader's copies run on the current stream: order them after the receive.
         torch.cuda.current_stream(self.device).wait_stream(self._stream)
+        check_header(self._header.tolist(), version, self.layout)
         return list(self.layout.unpack(self._buckets))
+
+
+def check_header(header: list[int], version: int, layout: BucketLayout) -> None:
+    """Refuses a broadcast that is not `version` in `layout` (nothing is loaded then)."""
+    got_version, got_layout = int(header[0]), int(header[1])
+    if got_layout != layout.fingerprint:
+        raise WeightSyncError("NCCL broadcast refused: the sender packed another bucket layout")
+    if got_version != int(version):
+        raise WeightSyncError(f"NCCL broadcast refused: it carries v{got_version}, the driver announced v{version}")
+
+
+# --- the strategy's ends -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NcclUpdate(WeightUpdate):
+    """A broadcast the driver announces to the sender and every receiver at once."""
+
+    kind = "nccl"
+    timeout_s: float = 60.0
+
+
+class NcclSender(WeightSender):
+    """Learner rank 0: fixes the layout once, joins the group, broadcasts each version."""
+
+    _end: NcclWeightSender | None = None
+
+    def setup(self, bucket_mb: float = 256.0, **_: Any) -> dict:
+        """The layout and a rendezvous address: {"host", "port", "layout", "bytes"}."""
+        named = self.source.on_device()
+        layout = BucketLayout.build(((n, t.shape) for n, t in named.items()), self.source.dtype,
+                                    int(bucket_mb * (1 << 20)))
+        self._end = NcclWeightSender(layout, self.source.device)
+        self._address = rendezvous_address()
+        host, port = self._address
+        return {"host": host, "port": port, "layout": layout.to_wire(), "bytes": layout.total_bytes}
+
+    def _ready(self) -> NcclWeightSender:
+        if self._end is None:
+            raise WeightSyncError("NCCL sender used before setup")
+        return self._end
+
+    def connect(self, world_size: int, timeout_s: float = 300.0) -> None:
+        host, port = self._address
+        self._ready().connect(host, port, world_size, timeout_s)
+
+    def send(self, update: WeightUpdate | None = None) -> NcclUpdate:
+        """Broadcasts the current version. It goes out even when it is not the announced one, so
+        the collective completes and the group stays usable; the receivers refuse it and so does
+        this call, after the broadcast."""
+        if not isinstance(update, NcclUpdate):
+            raise WeightSyncError(f"NCCL sender needs the NcclUpdate the receivers got, not {update!r}")
+        version = self.source.version()
+        with torch.no_grad():
+            stats = self._ready().send(self.source.on_device(), version, update.timeout_s)
+        if version != update.version:
+            raise WeightSyncError(f"the learner broadcast v{version}, but v{update.version} was announced")
+        return dataclasses.replace(update, stats=stats)
+
+    def probe(self, repeats: int = 3) -> dict:
+        """Raw NCCL bandwidth of the group (every receiver probes concurrently)."""
+        return self._ready().probe(repeats)
+
+
+class NcclReceiver(WeightReceiver):
+    """Beside the engine: its worker processes join the group and receive (see the vLLM worker
+    extension's `bgrpo_nccl_*` methods); the engine moves its version when all of them loaded."""
+
+    def connect(self, init: Mapping[str, Any]) -> None:
+        """`init`: the sender's setup plus "rank" (this engine's first rank), "world_size" and
+        "timeout_s". Each worker takes rank `rank + its tensor-parallel rank`."""
+        timeout_s = float(init.get("timeout_s", 300.0))
+        self.engine.call_workers("bgrpo_nccl_connect", (init["host"], init["port"], init["rank"],
+                                 init["world_size"], init["layout"], timeout_s), timeout_s + 30)
+
+    def receive(self, update: WeightUpdate) -> int:
+        if not isinstance(update, NcclUpdate):
+            raise WeightSyncError(f"NCCL receiver got a {type(update).__name__}")
+        t0 = time.perf_counter()
+        with self.lock:  # the broadcast lands in the workers' buffers, then loads: one step
+            self.engine.load_in_workers(update.version, "bgrpo_nccl_receive",
+                                        (update.version, update.timeout_s), update.timeout_s + 30)
+            version = self.engine.policy_version
+        self.last_stats = {"receive_load_s": time.perf_counter() - t0}
+        return version
+
+    def probe(self, repeats: int = 3) -> dict:
+        return self.engine.call_workers("bgrpo_nccl_probe", (repeats,), 120)[0]
+
+
+class NcclSync(WeightSync):
+    """Driver side: forms the group once (`setup`); each sync announces the learner's version to
+    the sender and every receiver, which run the broadcast together."""
+
+    kind = "nccl"
+
+    def setup(self) -> None:
+        import ray
+
+        bucket_mb = float(self.options.get("bucket_mb", 256.0))
+        info = ray.get(self.sender.setup_weight_sync.remote(self.kind, bucket_mb=bucket_mb),
+                       timeout=self.rpc_timeout_s)
+        world = 1 + len(self.receivers)  # one vLLM worker per engine (no tensor parallelism here)
+        ray.get([self.sender.connect_weight_sync.remote(self.kind, world)]
+                + [r.connect_weight_sync.remote(self.kind, {**info, "rank": 1 + i, "world_size": world})
+                   for i, r in enumerate(self.receivers)], timeout=self.rpc_timeout_s)
+        self.info = info
+        log.info("NCCL weight sync: %d ranks, %.2f GB per sync", world, info["bytes"] / 1e9)
+
+    def send(self) -> Pending:
+        import ray
+
+        version = ray.get(self.sender.get_policy_version.remote(), timeout=self.rpc_timeout_s)
+        update = NcclUpdate(version=version, timeout_s=self.timeout_s)
+        sender_ref = self.sender.send_weights.remote(self.kind, update)
+        return Pending(version, [r.receive_weights.remote(update) for r in self.receivers], sender_ref, update)
+
+    def load_into(self, receivers) -> int:
+        """Receivers outside the group (the evaluation worker) get the version through the object
+        store, which needs no group."""
+        return ObjectStoreSync(self.sender, receivers, self.timeout_s, self.rpc_timeout_s).sync()
+
+    def probe(self, repeats: int = 3) -> dict:
+        """Raw link speed of the group: the sender's measurement."""
+        import ray
+
+        return ray.get([self.sender.weight_sync_probe.remote(self.kind, repeats)]
+                       + [r.weight_sync_probe.remote(self.kind, repeats) for r in self.receivers],
+                       timeout=self.rpc_timeout_s)[0]
