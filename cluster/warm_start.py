@@ -50,8 +50,6 @@ def run_warm_start(
     version once and saves a checkpoint. Returns a summary (also logged through `log_metrics`)."""
     import ray
 
-    from actors.demos import collect_demonstrations, demo_instances
-    from core.trajectory import read_trajectories
     from learner.sft import split_heldout
 
     ws = config.warm_start
@@ -59,20 +57,7 @@ def run_warm_start(
     t0 = time.monotonic()
     summary: dict[str, Any] = {"event": "warm_start"}
 
-    # --- demonstrations: the teacher on training seeds (never the held-out ones) ---
-    if ws.demos_dir:
-        groups = read_trajectories(Path(ws.demos_dir) / "trajectories")
-        if not groups:
-            raise FileNotFoundError(f"warm_start.demos_dir {ws.demos_dir}: no trajectories/group-*.parquet")
-        summary["demos"] = {"episodes": sum(len(g.trajectories) for g in groups), "from": ws.demos_dir}
-    else:
-        instances = demo_instances(warm_start_tasks(config), ws.episodes_per_task, config.sampler.train_seeds,
-                                   config.cluster.seed)
-        groups, demo_summary = collect_demonstrations(
-            model_path, instances, config.rollout, config.env, run_dir / DEMOS_DIR, ws.epsilon, ws.num_sessions,
-            config.cluster.seed)
-        summary["demos"] = demo_summary.as_dict()
-    groups = [g for g in groups if g.trainable_trajectories]
+    groups = [g for g in _demonstrations(config, run_dir, model_path, summary) if g.trainable_trajectories]
     if not groups:
         raise RuntimeError(f"warm start: no usable demonstration episode ({summary['demos']})")
     train, heldout = split_heldout(groups, ws.heldout_fraction)
@@ -84,6 +69,54 @@ def run_warm_start(
         return ray.get([getattr(lr, method).remote(*args) for lr in learners], timeout=3600)[0]
 
     # --- SFT: epochs of shuffled batches on every rank, held-out loss before and after ---
+    step, losses = _sft_epochs(all_ranks, train, heldout, config, summary, log_metrics)
+    summary["sft_steps"] = step
+    summary["train_loss_first"] = losses[0] if losses else None
+    summary["train_loss_last"] = losses[-1] if losses else None
+
+    # --- the warm-started policy: a new version and a checkpoint `model:` can name ---
+    versions = ray.get([lr.finish_warm_start.remote() for lr in learners], timeout=600)
+    paths = ray.get([lr.save_checkpoint.remote(str(run_dir / SFT_DIR), {"warm_start": True}) for lr in learners],
+                    timeout=3600)
+    from learner import checkpoint as ckpt
+
+    summary["policy_version"] = versions[0]
+    summary["checkpoint"] = str(Path(paths[0]) / ckpt.MODEL_DIR)
+    summary["wall_s"] = time.monotonic() - t0
+    if log_metrics is not None:
+        log_metrics({k: v for k, v in summary.items() if not isinstance(v, dict)})
+    return summary
+
+
+def _demonstrations(config: Any, run_dir: Path, model_path: str, summary: dict[str, Any]) -> list[Any]:
+    """The teacher's groups on training seeds (never the held-out ones), or those read from
+    warm_start.demos_dir; records where they came from in `summary["demos"]`."""
+    from actors.demos import collect_demonstrations, demo_instances
+    from core.trajectory import read_trajectories
+
+    ws = config.warm_start
+    if ws.demos_dir:
+        groups = read_trajectories(Path(ws.demos_dir) / "trajectories")
+        if not groups:
+            raise FileNotFoundError(f"warm_start.demos_dir {ws.demos_dir}: no trajectories/group-*.parquet")
+        summary["demos"] = {"episodes": sum(len(g.trajectories) for g in groups), "from": ws.demos_dir}
+        return groups
+    instances = demo_instances(warm_start_tasks(config), ws.episodes_per_task, config.sampler.train_seeds,
+                               config.cluster.seed)
+    groups, demo_summary = collect_demonstrations(
+        model_path, instances, config.rollout, config.env, run_dir / DEMOS_DIR, ws.epsilon, ws.num_sessions,
+        config.cluster.seed)
+    summary["demos"] = demo_summary.as_dict()
+    return groups
+
+
+def _sft_epochs(all_ranks: Callable[..., dict[str, float]], train: list[Any], heldout: list[Any], config: Any,
+                summary: dict[str, Any], log_metrics: Callable[[dict[str, Any]], None] | None) -> tuple[int, list[float]]:
+    """Epochs of shuffled batches on every rank, held-out loss before and after each epoch.
+    Returns (SFT steps, their training losses)."""
+    import ray
+
+    ws = config.warm_start
     heldout_ref = ray.put(heldout) if heldout else None
     losses: list[float] = []
     if heldout_ref is not None:
@@ -106,22 +139,7 @@ def run_warm_start(
             if log_metrics is not None:
                 log_metrics({"event": "sft_heldout", "epoch": epoch, "sft_heldout_loss": held["sft_loss"],
                              "sft_heldout_token_accuracy": held["sft_token_accuracy"]})
-    summary["sft_steps"] = step
-    summary["train_loss_first"] = losses[0] if losses else None
-    summary["train_loss_last"] = losses[-1] if losses else None
-
-    # --- the warm-started policy: a new version and a checkpoint `model:` can name ---
-    versions = ray.get([lr.finish_warm_start.remote() for lr in learners], timeout=600)
-    paths = ray.get([lr.save_checkpoint.remote(str(run_dir / SFT_DIR), {"warm_start": True}) for lr in learners],
-                    timeout=3600)
-    from learner import checkpoint as ckpt
-
-    summary["policy_version"] = versions[0]
-    summary["checkpoint"] = str(Path(paths[0]) / ckpt.MODEL_DIR)
-    summary["wall_s"] = time.monotonic() - t0
-    if log_metrics is not None:
-        log_metrics({k: v for k, v in summary.items() if not isinstance(v, dict)})
-    return summary
+    return step, losses
 
 
 def start_learners(config: Any, model_path: str) -> list[Any]:
