@@ -231,9 +231,10 @@ def _close_actors(ray: Any, actors: list[Any], timeout: float) -> None:
 # === WeightSyncWiring ================================================================================
 # Every weight transfer of a run. The method bodies are the driver's former `_publish`,
 # `_sync_weights`, `_send_weights`, `_wait_weights` and the NCCL set-up block of `start`, moved
-# verbatim but for `self.learners/workers/config` -> the fleet's and `_wait_weights` returning
-# nothing (callers move their version to `send.version`). Entry points: connect, send, wait, sync,
-# publish.
+# verbatim but for `self.learners/workers/config` -> the fleet's, `wait` leaving the driver's
+# version to its callers (they move it to `send.version`) and `sync` returning that version rather
+# than its duration. Entry points: connect (start-up), send + wait (the schedulers, through
+# RayRollouts), sync (warm start, resume) and publish (the evaluation worker's weights).
 
 
 @dataclass
