@@ -231,3 +231,27 @@ def test_resume_reissues_the_groups_in_flight_at_the_checkpoint():
     trained = [i[2] for r in loop.ledger.steps for i in r.instances]
     assert {2, 3} <= set(trained) and len(trained) == len(set(trained))
     assert _every_index_once(loop.ledger) == list(range(2, 2 + len(rollouts.dispatched)))
+
+
+def test_step_figures_come_from_metadata_and_difference_the_worker_counters():
+    from cluster.accounting import Finished, StepFigures
+    from cluster.scheduler import StepDone
+
+    def meta(task, versions, success, ret, status="finished"):
+        eps = tuple(EpisodeMeta(status, s, r, status != "failed", v) for v, s, r in zip(versions, success, ret))
+        return GroupMeta(f"g-{task}", task, 1, eps)
+
+    batch = [Finished(meta("a", [(3, 4), (4,)], [True, False], [1.0, 0.0]), ("ref", 0), SimpleNamespace(index=0)),
+             Finished(meta("b", [(4,), (2,)], [True, False], [1.0, 0.5], "finished"), ("ref", 1), SimpleNamespace(index=1))]
+    done = StepDone(batch, {"episodes": 4, "tokens": 100.0, "loss": 0.25}, 4, 1.0, 2.0, 0.5, 4.0,
+                    {"groups_dropped_stale": 1.0})
+    figures = StepFigures()
+    first = figures.record(done, 5, [{"episodes_started": 6, "steps": 10}, {"episodes_started": 2}], 4, 8.0, 2.0)
+    assert first["episodes_started"] == 8 and first["env_steps"] == 10
+    assert first["success_rate"] == 0.5 and first["reward_mean"] == 2.5 / 4
+    assert first["policy_lag_max"] == 2.0 and first["policy_lag_mean"] == (1 + 0 + 0 + 0 + 2) / 5
+    assert first["task/a/success_rate"] == 0.5 and first["task/b/reward_mean"] == 0.75
+    assert first["learner/loss"] == 0.25 and first["tokens_per_s"] == 25.0 and first["groups_dropped_stale"] == 1.0
+    assert first["learner_idle_frac"] == 0.75 and first["tasks"] == ["a", "b"] and first["policy_version"] == 5
+    second = figures.record(done, 6, [{"episodes_started": 9, "steps": 12}, {"episodes_started": 2}], 8, 16.0, 4.0)
+    assert second["episodes_started"] == 3 and second["env_steps"] == 2  # per step, not cumulative
