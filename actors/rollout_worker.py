@@ -34,6 +34,7 @@ from actors.episode import (
     is_env_failure,
     run_episode,
 )
+from core.group_meta import GroupMeta
 from core.trajectory import FAILED, FINISHED, TRUNCATED, Trajectory, TrajectoryGroup, TrajectoryWriter, new_id
 from weightsync import Receivers, WeightUpdate
 
@@ -250,6 +251,15 @@ class RolloutWorker:
             log.warning("worker %s: dropping group %s (%s seed %s): failed episodes",
                         self.worker_id, group.group_id, task, seed)
             return group
+
+    @ray.method(num_returns=2)
+    def run_group_by_ref(self, task: str, seed: int, num_generations: int) -> tuple[GroupMeta, TrajectoryGroup]:
+        """`run_group` as two Ray objects: the small metadata the driver schedules on, and the
+        group itself, which the driver only hands on by reference to the learner (its screenshots
+        never pass through the driver). Two returns rather than a `ray.put` here: the caller owns
+        both objects, so they outlive this worker."""
+        group = self.run_group(task, seed, num_generations)
+        return GroupMeta.of(group), group
 
     def update_weights(self, version: int, weights: Mapping[str, Any]) -> int:
         """Loads new weights into the engine (between batches) and returns the new version."""

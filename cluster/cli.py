@@ -19,7 +19,7 @@ from typing import Callable
 # name -> (help, "module:function"); the function takes the remaining argv and returns an exit code.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train a policy (local Ray or inside a Ray job)", "cluster.driver:main"),
-    "demos": ("play scripted-teacher demonstrations (Parquet + viewer)", "actors.demos:main"),
+    "demos": ("play scripted-teacher demonstrations (Parquet + viewer)", "cluster.demos_cli:main"),
     "sft": ("supervised warm start on demonstrations; writes a checkpoint", "cluster.warm_start:main"),
     "eval": ("evaluate a model or checkpoint on held-out seeds (95 % intervals)", "cluster.eval:main"),
     "env-server": (

@@ -21,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from core.group_meta import GroupMeta, as_meta
 from core.trajectory import FAILED, TrajectoryGroup
 
 Z95 = 1.959963984540054
@@ -48,9 +49,10 @@ def difference_interval(s1: int, n1: int, s2: int, n2: int, z: float = Z95) -> t
     return d - math.sqrt((p2 - l2) ** 2 + (u1 - p1) ** 2), d + math.sqrt((u2 - p2) ** 2 + (p1 - l1) ** 2)
 
 
-def summarize(instances: Sequence[tuple[str, int]], outcomes: Sequence[TrajectoryGroup | BaseException]) -> dict[str, Any]:
-    """Per-task and overall counts, rates and intervals from each instance's group (or the
-    exception that running it raised: an infrastructure failure of all its episodes)."""
+def summarize(instances: Sequence[tuple[str, int]],
+              outcomes: Sequence[GroupMeta | TrajectoryGroup | BaseException]) -> dict[str, Any]:
+    """Per-task and overall counts, rates and intervals from each instance's group metadata (or
+    the exception that running it raised: an infrastructure failure of all its episodes)."""
     per_task: dict[str, dict[str, Any]] = {}
     for (task, seed), outcome in zip(instances, outcomes):
         row = per_task.setdefault(task, {"episodes": 0, "successes": 0, "failures": 0, "failure_reasons": []})
@@ -58,7 +60,7 @@ def summarize(instances: Sequence[tuple[str, int]], outcomes: Sequence[Trajector
             row["failures"] += 1
             row["failure_reasons"].append(f"seed {seed}: {type(outcome).__name__}: {outcome}"[:300])
             continue
-        for t in outcome.trajectories:
+        for t in as_meta(outcome).episodes:
             if t.status == FAILED:
                 row["failures"] += 1
                 row["failure_reasons"].append(f"seed {seed}: {t.failure_reason}"[:300])
@@ -80,7 +82,7 @@ def _rate(row: dict[str, Any]) -> None:
 
 
 def evaluate(
-    run_groups: Callable[[list[tuple[str, int]]], list[TrajectoryGroup | BaseException]],
+    run_groups: Callable[[list[tuple[str, int]]], list[GroupMeta | TrajectoryGroup | BaseException]],
     instances: Sequence[tuple[str, int]],
     policy_version: int | None = None,
 ) -> dict[str, Any]:
@@ -167,7 +169,7 @@ def resolve_policy(path: str) -> str:
         return str(ckpt.resolve(p) / ckpt.MODEL_DIR)
     if (p / "checkpoints" / "latest").exists():  # a run folder
         return str(ckpt.resolve(p / "checkpoints") / ckpt.MODEL_DIR)
-    from cluster.driver import resolve_model
+    from cluster.models import resolve_model
 
     return resolve_model(path)
 
@@ -222,10 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     model_path = resolve_policy(own.get("model") or cfg.model)
     from actors.rollout_worker import RolloutWorker
 
-    rollout = copy.deepcopy(cfg.rollout)
-    if cfg.eval.greedy:
-        rollout.sampling = dataclasses.replace(rollout.sampling, temperature=0.0, top_k=-1, top_p=1.0)
-    rollout.num_sessions = eval_sessions(cfg)
+    rollout = eval_rollout(cfg)
     engine = copy.deepcopy(cfg.engine)
     engine.model = model_path
     instances = [(x.task, x.seed) for x in TaskSampler(cfg.sampler, cfg.cluster.seed).eval_instances(cfg.eval.episodes_per_task)]
@@ -243,6 +242,37 @@ def main(argv: list[str] | None = None) -> int:
 def eval_sessions(cfg: Any) -> int:
     """Env sessions of the evaluation worker (eval.num_sessions where the config has it)."""
     return max(1, int(getattr(cfg.eval, "num_sessions", 1)))
+
+
+def eval_rollout(cfg: Any) -> Any:
+    """The evaluation worker's rollout settings: greedy unless eval.greedy is false (run_group has
+    no per-call sampling, so evaluation has a worker of its own), eval_sessions sessions."""
+    import copy
+    import dataclasses
+
+    rollout = copy.deepcopy(cfg.rollout)
+    if cfg.eval.greedy:
+        rollout.sampling = dataclasses.replace(rollout.sampling, temperature=0.0, top_k=-1, top_p=1.0)
+    rollout.num_sessions = eval_sessions(cfg)
+    return rollout
+
+
+def evaluate_in_run(worker: Any, version: int, instances: Sequence[tuple[str, int]], timeout_s: float,
+                    step: int, run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The driver's periodic evaluation: plays `instances` on the evaluation actor (which holds
+    the learner's `version`, loaded by the caller) and writes run_dir/eval/eval-stepN.json.
+    Returns (details, the metrics record)."""
+    import logging
+
+    details = evaluate(ray_runner(worker, timeout_s), instances, version)
+    details["step"] = step
+    write_json(details, Path(run_dir) / "eval" / f"eval-step{step:06d}.json")
+    result = metrics_record(details)
+    if result["eval_status"] != "ok":
+        logging.getLogger("bgrpo.driver").warning(
+            "evaluation at step %d FAILED: %d of %d episodes failed (%s); no success rate is reported",
+            step, result["eval_episodes_failed"], result["eval_episodes"], result["eval_failure_reasons"])
+    return details, result
 
 
 def in_process_runner(worker: Any, concurrency: int) -> Callable[[list[tuple[str, int]]], list[Any]]:
@@ -264,12 +294,14 @@ def in_process_runner(worker: Any, concurrency: int) -> Callable[[list[tuple[str
 
 def ray_runner(actor: Any, timeout_s: float) -> Callable[[list[tuple[str, int]]], list[Any]]:
     """`run_groups` over a RolloutWorker actor: every instance submitted at once (the actor runs
-    as many as its concurrency and sessions allow)."""
+    as many as its concurrency and sessions allow); returns each group's metadata."""
 
     def run(instances: list[tuple[str, int]]) -> list[Any]:
         import ray
 
-        refs = [actor.run_group.remote(t, s, 1) for t, s in instances]
+        # Metadata only: the groups stay in the object store (written to disk by the worker) and
+        # are freed when their refs, dropped here, go out of scope.
+        refs = [actor.run_group_by_ref.remote(t, s, 1)[0] for t, s in instances]
         out: list[Any] = []
         for ref in refs:
             try:

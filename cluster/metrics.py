@@ -191,10 +191,13 @@ class MetricsLogger:
 
 def per_task_figures(groups: Iterable[Any]) -> dict[str, float]:
     """`task/<task>/success_rate` and `task/<task>/reward_mean` over the trainable episodes of a
-    step's groups (one gauge series per task on the Ray dashboard)."""
+    step's groups (one gauge series per task on the Ray dashboard). The driver passes the groups'
+    metadata (`core.group_meta.GroupMeta`); whole `TrajectoryGroup`s are summarized first."""
+    from core.group_meta import as_meta
+
     by_task: dict[str, list[Any]] = {}
-    for g in groups:
-        by_task.setdefault(g.task, []).extend(g.trainable_trajectories)
+    for g in map(as_meta, groups):
+        by_task.setdefault(g.task, []).extend(g.trainable_episodes)
     out: dict[str, float] = {}
     for task, episodes in sorted(by_task.items()):
         if episodes:

@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     import json
 
     from cluster.config import ConfigError, parse_cli, save_config
-    from cluster.driver import _new_run_dir, _offline_env_vars, resolve_model
+    from cluster.models import resolve_model
+    from cluster.runenv import new_run_dir, offline_env_vars
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bgrpo sft: bad config: {e}", file=sys.stderr)
         return 2
     config = cl.config
-    run_dir = Path(config.cluster.run_dir) if config.cluster.run_dir else _new_run_dir(config, "sft")
+    run_dir = Path(config.cluster.run_dir) if config.cluster.run_dir else new_run_dir(config, "sft")
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
     import ray
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     owns = not ray.is_initialized()
     if owns:
         kwargs: dict[str, Any] = {"address": config.cluster.address or "local",
-                                  "runtime_env": {"env_vars": _offline_env_vars()}}
+                                  "runtime_env": {"env_vars": offline_env_vars()}}
         if config.cluster.num_cpus and kwargs["address"] == "local":
             kwargs["num_cpus"] = config.cluster.num_cpus
         ray.init(**kwargs)

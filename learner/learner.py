@@ -783,6 +783,12 @@ class Learner:
         D.barrier()
         return ckpt.read_cursor(directory)
 
+    def train_step_refs(self, refs: list[Any]) -> dict[str, float]:
+        """`train_step` on groups passed by reference: the driver sends the object refs the
+        rollout workers returned (Ray resolves top-level arguments only, so a list of refs arrives
+        as refs); every rank fetches the groups from the object store itself."""
+        return self.train_step(ray.get(list(refs)))
+
     def close(self) -> None:
         """Leaves the process group."""
         D.destroy()

@@ -15,12 +15,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
-# Until issue 18's redesign lands in full (weight sync, demos CLI, cluster modules, learner/sft):
-# strict, so the marker must go the moment the seams are clean.
-IN_PROGRESS = pytest.mark.xfail(strict=True, reason="issue 18: seams being cleaned")
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("core", "actors", "learner", "weightsync", "cluster", "envs")
 # package -> the project packages it must never import
@@ -83,7 +77,6 @@ def _graph() -> dict[str, set[str]]:
     return {m: _imports(p, m, modules) for m, p in modules.items()}
 
 
-@IN_PROGRESS
 def test_no_import_crosses_a_forbidden_seam():
     bad = []
     for module, deps in sorted(_graph().items()):
@@ -92,7 +85,6 @@ def test_no_import_crosses_a_forbidden_seam():
     assert not bad, "imports across role seams:\n" + "\n".join(bad)
 
 
-@IN_PROGRESS
 def test_no_import_cycle_between_modules():
     graph = _graph()
     # A package's __init__ importing its own submodules is how Python packages re-export; it is

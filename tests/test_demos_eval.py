@@ -10,7 +10,8 @@ pytestmark = pytest.mark.browser
 
 
 def test_demonstrations_are_training_samples(tmp_path):
-    from actors.demos import DEMO_POLICY_VERSION, DemoRenderer, main
+    from actors.demos import DEMO_POLICY_VERSION, DemoRenderer
+    from cluster.demos_cli import main  # `bgrpo demos` (the CLI reads cluster/config.py)
     from actors.tiny_models import build_tiny_vl_model
     from core.trajectory import read_trajectories
 

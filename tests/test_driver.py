@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections import Counter
-from types import SimpleNamespace
 
 import pytest
 
@@ -44,19 +43,21 @@ def test_bgrpo_command_reports_bad_config_fast():
 
 
 def _group(n, status="finished"):
-    return SimpleNamespace(trajectories=[SimpleNamespace(status=status)] * n)
+    from core.group_meta import EpisodeMeta, GroupMeta
+
+    return GroupMeta("g", "miniwob.click-test", 1, (EpisodeMeta(status, False, 0.0, True, (0,)),) * n)
 
 
 def test_accounting_balances_only_when_every_episode_has_a_fate():
     acc = driver.Accounting()
     acc.returned = 12
     acc.trained = 6
-    acc.drop("stale", _group(4))
+    acc.drop("stale", _group(4), 0)
     acc.dropped["learner_filtered"] += 0
     acc.finalize(worker_started=14)  # 2 episodes of a re-run attempt
     assert acc.dropped["rerun_attempt"] == 2
     assert not acc.balanced  # 2 returned episodes are unaccounted for
-    acc.drop("run_ended", _group(2))
+    acc.drop("run_ended", _group(2), 1)
     assert acc.balanced
     assert acc.as_dict()["groups_dropped"] == {"stale": 1, "run_ended": 1}
     assert Counter(acc.as_dict()["dropped"]) == Counter({"stale": 4, "rerun_attempt": 2, "run_ended": 2})

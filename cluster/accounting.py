@@ -1,0 +1,250 @@
+"""The books of a run, kept from group metadata only (`core.group_meta.GroupMeta`).
+
+- `Accounting`: every episode a worker started is trained on or dropped with a counted reason;
+- `Ledger`: what happens to each group the sampler handed out (received, dropped, lost with its
+  worker, trained), the sampler's settle/record calls that go with it, the per-step records and
+  the data cursor a checkpoint stores (and a resume reads back);
+- `StepFigures`: the per-step metrics record (metrics.jsonl, Ray gauges, trackers).
+
+No Ray here: the schedulers (cluster/scheduler.py) and their unit tests drive it directly.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from core.group_meta import GroupMeta
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (too many actor failures, a broken invariant)."""
+
+
+@dataclass
+class Accounting:
+    """Episodes of this process's run: started (reported by the workers) = trained + dropped[reason]
+    + in flight. Reasons:
+    - rerun_attempt: episodes of group attempts a worker re-ran after an infrastructure failure;
+    - failed_group: groups returned with failed episodes (reruns used up) are not trained;
+    - stale: groups older than max_staleness when the learner would take them;
+    - learner_filtered: dropped by the learner (failed episodes, groups below min_group_size,
+      zero-variance groups when configured);
+    - run_ended: groups that finished after the last learner step (async in-flight, sync spares).
+    """
+
+    started: int = 0
+    trained: int = 0
+    returned: int = 0
+    """Episodes in groups returned to the driver by run_group."""
+    dropped: Counter = field(default_factory=Counter)
+    groups_trained: int = 0
+    groups_dropped: Counter = field(default_factory=Counter)
+    eval_episodes: int = 0
+    dropped_instances: list[tuple[str, int, int, str]] = field(default_factory=list)
+    """(task, seed, sampler index, reason) of every dropped group, for the record of the run."""
+
+    def drop(self, reason: str, meta: GroupMeta, index: int) -> None:
+        self.dropped[reason] += meta.num_episodes
+        self.groups_dropped[reason] += 1
+        self.dropped_instances.append((meta.task, meta.seed, index, reason))
+
+    def finalize(self, worker_started: int) -> None:
+        """Closes the books once no group is in flight."""
+        self.started = worker_started
+        self.dropped["rerun_attempt"] = worker_started - self.returned
+
+    @property
+    def balanced(self) -> bool:
+        return self.started == self.trained + sum(self.dropped.values()) and self.dropped["rerun_attempt"] >= 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "started": self.started,
+            "trained": self.trained,
+            "returned": self.returned,
+            "dropped": dict(self.dropped),
+            "groups_trained": self.groups_trained,
+            "groups_dropped": dict(self.groups_dropped),
+            "eval_episodes": self.eval_episodes,
+            "balanced": self.balanced,
+        }
+
+
+@dataclass
+class StepRecord:
+    """What the learner trained at one step (kept for the run summary and the tests)."""
+
+    step: int
+    learner_version: int
+    """Learner version when it trained (the new weights are learner_version + 1)."""
+    group_ids: list[str]
+    instances: list[tuple[str, int, int]]
+    """(task, seed, sampler index) of each trained group."""
+    min_token_version: int
+    max_token_version: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A group a worker returned: its metadata, the reference to the group itself (handed to the
+    learner, never fetched by the driver) and the sampler instance it was played for."""
+
+    meta: GroupMeta
+    ref: Any
+    instance: Any
+    """`cluster.sampler.TaskInstance` (task, seed, index)."""
+
+
+class Ledger:
+    """The fate of every handed-out group, in the accounting and in the sampler (a settled
+    instance is never re-issued on resume), plus the records a checkpoint's cursor keeps."""
+
+    def __init__(self, sampler: Any, max_actor_failures: int,
+                 log_event: Callable[[dict[str, Any]], None] = lambda record: None) -> None:
+        self.sampler = sampler
+        self.max_actor_failures = max_actor_failures
+        self.log_event = log_event
+        self.accounting = Accounting()
+        self.steps: list[StepRecord] = []
+        self.actor_failures = 0
+        self.trained_before: list[tuple] = []
+        """(task, seed, index) trained before the checkpoint this run resumed from."""
+        self.dropped_before: list[tuple] = []
+
+    def receive(self, meta: GroupMeta, ref: Any, instance: Any) -> Finished | None:
+        """A returned group: counted; None when it failed (dropped as failed_group)."""
+        self.accounting.returned += meta.num_episodes
+        mismatch = next((e.failure_reason for e in meta.episodes if "EnvEpisodeMismatchError" in e.failure_reason), "")
+        if mismatch:  # a server that runs another task or seed than asked: a setup error, not bad luck
+            raise TrainingError(f"an env server started the wrong episode: {mismatch}")
+        finished = Finished(meta, ref, instance)
+        if meta.failed:
+            self.drop("failed_group", finished)
+            return None
+        return finished
+
+    def drop(self, reason: str, finished: Finished) -> None:
+        """A returned group that will not be trained: counted, and settled in the sampler (a resume
+        does not re-issue it)."""
+        self.accounting.drop(reason, finished.meta, finished.instance.index)
+        self.sampler.settle(finished.instance.index)
+
+    def lost(self, instance: Any, error: BaseException) -> None:
+        """A run_group call that failed with its worker: the group is lost, a counted drop of its
+        instance; too many failures end the run."""
+        self.actor_failures += 1
+        self.accounting.dropped_instances.append((instance.task, instance.seed, instance.index, "actor_failure"))
+        self.sampler.settle(instance.index)
+        self.log_event({"event": "actor_failure", "error": str(error)[:500], "actor_failures": 1.0})
+        if self.actor_failures > self.max_actor_failures:
+            raise TrainingError(f"{self.actor_failures} rollout-worker failures; last: {error}") from error
+
+    def lost_at_end(self, instance: Any) -> None:
+        """A group in flight at the end whose worker died: its episodes are in its stats."""
+        self.accounting.dropped_instances.append((instance.task, instance.seed, instance.index, "actor_failure"))
+
+    def trained(self, step: int, batch: Sequence[Finished], learner_metrics: dict[str, Any],
+                version_before: int) -> StepRecord:
+        metas = [f.meta for f in batch]
+        used = int(learner_metrics.get("episodes", sum(len(m.trainable_episodes) for m in metas)))
+        self.accounting.trained += used
+        self.accounting.dropped["learner_filtered"] += sum(m.num_episodes for m in metas) - used
+        self.accounting.groups_trained += len(batch)
+        versions = [v for m in metas for v in m.trainable_versions]
+        record = StepRecord(
+            step=step,
+            learner_version=version_before,
+            group_ids=[m.group_id for m in metas],
+            instances=[(f.meta.task, f.meta.seed, f.instance.index) for f in batch],
+            min_token_version=min(versions) if versions else -1,
+            max_token_version=max(versions) if versions else -1,
+        )
+        self.steps.append(record)
+        for f in batch:
+            self.sampler.record(f.meta.task, [e.success for e in f.meta.trainable_episodes])
+            self.sampler.settle(f.instance.index)
+        return record
+
+    def cursor(self, step: int, version: int) -> dict[str, Any]:
+        """The data cursor a checkpoint stores next to the learner state."""
+        return {
+            "sampler": self.sampler.state_dict(),
+            "step": step,
+            "policy_version": version,
+            "trained_instances": [list(i) for r in self.steps for i in r.instances] + [list(i) for i in self.trained_before],
+            "dropped_instances": [list(i) for i in self.dropped_before + self.accounting.dropped_instances],
+            # Handed out, not yet trained or dropped (async: in flight or buffered): re-issued on --resume.
+            "unsettled_instances": [[i.task, i.seed, i.index] for i in self.sampler.unsettled()],
+        }
+
+    def resume(self, cursor: dict[str, Any]) -> int:
+        """Restores the sampler and the records from a checkpoint's cursor; returns its step."""
+        self.sampler.load_state_dict(cursor["sampler"])
+        self.trained_before = [tuple(x) for x in cursor.get("trained_instances", [])]
+        self.dropped_before = [tuple(x) for x in cursor.get("dropped_instances", [])]
+        return int(cursor["step"])
+
+
+WORKER_COUNTERS = ("episodes_started", "episodes_finished", "episodes_truncated", "episodes_failed", "steps",
+                   "env_restarts", "engine_calls", "engine_sleeps", "browser_recycles")
+
+
+class StepFigures:
+    """The metrics record of each learner step, from the batch's metadata, the learner's metrics
+    and the workers' cumulative counters (differenced against the previous step)."""
+
+    def __init__(self) -> None:
+        self._prev: dict[str, float] = {}
+
+    def _delta(self, worker_stats: Sequence[dict[str, Any]]) -> tuple[dict[str, float], dict[str, float]]:
+        totals = {k: float(sum(s.get(k, 0) for s in worker_stats)) for k in WORKER_COUNTERS}
+        delta = {k: v - self._prev.get(k, 0.0) for k, v in totals.items()}
+        self._prev = totals
+        return totals, delta
+
+    def record(self, done: Any, version: int, worker_stats: Sequence[dict[str, Any]], trained_total: int,
+               wall: float, learner_busy_s: float) -> dict[str, Any]:
+        """`done`: a `cluster.scheduler.StepDone`; `wall`: seconds since the run started."""
+        from cluster.metrics import per_task_figures
+
+        metas = [f.meta for f in done.batch]
+        trainable = [e for m in metas for e in m.trainable_episodes]
+        lags = [done.version_before - v for e in trainable for v in e.policy_versions]
+        totals, delta = self._delta(worker_stats)
+        lm = done.learner_metrics
+        tokens = float(lm.get("tokens", 0.0))
+        n = len(trainable)
+        record = {
+            "policy_version": version,
+            "episodes_started": delta["episodes_started"],
+            "episodes_finished": delta["episodes_finished"] + delta["episodes_truncated"],
+            "episodes_failed": delta["episodes_failed"],
+            "episodes_trained": float(lm.get("episodes", n)),
+            "episodes_dropped": 0.0,
+            "env_steps": delta["steps"],
+            "env_failures": delta["env_restarts"],
+            "actor_failures": 0.0,
+            "engine_sleeps": delta["engine_sleeps"],  # cluster.colocate: engines put to sleep this step
+            "browser_recycles": delta["browser_recycles"],  # env.browser_max_episodes / _memory_mb relaunches
+            "groups_trained": float(len(metas)),
+            "trained_tokens": tokens,
+            "success_rate": (sum(e.success for e in trainable) / n) if n else 0.0,
+            "reward_mean": (sum(e.episode_return for e in trainable) / n) if n else 0.0,
+            "policy_lag_max": float(max(lags)) if lags else 0.0,
+            "policy_lag_mean": (sum(lags) / len(lags)) if lags else 0.0,
+            "tokens_per_s": tokens / done.step_wall_s if done.step_wall_s > 0 else 0.0,
+            "samples_per_s": trained_total / wall if wall > 0 else 0.0,
+            "env_steps_per_s": totals["steps"] / wall if wall > 0 else 0.0,
+            "learner_idle_frac": max(0.0, 1.0 - learner_busy_s / wall) if wall > 0 else 0.0,
+            "learner_step_s": done.train_s,
+            "weight_sync_s": done.sync_s,
+            "collect_s": done.collect_s,
+            "wall_s": wall,
+            "tasks": sorted({m.task for m in metas}),
+            **done.extra,
+        }
+        record.update({f"learner/{k}": v for k, v in lm.items()})
+        record.update(per_task_figures(metas))  # task/<task>/success_rate, reward_mean: per-task gauges
+        return record

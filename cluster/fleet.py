@@ -1,0 +1,335 @@
+"""The actors of one run: Ray start-up, placement, learner ranks, env-server hosts, rollout
+workers, the evaluation worker, the weight-sync wiring between them, and their shutdown.
+
+- `Fleet`: builds and stops the actors (`start`, `close`); no training logic;
+- `WeightSyncWiring`: every weight transfer learner -> workers (object store or NCCL), through
+  `connect` (once), `send` / `wait` (one version to every worker) and `publish` (the evaluation
+  worker's copy). One delimited place, so a weight-sync package can replace it whole;
+- `RayRollouts`: `cluster.scheduler.Rollouts` over the fleet (groups by reference).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cluster.accounting import TrainingError
+from cluster.models import resolve_model
+from cluster.runenv import offline_env_vars
+from cluster.scheduler import GroupLost
+from core.group_meta import GroupMeta
+
+log = logging.getLogger("bgrpo.driver")
+
+
+def drop_none(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if v is not None}
+
+
+class Fleet:
+    """Owns the actors of one run. `start()` builds them; `close()` stops them (safe twice)."""
+
+    def __init__(self, config: Any, run_dir: Path) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        self.owns_ray = False
+        self.model_path = ""
+        self.placement: Any = None
+        self.learners: list[Any] = []
+        self.workers: list[Any] = []
+        self.env_hosts: list[Any] = []
+        self.eval_worker: Any = None
+        self.engine_cfg: Any = None
+        self.env_urls: list[list[str] | None] = []
+        self.env_routing: dict[str, Any] = {}
+        self.single_node = True
+        """One alive Ray node: env-server hosts bind loopback only."""
+
+    def start(self) -> None:
+        """Placement groups, learner ranks, env-server hosts, rollout workers (after `init_ray`);
+        returns when every actor has been constructed (construction errors surface here)."""
+        import ray
+
+        self.model_path = resolve_model(self.config.model)
+        self.place()
+        self.start_learners()
+        self.env_urls, self.env_routing = self.start_env_servers()
+        self.start_workers()
+        ray.get([w.get_policy_version.remote() for w in self.workers], timeout=600)
+        ray.get([lr.get_policy_version.remote() for lr in self.learners], timeout=600)
+
+    def init_ray(self) -> None:
+        """A fresh local cluster, or the one we were submitted to."""
+        import ray
+
+        cfg = self.config
+        if not ray.is_initialized():
+            address = cfg.cluster.address or ("auto" if os.environ.get("RAY_ADDRESS") else "local")
+            kwargs: dict[str, Any] = {"address": address, "log_to_driver": True}
+            if address == "local":
+                if cfg.cluster.num_cpus:
+                    kwargs["num_cpus"] = cfg.cluster.num_cpus
+                kwargs["runtime_env"] = {"env_vars": offline_env_vars()}
+            ray.init(**kwargs)
+            self.owns_ray = True
+        log.info("Ray: %s", ray.cluster_resources())
+
+    def place(self) -> None:
+        """Placement groups; the evaluation worker (greedy, its own engine) needs what a rollout
+        worker needs."""
+        from cluster.placement import Placement
+
+        cfg = self.config
+        eval_on = bool(cfg.eval.every_steps or cfg.eval.at_end)
+        eval_env_cpus = cfg.cluster.env_server_num_cpus if eval_on and cfg.cluster.env_placement == "ray_actors" else 0.0
+        self.placement = Placement.create(cfg.cluster, eval_gpus=cfg.cluster.rollout_num_gpus if eval_on else 0.0,
+                                          eval_cpus=eval_env_cpus)
+
+    def start_learners(self) -> None:
+        import ray
+
+        from learner.learner import LearnerActor
+
+        learner_cfg = copy.deepcopy(self.config.learner)
+        learner_cfg.model_path = self.model_path
+        world = self.config.cluster.learner_num_ranks
+        self.learners = [
+            LearnerActor.options(**drop_none(self.placement.learner_options(rank))).remote(learner_cfg, rank, world)
+            for rank in range(world)
+        ]
+        if world > 1:
+            addr, port = ray.get(self.learners[0].rendezvous_address.remote(), timeout=120)
+            ray.get([lr.connect.remote(addr, port) for lr in self.learners], timeout=learner_cfg.dist_timeout_s)
+
+    def start_env_servers(self) -> tuple[list[list[str] | None], dict[str, Any]]:
+        """Env servers as CPU-only actors (cluster), the configured remote ones, else embedded in
+        each worker (None). Returns (urls per worker, the workers' routing options)."""
+        import ray
+
+        cfg = self.config
+        env_urls: list[list[str] | None] = [None] * cfg.cluster.num_rollout_workers
+        if cfg.cluster.env_placement == "ray_actors":
+            from cluster.env_hosts import EnvServerHostActor
+
+            # One node: loopback only. Several: the host node's IP, so other nodes' workers reach it.
+            self.single_node = len([n for n in ray.nodes() if n["Alive"]]) == 1
+            self.env_hosts = [
+                EnvServerHostActor.options(**self.placement.env_host_options()).remote(
+                    cfg.cluster.env_servers_per_worker, cfg.env, "127.0.0.1" if self.single_node else None
+                )
+                for _ in range(cfg.cluster.num_rollout_workers)
+            ]
+            env_urls = ray.get([h.urls.remote() for h in self.env_hosts], timeout=300)
+        if cfg.cluster.env_placement == "remote":
+            from cluster.placement import remote_env_servers
+
+            env_urls, url_tasks = remote_env_servers(cfg.cluster)
+            return env_urls, {"env_url_tasks": url_tasks, "trust_unreported_seed": cfg.cluster.env_server_trust_seed}
+        return env_urls, {}
+
+    def start_workers(self) -> None:
+        """Rollout workers, each: one engine + its env sessions."""
+        from actors.rollout_worker import RolloutWorkerActor
+
+        cfg = self.config
+        self.engine_cfg = copy.deepcopy(cfg.engine)
+        self.engine_cfg.model = self.model_path
+        self.workers = [
+            RolloutWorkerActor.options(**self.placement.rollout_options(i)).remote(
+                f"w{i}", cfg.rollout, self.engine_cfg, cfg.env, str(self.run_dir), self.env_urls[i], **self.env_routing
+            )
+            for i in range(cfg.cluster.num_rollout_workers)
+        ]
+
+    def start_eval_worker(self, rollout: Any) -> Any:
+        """The evaluation worker (built once): its own GPU share when engines use GPUs (a vLLM
+        engine needs a visible GPU; counted in the resource check at start-up), writing under
+        run_dir/eval so its trajectories never mix with training data."""
+        from actors.rollout_worker import RolloutWorkerActor
+
+        if self.eval_worker is None:
+            self.eval_worker = RolloutWorkerActor.options(num_cpus=0, num_gpus=self.config.cluster.rollout_num_gpus).remote(
+                "eval", rollout, self.engine_cfg, self.config.env, str(self.run_dir / "eval"), self.eval_env_urls(),
+                **self.env_routing,
+            )
+        return self.eval_worker
+
+    def eval_env_urls(self) -> list[str] | None:
+        """The evaluation worker's env servers: capacity of its own, never a session on the training
+        workers' servers. In the qwen3-vl-2b-miniwob layout every session those servers accept is
+        taken (rollout.num_sessions = env_servers_per_worker x env.max_sessions), so sharing them got
+        every evaluation session refused. Embedded: None, the eval worker starts its own server.
+        Ray actors: one more env-server host, for evaluation only (its CPU is counted at start-up).
+        Remote: the configured servers, which need a session of headroom for evaluation; when they
+        have none the evaluation is reported as failed (`cluster.eval.metrics_record`)."""
+        import ray
+
+        cfg = self.config
+        if cfg.cluster.env_placement == "embedded":
+            return None
+        if cfg.cluster.env_placement == "ray_actors":
+            from cluster.env_hosts import EnvServerHostActor
+
+            host = EnvServerHostActor.options(**self.placement.env_host_options(num_servers=1)).remote(
+                1, cfg.env, "127.0.0.1" if self.single_node else None
+            )
+            self.env_hosts.append(host)
+            return ray.get(host.urls.remote(), timeout=300)
+        return list(cfg.cluster.env_server_urls)
+
+    def worker_stats(self, timeout: float = 60) -> list[dict[str, Any]]:
+        import ray
+
+        return ray.get([w.stats.remote() for w in self.workers], timeout=timeout)
+
+    def learner_version(self, timeout: float = 600) -> int:
+        import ray
+
+        return ray.get(self.learners[0].get_policy_version.remote(), timeout=timeout)
+
+    def close(self) -> None:
+        """Stops every actor (workers close their engines, env servers and browsers), removes the
+        placement groups and, if this process started Ray, shuts Ray down. Safe to call twice."""
+        try:
+            import ray
+        except ImportError:
+            return
+        if ray.is_initialized():
+            actors = [a for a in [*self.workers, self.eval_worker, *self.env_hosts, *self.learners] if a is not None]
+            _close_actors(ray, actors, self.config.cluster.shutdown_timeout_s)
+            if self.placement is not None:
+                self.placement.remove()
+        self.workers, self.learners, self.env_hosts, self.eval_worker, self.placement = [], [], [], None, None
+        if self.owns_ray and ray.is_initialized():
+            ray.shutdown()
+            self.owns_ray = False
+
+
+def _close_actors(ray: Any, actors: list[Any], timeout: float) -> None:
+    refs = []
+    for a in actors:
+        try:
+            refs.append(a.close.remote())
+        except Exception:  # noqa: BLE001 - a dead actor has nothing to close
+            pass
+    if refs:
+        try:
+            ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        except Exception as e:  # noqa: BLE001
+            log.warning("closing actors: %s", e)
+    for a in actors:
+        try:
+            ray.kill(a, no_restart=True)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+# --- weight sync ------------------------------------------------------------------------------------
+
+
+class WeightSyncWiring:
+    """The run's weight sync (`weightsync.make_weight_sync`, strategy `cluster.weight_sync`)
+    over the fleet: learner rank 0 sends, every rollout worker receives. Built before the fleet
+    starts; `connect()` makes the strategy once the actors exist (NCCL forms its group there)."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self.config = fleet.config
+        self.sync_impl: Any = None
+        """The `weightsync.WeightSync` of this run, after `connect()`."""
+
+    def connect(self) -> None:
+        from weightsync import make_weight_sync
+
+        cluster = self.config.cluster
+        self.sync_impl = make_weight_sync(cluster.weight_sync, self.fleet.learners[0], self.fleet.workers,
+                                          timeout_s=cluster.weight_sync_timeout_s,
+                                          bucket_mb=cluster.weight_sync_bucket_mb)
+        self.sync_impl.setup()
+
+    def sync(self) -> int:
+        """Sends the learner's current version and waits until every worker loaded it."""
+        return self.sync_impl.sync()
+
+    def send(self) -> Any:
+        """Starts a sync without waiting; the returned `Pending` has the `.version` sent."""
+        return self.sync_impl.send()
+
+    def wait(self, pending: Any) -> None:
+        """Waits for `send`'s sync everywhere (the learner's error first; versions checked)."""
+        self.sync_impl.wait(pending)
+
+    def load_into(self, workers: list[Any]) -> int:
+        """The learner's current version into workers outside the sync group (the evaluation
+        worker); returns that version."""
+        return self.sync_impl.load_into(workers)
+
+
+class RayRollouts:
+    """`cluster.scheduler.Rollouts` over the fleet. A group is two Ray objects (the worker's
+    `run_group_by_ref`): the metadata, fetched here, and the group, whose ref goes to the
+    learner ranks, which fetch it themselves (`train_step_refs`)."""
+
+    def __init__(self, fleet: Fleet, weights: WeightSyncWiring, group_timeout_s: float) -> None:
+        self.fleet = fleet
+        self.weights = weights
+        self.group_timeout_s = group_timeout_s
+        self.num_workers = len(fleet.workers)
+        self._group_refs: dict[Any, Any] = {}
+        """metadata ref -> group ref, for the groups in flight."""
+        self._train_refs: dict[Any, list[Any]] = {}
+        """rank 0's ref -> every rank's ref, for the step in flight."""
+
+    def dispatch(self, worker: int, task: str, seed: int, group_size: int) -> Any:
+        meta_ref, group_ref = self.fleet.workers[worker].run_group_by_ref.remote(task, seed, group_size)
+        self._group_refs[meta_ref] = group_ref
+        return meta_ref
+
+    def wait_any(self, handles: list[Any]) -> Any:
+        import ray
+
+        done, _ = ray.wait(handles, num_returns=1)
+        return done[0]
+
+    def collect(self, handle: Any) -> tuple[GroupMeta, Any]:
+        import ray
+
+        group_ref = self._group_refs.pop(handle)
+        try:
+            return ray.get(handle, timeout=self.group_timeout_s), group_ref
+        except (ray.exceptions.RayError, TimeoutError) as e:
+            raise GroupLost(str(e)) from e
+
+    def start_train(self, refs: list[Any]) -> Any:
+        # Every rank gets the same list of refs and fetches the groups from the object store.
+        train_refs = [lr.train_step_refs.remote(refs) for lr in self.fleet.learners]
+        self._train_refs[train_refs[0]] = train_refs
+        return train_refs[0]
+
+    def train_result(self, handle: Any) -> dict[str, Any]:
+        import ray
+
+        return ray.get(self._train_refs.pop(handle), timeout=3600)[0]
+
+    def send_weights(self) -> Any:
+        return self.weights.send()
+
+    def wait_weights(self, send: Any) -> None:
+        self.weights.wait(send)
+
+    def sleep_engines(self) -> None:
+        import ray
+
+        ray.get([w.sleep_engine.remote() for w in self.fleet.workers], timeout=600)
+
+    def wake_engines(self) -> None:
+        import ray
+
+        ray.get([w.wake_engine.remote() for w in self.fleet.workers], timeout=600)
+
+    def engine_calls(self) -> float:
+        return float(sum(s.get("engine_calls", 0) for s in self.fleet.worker_stats()))

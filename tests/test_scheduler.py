@@ -1,0 +1,257 @@
+"""The sync and async schedulers (cluster/scheduler.py) over a fake `Rollouts`: no Ray, no actors.
+
+The fake plays the actors' part faithfully where the schedulers depend on it: a group carries the
+policy version its worker had when the group was dispatched, `wait_any` returns the oldest
+pending handle (a group dispatched before a learner step started finishes before that step), the
+learner's version moves with every step and a worker's when weights are sent to it.
+Groups are opaque refs; the learner side records which refs it was given.
+"""
+
+from __future__ import annotations
+
+import itertools
+from types import SimpleNamespace
+
+import pytest
+
+from cluster.accounting import Ledger, TrainingError
+from cluster.config import SamplerConfig
+from cluster.sampler import TaskSampler
+from cluster.scheduler import AsyncScheduler, GroupLost, Loop, Progress, SyncScheduler
+from core.group_meta import EpisodeMeta, GroupMeta
+
+G = 2
+pytestmark = pytest.mark.timeout(60)  # a scheduler that never finishes fails, not hangs
+
+
+class FakeRollouts:
+    def __init__(self, num_workers: int, outcome=lambda n, worker: "ok") -> None:
+        self.num_workers = num_workers
+        self.outcome = outcome
+        """(dispatch number, worker) -> "ok" | "lost" | "failed" | "mismatch" | "lost_at_end"."""
+        self.counter = itertools.count()
+        self.pending: dict[int, tuple] = {}
+        self.worker_version = [0] * num_workers
+        self.learner_version = 0
+        self.dispatched: list[tuple[int, str, int]] = []
+        self.trained_refs: list[list] = []
+        self.train_handle = None
+        self.sent: list[int] = []
+        self.waited: list[int] = []
+        self.engine_events: list[str] = []
+        self.dispatches = 0
+
+    def dispatch(self, worker, task, seed, group_size):
+        handle = next(self.counter)
+        kind = self.outcome(self.dispatches, worker)
+        self.dispatches += 1
+        self.pending[handle] = (worker, task, seed, group_size, self.worker_version[worker], kind)
+        self.dispatched.append((worker, task, seed))
+        return handle
+
+    def wait_any(self, handles):
+        return min(handles)  # the oldest first: FIFO completion
+
+    def collect(self, handle):
+        worker, task, seed, g, version, kind = self.pending.pop(handle)
+        if kind in ("lost", "lost_at_end"):
+            raise GroupLost(f"worker {worker} died") from RuntimeError(f"worker {worker} died")
+        status = "failed" if kind == "failed" else "finished"
+        reason = "EnvEpisodeMismatchError: seed 9 != 1" if kind == "mismatch" else ""
+        episodes = tuple(EpisodeMeta(status, True, 1.0, status != "failed", (version, version), reason) for _ in range(g))
+        return GroupMeta(f"g{handle}", task, seed, episodes, f"w{worker}", 2 * g), ("ref", handle)
+
+    def start_train(self, refs):
+        self.trained_refs.append(list(refs))
+        self.train_handle = next(self.counter)
+        return self.train_handle
+
+    def train_result(self, handle):
+        assert handle == self.train_handle
+        self.learner_version += 1
+        return {"episodes": G * len(self.trained_refs[-1]), "loss": 0.5}
+
+    def send_weights(self):
+        # The workers load a sent version between engine batches: groups dispatched from here on
+        # carry it, groups already in flight keep the version they started with.
+        self.sent.append(self.learner_version)
+        self.worker_version = [self.learner_version] * self.num_workers
+        return SimpleNamespace(version=self.learner_version)
+
+    def wait_weights(self, send):
+        if send is not None:
+            self.waited.append(send.version)
+
+    def sleep_engines(self):
+        self.engine_events.append("sleep")
+
+    def wake_engines(self):
+        self.engine_events.append("wake")
+
+    def engine_calls(self):
+        return float(self.dispatches)
+
+
+def _loop(rollouts, total_steps=3, groups_per_step=2, max_failures=3, sampler=None):
+    sampler = sampler or TaskSampler(SamplerConfig(tasks=["click-test", "click-button"]), seed=0)
+    steps = []
+    ledger = Ledger(sampler, max_failures)
+    progress = Progress()
+
+    def on_step(done):  # what the driver's on_step does first: the books
+        steps.append(done)
+        ledger.trained(progress.step, done.batch, done.learner_metrics, done.version_before)
+
+    return Loop(rollouts, ledger, progress, total_steps, groups_per_step, G, on_step), steps
+
+
+def _every_index_once(ledger: Ledger) -> list[int]:
+    trained = [i[2] for r in ledger.steps for i in r.instances]
+    dropped = [d[2] for d in ledger.accounting.dropped_instances]
+    return sorted(trained + dropped)
+
+
+def test_sync_trains_on_policy_and_hands_the_learner_refs_only():
+    rollouts = FakeRollouts(2)
+    loop, steps = _loop(rollouts)
+    SyncScheduler(loop).run()
+    assert loop.progress.step == 3 and loop.progress.version == 3
+    assert [d.version_before for d in steps] == [0, 1, 2]
+    for done, refs in zip(steps, rollouts.trained_refs):
+        assert all(v == done.version_before for f in done.batch for v in f.meta.trainable_versions)  # on-policy
+        assert refs == [f.ref for f in done.batch] and all(r[0] == "ref" for r in refs)  # by reference
+    assert rollouts.waited == [1, 2, 3]  # every step waited until every worker loaded v+1
+    acc = loop.ledger.accounting
+    assert acc.trained == acc.returned == 3 * 2 * G and acc.groups_trained == 6
+    assert loop.ledger.sampler.unsettled() == [] and _every_index_once(loop.ledger) == list(range(6))
+    assert not loop.in_flight
+
+
+def test_sync_colocated_engines_sleep_only_while_the_learner_trains():
+    rollouts = FakeRollouts(2)
+    loop, _ = _loop(rollouts, total_steps=2)
+    SyncScheduler(loop, engines_sleep=True).run()
+    assert rollouts.engine_events == ["sleep", "wake", "sleep", "wake"]
+
+
+def test_a_lost_group_is_counted_settled_and_its_worker_gets_the_next_instance():
+    rollouts = FakeRollouts(2, outcome=lambda n, w: "lost" if n == 1 else "ok")
+    loop, steps = _loop(rollouts, total_steps=2)
+    events = []
+    loop.ledger.log_event = events.append
+    SyncScheduler(loop).run()
+    acc = loop.ledger.accounting
+    assert loop.ledger.actor_failures == 1 and events[0]["event"] == "actor_failure"
+    assert [d[3] for d in acc.dropped_instances] == ["actor_failure"]
+    assert all(len(d.batch) == 2 for d in steps)  # the batch was still filled
+    assert len(rollouts.dispatched) == 5  # one re-dispatch for the lost group
+    assert loop.ledger.sampler.unsettled() == [] and _every_index_once(loop.ledger) == list(range(5))
+
+
+def test_redispatch_is_bounded_by_max_actor_failures():
+    rollouts = FakeRollouts(2, outcome=lambda n, w: "lost" if w == 0 else "ok")  # worker 0 always fails
+    loop, _ = _loop(rollouts, total_steps=5, max_failures=2)
+    with pytest.raises(TrainingError, match="3 rollout-worker failures; last: worker 0 died"):
+        SyncScheduler(loop).run()
+    assert loop.ledger.actor_failures == 3
+
+
+def test_failed_groups_are_dropped_and_a_mismatched_episode_stops_the_run():
+    rollouts = FakeRollouts(1, outcome=lambda n, w: "failed" if n == 0 else "ok")
+    loop, _ = _loop(rollouts, total_steps=1, groups_per_step=1)
+    SyncScheduler(loop).run()
+    acc = loop.ledger.accounting
+    assert acc.dropped["failed_group"] == G and acc.groups_dropped["failed_group"] == 1 and acc.trained == G
+    rollouts = FakeRollouts(1, outcome=lambda n, w: "mismatch")
+    loop, _ = _loop(rollouts, total_steps=1, groups_per_step=1)
+    with pytest.raises(TrainingError, match="an env server started the wrong episode: EnvEpisodeMismatchError"):
+        SyncScheduler(loop).run()
+
+
+def test_async_drops_stale_groups_and_every_index_has_one_fate():
+    # Three workers, batches of one, max_staleness 0: the groups dispatched before a step's new
+    # weights reached the workers are one version behind by the time they would be trained.
+    rollouts = FakeRollouts(3)
+    loop, steps = _loop(rollouts, total_steps=3, groups_per_step=1)
+    AsyncScheduler(loop, max_staleness=0).run()
+    acc = loop.ledger.accounting
+    assert loop.progress.step == 3 and rollouts.learner_version == 3
+    assert acc.dropped["stale"] > 0 and acc.groups_dropped["stale"] == acc.dropped["stale"] // G
+    for done in steps:  # nothing older than max_staleness was trained
+        assert all(done.version_before - v <= 0 for f in done.batch for v in f.meta.trainable_versions)
+        assert done.overlap is not None and "rollout_in_flight_during_train" in done.extra
+    assert sum(d.extra["groups_dropped_stale"] for d in steps) <= acc.groups_dropped["stale"]
+    # the drain: groups in flight at the end are counted as run_ended; nothing is left in flight
+    assert acc.groups_dropped["run_ended"] >= 1 and not loop.in_flight and not rollouts.pending
+    assert acc.returned == acc.trained + sum(acc.dropped.values())
+    assert _every_index_once(loop.ledger) == list(range(len(rollouts.dispatched)))
+    assert loop.ledger.sampler.unsettled() == []
+
+
+def test_async_with_staleness_trains_without_dropping_and_loses_a_worker_at_the_end():
+    # The last dispatch's worker dies while the run drains: recorded, not counted as a failure.
+    rollouts = FakeRollouts(2, outcome=lambda n, w: "lost_at_end" if n >= 6 else "ok")
+    loop, steps = _loop(rollouts, total_steps=2, groups_per_step=2)
+    AsyncScheduler(loop, max_staleness=1).run()
+    acc = loop.ledger.accounting
+    assert acc.dropped["stale"] == 0 and len(steps) == 2
+    assert "actor_failure" in [d[3] for d in acc.dropped_instances] and loop.ledger.actor_failures == 0
+
+
+def test_async_error_in_a_step_clears_the_groups_in_flight():
+    rollouts = FakeRollouts(2)
+    loop, _ = _loop(rollouts, total_steps=3, groups_per_step=1)
+
+    def interrupt(done):
+        raise KeyboardInterrupt("test")
+
+    loop.on_step = interrupt
+    with pytest.raises(KeyboardInterrupt):
+        AsyncScheduler(loop, max_staleness=1).run()
+    assert not loop.in_flight  # close() stops the workers; nothing is waited for
+
+
+def test_resume_reissues_the_groups_in_flight_at_the_checkpoint():
+    # A first run hands out 4 instances and trains 2; its cursor keeps the other 2 unsettled.
+    first, _ = _loop(FakeRollouts(2), total_steps=1, groups_per_step=2)
+    sampler = first.ledger.sampler
+    handed = [sampler.next() for _ in range(4)]
+    for inst in handed[:2]:
+        sampler.settle(inst.index)
+    cursor = first.ledger.cursor(step=1, version=1)
+    assert [i[2] for i in cursor["unsettled_instances"]] == [2, 3]
+
+    resumed_sampler = TaskSampler(SamplerConfig(tasks=["click-test", "click-button"]), seed=0)
+    rollouts = FakeRollouts(2)
+    loop, _ = _loop(rollouts, total_steps=3, groups_per_step=2, sampler=resumed_sampler)
+    loop.progress.step = loop.ledger.resume(cursor)
+    AsyncScheduler(loop, max_staleness=2).run()
+    # the unsettled instances are played first, as the same task instance
+    assert [(t, s) for _, t, s in rollouts.dispatched[:2]] == [(i.task, i.seed) for i in handed[2:]]
+    trained = [i[2] for r in loop.ledger.steps for i in r.instances]
+    assert {2, 3} <= set(trained) and len(trained) == len(set(trained))
+    assert _every_index_once(loop.ledger) == list(range(2, 2 + len(rollouts.dispatched)))
+
+
+def test_step_figures_come_from_metadata_and_difference_the_worker_counters():
+    from cluster.accounting import Finished, StepFigures
+    from cluster.scheduler import StepDone
+
+    def meta(task, versions, success, ret, status="finished"):
+        eps = tuple(EpisodeMeta(status, s, r, status != "failed", v) for v, s, r in zip(versions, success, ret))
+        return GroupMeta(f"g-{task}", task, 1, eps)
+
+    batch = [Finished(meta("a", [(3, 4), (4,)], [True, False], [1.0, 0.0]), ("ref", 0), SimpleNamespace(index=0)),
+             Finished(meta("b", [(4,), (2,)], [True, False], [1.0, 0.5], "finished"), ("ref", 1), SimpleNamespace(index=1))]
+    done = StepDone(batch, {"episodes": 4, "tokens": 100.0, "loss": 0.25}, 4, 1.0, 2.0, 0.5, 4.0,
+                    {"groups_dropped_stale": 1.0})
+    figures = StepFigures()
+    first = figures.record(done, 5, [{"episodes_started": 6, "steps": 10}, {"episodes_started": 2}], 4, 8.0, 2.0)
+    assert first["episodes_started"] == 8 and first["env_steps"] == 10
+    assert first["success_rate"] == 0.5 and first["reward_mean"] == 2.5 / 4
+    assert first["policy_lag_max"] == 2.0 and first["policy_lag_mean"] == (1 + 0 + 0 + 0 + 2) / 5
+    assert first["task/a/success_rate"] == 0.5 and first["task/b/reward_mean"] == 0.75
+    assert first["learner/loss"] == 0.25 and first["tokens_per_s"] == 25.0 and first["groups_dropped_stale"] == 1.0
+    assert first["learner_idle_frac"] == 0.75 and first["tasks"] == ["a", "b"] and first["policy_version"] == 5
+    second = figures.record(done, 6, [{"episodes_started": 9, "steps": 12}, {"episodes_started": 2}], 8, 16.0, 4.0)
+    assert second["episodes_started"] == 3 and second["env_steps"] == 2  # per step, not cumulative
