@@ -182,37 +182,44 @@ class RolloutWorker:
         self._started = time.monotonic()
         self._last_group_window: tuple[float, float] | None = None
         try:
-            # --- env servers: embedded pool by default, remote URLs by configuration ---
-            if env_urls:
-                urls = [str(u) for u in env_urls]
-            else:
-                from envs.browsergym.pool import EnvServerPool
-
-                self._pool = EnvServerPool(num_servers=rollout_config.num_sessions, env_config=env_config)
-                urls = list(self._pool.urls)
-            # K sessions spread over the servers (sessions inside one server run one at a time).
-            self._urls = urls
-            self._slots = [_Slot(i, urls[i % len(urls)]) for i in range(rollout_config.num_sessions)]
-            self._free: queue.Queue[_Slot] = queue.Queue()
-            for slot in self._slots:
-                self._free.put(slot)
-
-            # --- engine and the batcher in front of it ---
-            from actors.engines import create_engine
-
-            self.engine = create_engine(engine_config)
-            # Weight loads take the engine lock (never mid-batch); an object-store fetch does not.
-            self._receivers = Receivers(self.engine, self._engine_lock)
-            self._batcher = GenerationBatcher(
-                self.engine, rollout_config.sampling, rollout_config.engine_timeout_s, self._engine_lock,
-            )
-            self._executor = ThreadPoolExecutor(
-                max_workers=rollout_config.num_sessions, thread_name_prefix=f"rollout-{self.worker_id}"
-            )
-            self._writer = TrajectoryWriter(self.run_dir / "trajectories") if rollout_config.write_parquet else None
+            self._start_env_sessions(env_urls, env_config)
+            self._start_engine(engine_config)
         except BaseException:
             self.close()
             raise
+
+    def _start_env_sessions(self, env_urls: Sequence[str] | None, env_config: Any) -> None:
+        """The env servers (an embedded pool by default, remote URLs by configuration) and K
+        session slots spread over them (sessions inside one server run one at a time)."""
+        rollout_config = self.config
+        if env_urls:
+            urls = [str(u) for u in env_urls]
+        else:
+            from envs.browsergym.pool import EnvServerPool
+
+            self._pool = EnvServerPool(num_servers=rollout_config.num_sessions, env_config=env_config)
+            urls = list(self._pool.urls)
+        self._urls = urls
+        self._slots = [_Slot(i, urls[i % len(urls)]) for i in range(rollout_config.num_sessions)]
+        self._free: queue.Queue[_Slot] = queue.Queue()
+        for slot in self._slots:
+            self._free.put(slot)
+
+    def _start_engine(self, engine_config: Any) -> None:
+        """The engine, the batcher in front of it, the episode threads and the Parquet writer."""
+        from actors.engines import create_engine
+
+        rollout_config = self.config
+        self.engine = create_engine(engine_config)
+        # Weight loads take the engine lock (never mid-batch); an object-store fetch does not.
+        self._receivers = Receivers(self.engine, self._engine_lock)
+        self._batcher = GenerationBatcher(
+            self.engine, rollout_config.sampling, rollout_config.engine_timeout_s, self._engine_lock,
+        )
+        self._executor = ThreadPoolExecutor(
+            max_workers=rollout_config.num_sessions, thread_name_prefix=f"rollout-{self.worker_id}"
+        )
+        self._writer = TrajectoryWriter(self.run_dir / "trajectories") if rollout_config.write_parquet else None
 
     # --- the driver's API --------------------------------------------------------------------
 

@@ -7,7 +7,8 @@ Every import statement counts, the ones inside functions too (a lazy import is s
   `weightsync/`;
 - `envs/` imports none of the roles or the driver (env servers run without them);
 - `weightsync/` imports neither role (each role plugs its own model into it);
-- no import cycle between modules of the project.
+- no import cycle between modules of the project;
+- no function longer than 60 lines.
 """
 
 from __future__ import annotations
@@ -130,3 +131,19 @@ def test_the_checker_sees_lazy_and_relative_imports(tmp_path):
     modules = {"actors.x": tmp_path / "x.py", "learner.y": tmp_path / "y.py"}
     (tmp_path / "x.py").write_text("def f():\n    from learner.y import z\n    return z\n")
     assert _imports(modules["actors.x"], "actors.x", modules) == {"learner.y"}
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_function_is_longer_than_a_screen():
+    # A function that does not fit on a screen hides its steps; split it into named ones.
+    long = []
+    for base in (*PACKAGES, "bench", "tests", "scripts"):
+        for path in sorted((ROOT / base).rglob("*.py")) if (ROOT / base).is_dir() else []:
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = node.end_lineno - node.lineno + 1
+                    if lines > MAX_FUNCTION_LINES:
+                        long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(long)
