@@ -14,7 +14,8 @@ bound of about +0.03). The warm start is the same in both evaluations, so the ri
 
 Numbers: with the preset's N = 40, the measured `make run` gave 0.42 [0.29, 0.58] -> 0.78
 [0.62, 0.88], difference +0.35 [+0.14, +0.52] (bench/results/local_learning_run.json); this test,
-run once on the same loaded machine: 0.35 -> 0.95 (n=40 each), passed in 9 min 15 s. A smaller
+run once on the same loaded machine with the preset's resets: 0.35 -> 0.95 (n=40 each), passed in
+9 min 15 s; with in-page resets (below): 0.35 -> 0.875, difference +0.53 [+0.32, +0.67], in 131 s. A smaller
 variant (12 demonstrations, N = 32) was tried: its demonstrations happened to favour the right
 button more, so "before" started at 0.66 and left too little room for a certain margin; the
 demonstrations (16, seeded) are therefore the preset's.
