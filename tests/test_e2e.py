@@ -4,6 +4,10 @@ transformers engines, 2 rollout workers, the learner, >= 3 learner steps.
 Runs go through `cluster.driver.train` inside the test process, on the session's Ray cluster (the
 driver joins a running Ray instead of starting one). Each run is started once per module and its
 run folder and summary are inspected by several tests.
+
+The sync run places its env servers as CPU-only Ray actors (the cluster layout); the async run
+keeps the local preset's embedded servers (subprocesses of each worker). The ray-actor layout had
+a separate 1-step run of its own (52 s of a loaded 2-core machine); it is checked on the sync run.
 """
 
 from __future__ import annotations
@@ -88,14 +92,23 @@ def check_common(summary: dict, run_dir, steps: int, workers: int = 2) -> None:
 @pytest.fixture(scope="module")
 def sync_run(ray_cluster, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("sync") / "run"
-    cfg = local_config(run_dir, **{"cluster.total_steps": 3, "cluster.run_name": "e2e-sync"})
-    scraped: dict[str, str] = {}
+    cfg = local_config(run_dir, **{
+        "cluster.total_steps": 3, "cluster.run_name": "e2e-sync",
+        "cluster.env_placement": "ray_actors", "cluster.env_servers_per_worker": 1, "cluster.env_server_num_cpus": 0.5,
+    })
+    scraped: dict = {}
 
     def during_run(trainer, step):
         # While the run is live (actors up, step 1 logged): the custom metrics must be on the
         # cluster's metrics endpoint. Ray exports every few seconds; wait up to 60 s.
         if step != 1:
             return
+        import ray
+
+        scraped["hosts"] = len(trainer.env_hosts)
+        scraped["urls"] = [u for h in trainer.env_hosts for u in ray.get(h.urls.remote())]
+        scraped["worker_urls"] = [u for w in trainer.workers for u in ray.get(w.env_urls.remote())]
+        scraped["worker_pids"] = [p for w in trainer.workers for p in ray.get(w.env_server_pids.remote())]
         deadline = time.monotonic() + 60
         text = ""
         while time.monotonic() < deadline:
@@ -134,6 +147,17 @@ def test_custom_metrics_on_the_cluster_metrics_endpoint(sync_run):
     for name in ("ray_bgrpo_episodes_started", "ray_bgrpo_env_steps", "ray_bgrpo_success_rate",
                  "ray_bgrpo_reward_mean", "ray_bgrpo_learner_step_s_bucket", "ray_bgrpo_weight_sync_s_count"):
         assert name in text, name
+
+
+def test_env_servers_as_ray_actors(sync_run):
+    """Env servers as CPU-only Ray actors (cluster.env_placement = ray_actors): one host per
+    worker, the workers use exactly the hosts' servers, and no worker embeds a server."""
+    summary, _, seen = sync_run
+    assert seen["hosts"] == 2
+    assert sorted(seen["worker_urls"]) == sorted(seen["urls"])  # workers use the hosts' servers
+    assert all(u.startswith("http://127.0.0.1:") for u in seen["urls"])  # one node: loopback only
+    assert seen["worker_pids"] == [None, None]  # no embedded servers in the workers
+    assert summary["accounting"]["balanced"] and summary["worker_versions"] == [summary["learner_version"]] * 2
 
 
 def test_trained_groups_are_instances_of_the_sampler(sync_run):

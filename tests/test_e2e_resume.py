@@ -1,5 +1,11 @@
 """A run interrupted (Ctrl-C) right after a checkpoint, then resumed with `--resume RUN_DIR`: the
-step count and the data cursor continue, no task instance is trained twice, nothing is left running."""
+step count and the data cursor continue, no task instance is trained twice, nothing is left running.
+
+Both runs use the browser-free recorded env (real env servers, sessions, Ray workers and learner;
+no Chromium): what is checked here is the driver's checkpoint, cursor and shutdown, which do not
+depend on the page. On Chromium the sync interrupt + resume took 164 s of a loaded 2-core machine
+(--durations) against ~60 s; the browser's own clean-up on Ctrl-C is tests/test_env_pool.py's, and
+the session's no-orphan check (tests/fixtures/env.py) fails the suite if a browser outlives it."""
 
 from __future__ import annotations
 
@@ -10,16 +16,18 @@ import pytest
 from cluster import config as C
 from cluster import driver
 from cluster.metrics import read_metrics
-from tests.test_e2e import local_config
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow]
+pytestmark = pytest.mark.slow  # no browser: both runs are on the recorded env
 
 
 def test_interrupt_after_checkpoint_then_resume(ray_cluster, tmp_path):
     import ray
 
+    from tests.test_recorded_env import recorded_config
+
     run_dir = tmp_path / "run"
-    cfg = local_config(run_dir, **{"cluster.total_steps": 4, "checkpoint.every_steps": 2})
+    cfg = recorded_config(run_dir, **{"cluster.total_steps": 4, "checkpoint.every_steps": 2,
+                                      "cluster.run_name": "sync-resume"})
 
     def interrupt(trainer, step):
         if step == 2:  # after step 2's checkpoint was written

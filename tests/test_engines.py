@@ -1,7 +1,9 @@
 """Both engine backends (transformers, vLLM on CPU) on the same tiny text model and the same tiny VLM.
 
 Each (backend, model) engine starts once per module (a vLLM engine costs ~20-60 s to start on two
-cores); pytest orders the tests so only one engine is alive at a time. A transformers model loaded
+cores); pytest orders the tests so only one of this module's engines is alive at a time. The vLLM
+engine on the VLM is the session's shared one (tests/fixtures/engines.py: max_model_len 2048, the
+other engines here 256), also used by tests/test_rollout_vllm.py and test_sampling_consistency.py. A transformers model loaded
 straight from the folder is the independent reference: teacher-forced logprobs, greedy argmax, and
 the effect of a weight update.
 
@@ -33,11 +35,11 @@ CASES = [("transformers", "text"), ("vllm", "text"), ("transformers", "vl"), ("v
 class Case:
     """One engine under test plus its independent reference model."""
 
-    def __init__(self, backend: str, kind: str, model_path: pathlib.Path) -> None:
+    def __init__(self, backend: str, kind: str, model_path: pathlib.Path, engine=None) -> None:
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
         self.backend, self.kind, self.model_path = backend, kind, model_path
-        self.engine = create_engine(
+        self.engine = engine or create_engine(
             EngineConfig(
                 model=str(model_path), backend=backend, max_model_len=MAX_MODEL_LEN, dtype="float32", max_num_seqs=8
             )
@@ -107,11 +109,17 @@ def processed_logprobs(logits: torch.Tensor, tokens: list[int], temperature: flo
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{b}-{k}" for b, k in CASES])
-def case(request, tiny_text_model, tiny_vl_model):
+def case(request, tiny_text_model, tiny_vl_model, shared_vllm_vl_engine):
     backend, kind = request.param
-    c = Case(backend, kind, tiny_vl_model if kind == "vl" else tiny_text_model)
+    shared = (backend, kind) == ("vllm", "vl")
+    c = Case(backend, kind, tiny_vl_model if kind == "vl" else tiny_text_model,
+             engine=shared_vllm_vl_engine.get() if shared else None)
     yield c
-    c.engine.close()
+    if shared:
+        # The tests put the original weights back (`_restore`) for the engine's later users.
+        shared_vllm_vl_engine.release(request)
+    else:
+        c.engine.close()
 
 
 def _restore(case: Case) -> None:
@@ -292,7 +300,9 @@ def _bad_requests(case: Case) -> list[tuple[str, list[ChatRequest], SamplingSett
     cases = [
         ("no messages", [ChatRequest(messages=[])], ok),
         ("max_new_tokens", case.requests()[:1], SamplingSettings(max_new_tokens=0)),
-        ("context is", [ChatRequest(messages=[{"role": "user", "content": "click " * 400}])], ok),
+        # longer than the engine's context (256 tokens here, 2048 for the shared vLLM engine)
+        ("context is", [ChatRequest(messages=[{"role": "user", "content": "click " * (case.engine.max_model_len + 100)}])],
+         ok),
         ("1 image part", [ChatRequest(messages=image_msg)], ok),
         ("not a decodable", [ChatRequest(messages=image_msg, images=[b"\x89PNG but not really"])], ok),
         ("PIL.Image or PNG", [ChatRequest(messages=image_msg, images=[[1, 2, 3]])], ok),

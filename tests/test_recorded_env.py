@@ -1,6 +1,7 @@
 """The browser-free `recorded.click-button` environment: its rules in-process, the same server,
 pool and WebSocket client as BrowserGym with no browser started, config validation, and a
-whole training run (driver, Ray workers, learner) on it. It is what GPU machines without
+colocated training run (driver, Ray workers, learner) on it (the plain run is
+tests/test_run_outputs.py's). It is what GPU machines without
 Chromium run; here it also gives a fast end-to-end check of everything but the browser."""
 
 from __future__ import annotations
@@ -122,15 +123,6 @@ def test_colocated_run_sleeps_the_engine_while_the_learner_trains(ray_cluster, t
     assert [r["engine_sleeps"] for r in steps if "engine_sleeps" in r] == [1.0, 1.0]  # one per step
 
 
-def test_training_run_on_the_recorded_env(ray_cluster, tmp_path):
-    """The local preset's whole loop (2 Ray rollout workers, env servers as subprocesses, the
-    tiny VLM, the learner) on the recorded page: every step trains and every worker ends on the
-    learner's version."""
-    from cluster import driver
-
-    run_dir = tmp_path / "run"
-    summary = driver.train(recorded_config(run_dir, **{"cluster.run_name": "recorded-e2e"}), run_dir)
-    assert summary["steps"] == 2 and summary["learner_version"] == 2
-    assert summary["worker_versions"] == [2, 2]
-    acc = summary["accounting"]
-    assert acc["balanced"] and acc["trained"] > 0, acc
+# The plain training run on this env (2 Ray rollout workers, env servers as subprocesses, the tiny
+# VLM, the learner) is tests/test_run_outputs.py's module run; its
+# `test_training_run_on_the_recorded_env` checks what a separate 2-step run here used to.

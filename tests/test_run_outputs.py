@@ -116,6 +116,18 @@ def _assert_series(read: dict[str, dict[int, float]], expected: dict[str, dict[i
     assert read["policy_version"] == {s: float(s) for s in range(1, STEPS + 1)}
 
 
+def test_training_run_on_the_recorded_env(outputs_run):
+    """The local preset's whole loop (2 Ray rollout workers, env servers as subprocesses, the
+    tiny VLM, the learner) on the recorded page: every step trains and every worker ends on the
+    learner's version. (It had its own 2-step run in tests/test_recorded_env.py; this module's run
+    is the same loop with trackers on, so one run serves both.)"""
+    summary = outputs_run["summary"]
+    assert summary["steps"] == STEPS and summary["learner_version"] == STEPS
+    assert summary["worker_versions"] == [STEPS, STEPS]
+    acc = summary["accounting"]
+    assert acc["balanced"] and acc["trained"] > 0, acc
+
+
 # --- trackers ----------------------------------------------------------------------------------------
 
 

@@ -67,9 +67,14 @@ def _max_diff(scored, group) -> tuple[float, int]:
 
 
 @pytest.fixture(scope="module", params=["transformers", "vllm"])
-def rollout(request, tiny_vl_model):
+def rollout(request, tiny_vl_model, shared_vllm_vl_engine):
     if request.param == "vllm":
-        pytest.importorskip("vllm")  # installed in the project's venv (cpu extra)
+        # The session's vLLM engine on this model and these settings (tests/fixtures/engines.py);
+        # its earlier users put the original weights back, which the learner below starts from.
+        try:
+            return request.param, _rollout(shared_vllm_vl_engine.get())
+        finally:
+            shared_vllm_vl_engine.release(request)
     from actors.engines import EngineConfig, create_engine
 
     engine = create_engine(EngineConfig(model=str(tiny_vl_model), backend=request.param,
