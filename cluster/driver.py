@@ -340,7 +340,7 @@ def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
 USAGE = """usage: bgrpo train [--config NAME|PATH] [--resume RUN_DIR] [--dry-run] [--SECTION.FIELD VALUE ...]
 
 Train a policy with GRPO on BrowserGym tasks: locally (starts a fresh Ray) or inside `ray job submit`.
-Presets: configs/<name>.yaml or a path; `local` is built in. --dry-run validates and prints the
+Presets: a name in cluster/presets/ (local, gpu-smoke, ...) or a path. --dry-run validates and prints the
 resolved configuration (derived fields included) as YAML, then exits without starting Ray.
 """
 
