@@ -12,10 +12,16 @@ from cluster import driver
 from cluster.config import ClusterConfig
 
 
-def test_bad_config_fails_before_ray_starts(capsys):
+def test_bad_config_fails_before_ray_starts(capsys, monkeypatch):
     import ray
 
-    assert not ray.is_initialized()
+    # Independent of test order (a session Ray may already run): any attempt to start or join
+    # Ray during these calls fails the test.
+    def no_ray(*args, **kwargs):
+        raise AssertionError("ray.init was called for a bad config")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    was_initialized = ray.is_initialized()
     assert driver.main(["--config", "local", "--cluster.mode", "fast"]) == 2
     assert driver.main(["--config", "local", "--sampler.tasks", "[click-tset]"]) == 2
     assert driver.main(["--config", "no-such-preset"]) == 2
@@ -23,7 +29,7 @@ def test_bad_config_fails_before_ray_starts(capsys):
     assert "cluster.mode: 'fast' is not one of" in err
     assert "did you mean miniwob.click-test" in err
     assert "unknown preset 'no-such-preset'" in err
-    assert not ray.is_initialized()  # nothing was started
+    assert ray.is_initialized() == was_initialized  # nothing was started
 
 
 def test_help_lists_fields(capsys):
