@@ -259,6 +259,9 @@ class Trainer:
     def finish(self) -> dict[str, Any]:
         """Closes the books, checks the invariants, writes summary.json and the plots."""
         stats = self.fleet.worker_stats()
+        dead = [f"w{i}" for i, s in enumerate(stats) if s.get("dead")]
+        if dead:  # died after its last group: nothing re-issued it, so nothing replaced it
+            raise TrainingError(f"rollout workers {dead} died at the end of the run")
         worker_versions = [int(s["policy_version"]) for s in stats]
         learner_version = self.fleet.learner_version(timeout=60)
         self.accounting.finalize(sum(int(s["episodes_started"]) for s in stats))

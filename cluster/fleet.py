@@ -220,7 +220,7 @@ class Fleet:
                 try:
                     stats.append(ray.get(ref, timeout=timeout))
                 except ray.exceptions.RayActorError:
-                    stats.append(self.last_stats.get(i, {}))
+                    stats.append({**self.last_stats.get(i, {}), "dead": True})
         self.last_stats.update(enumerate(stats))
         return stats
 
@@ -302,8 +302,24 @@ class WeightSyncWiring:
         return pending
 
     def wait(self, pending: Any) -> None:
-        """Waits for `send`'s sync everywhere (the learner's error first; versions checked)."""
-        self.sync_impl.wait(pending)
+        """Waits for `send`'s sync everywhere (the learner's error first; versions checked). A
+        worker that died meanwhile is not waited for: the scheduler learns of its death from its
+        group and its replacement loads the current version (`replace_worker`)."""
+        import ray
+
+        try:
+            self.sync_impl.wait(pending)
+        except ray.exceptions.RayActorError:
+            if pending is None:
+                raise
+            for i, ref in enumerate(pending.receiver_refs):
+                try:
+                    if ref is not None:
+                        ray.get(ref, timeout=self.sync_impl.rpc_timeout_s)
+                except ray.exceptions.RayActorError:
+                    log.warning("rollout worker w%d died during a weight sync", i)
+                    pending.receiver_refs[i] = None
+            self.sync_impl.wait(pending)  # the live ones (and the learner: its death still raises)
         if pending in self.outstanding:
             self.outstanding.remove(pending)
 
