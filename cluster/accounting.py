@@ -11,7 +11,8 @@ No Ray here: the schedulers (cluster/scheduler.py) and their unit tests drive it
 
 from __future__ import annotations
 
-from collections import Counter
+import time
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -31,7 +32,10 @@ class Accounting:
     - stale: groups older than max_staleness when the learner would take them;
     - learner_filtered: dropped by the learner (failed episodes, groups below min_group_size,
       zero-variance groups when configured);
-    - run_ended: groups that finished after the last learner step (async in-flight, sync spares).
+    - run_ended: groups that finished after the last learner step (async in-flight, sync spares);
+    - worker_died: episodes of groups in flight on a worker whose actor died (its stats died with
+      it): counted as started and dropped; the group itself is re-issued to the worker's
+      replacement with the same task and seed.
     """
 
     started: int = 0
@@ -42,6 +46,8 @@ class Accounting:
     groups_trained: int = 0
     groups_dropped: Counter = field(default_factory=Counter)
     eval_episodes: int = 0
+    retired_started: int = 0
+    """Episodes started by workers that died (no longer in the live workers' stats)."""
     dropped_instances: list[tuple[str, int, int, str]] = field(default_factory=list)
     """(task, seed, sampler index, reason) of every dropped group, for the record of the run."""
 
@@ -50,10 +56,18 @@ class Accounting:
         self.groups_dropped[reason] += 1
         self.dropped_instances.append((meta.task, meta.seed, index, reason))
 
+    def worker_retired(self, last_started: int, returned_by_it: int, lost_episodes: int) -> None:
+        """A dead worker's episodes, which no live worker's stats report any more: those of its
+        groups in flight (`lost_episodes`, started and dropped as worker_died) plus the rest it
+        started, at least what it returned (its last known `episodes_started` may be older than
+        its last group); the difference to what it returned stays a rerun_attempt drop."""
+        self.dropped["worker_died"] += lost_episodes
+        self.retired_started += max(last_started, returned_by_it + lost_episodes)
+
     def finalize(self, worker_started: int) -> None:
-        """Closes the books once no group is in flight."""
-        self.started = worker_started
-        self.dropped["rerun_attempt"] = worker_started - self.returned
+        """Closes the books once no group is in flight (`worker_started`: the live workers')."""
+        self.started = worker_started + self.retired_started
+        self.dropped["rerun_attempt"] = self.started - self.returned - self.dropped["worker_died"]
 
     @property
     def balanced(self) -> bool:
@@ -68,6 +82,7 @@ class Accounting:
             "groups_trained": self.groups_trained,
             "groups_dropped": dict(self.groups_dropped),
             "eval_episodes": self.eval_episodes,
+            "retired_started": self.retired_started,
             "balanced": self.balanced,
         }
 
@@ -102,10 +117,18 @@ class Ledger:
     instance is never re-issued on resume), plus the records a checkpoint's cursor keeps."""
 
     def __init__(self, sampler: Any, max_actor_failures: int,
-                 log_event: Callable[[dict[str, Any]], None] = lambda record: None) -> None:
+                 log_event: Callable[[dict[str, Any]], None] = lambda record: None,
+                 restart_budget: int = 0, restart_window_s: float = 3600.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.sampler = sampler
         self.max_actor_failures = max_actor_failures
         self.log_event = log_event
+        self.restart_budget = restart_budget
+        self.restart_window_s = restart_window_s
+        self.clock = clock
+        self.worker_restarts = 0
+        self._restart_times: deque[float] = deque()
+        """When each restart within the window happened (the budget is per sliding window)."""
         self.accounting = Accounting()
         self.steps: list[StepRecord] = []
         self.actor_failures = 0
@@ -140,6 +163,31 @@ class Ledger:
         self.log_event({"event": "actor_failure", "error": str(error)[:500], "actor_failures": 1.0})
         if self.actor_failures > self.max_actor_failures:
             raise TrainingError(f"{self.actor_failures} rollout-worker failures; last: {error}") from error
+
+    def allow_restart(self, worker: str, error: BaseException) -> None:
+        """A worker's actor died: one restart is taken from the budget (`restart_budget` per
+        `restart_window_s`), or the run ends naming the worker and its last error."""
+        now = self.clock()
+        while self._restart_times and now - self._restart_times[0] > self.restart_window_s:
+            self._restart_times.popleft()
+        if len(self._restart_times) >= self.restart_budget:
+            raise TrainingError(
+                f"rollout worker {worker} died and the restart budget is used up ({len(self._restart_times)} of "
+                f"{self.restart_budget} restarts within {self.restart_window_s:g} s, cluster.worker_restart_budget "
+                f"/ worker_restart_window_s); last error: {error}") from error
+        self._restart_times.append(now)
+
+    def worker_replaced(self, worker: str, error: BaseException, retired: dict[str, Any],
+                        lost_instances: Sequence[Any], group_size: int) -> None:
+        """A dead worker was replaced: counted, its episodes kept in the books (`retired`: its last
+        known stats and what it returned, see `RayRollouts.restart`), its groups in flight
+        (`lost_instances`, re-issued by the caller) counted as worker_died episodes."""
+        self.worker_restarts += 1
+        self.accounting.worker_retired(int(retired.get("episodes_started", 0)), int(retired.get("episodes_returned", 0)),
+                                       len(lost_instances) * group_size)
+        self.log_event({"event": "worker_restart", "worker": worker, "error": str(error)[:500],
+                        "reissued": [[i.task, i.seed, i.index] for i in lost_instances],
+                        "worker_restarts_total": float(self.worker_restarts)})
 
     def lost_at_end(self, instance: Any) -> None:
         """A group in flight at the end whose worker died: its episodes are in its stats."""

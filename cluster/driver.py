@@ -74,7 +74,11 @@ class Trainer:
         self.fleet = Fleet(config, self.run_dir)
         self.weights = WeightSyncWiring(self.fleet)
         self.sampler = TaskSampler(config.sampler, seed=config.cluster.seed)
-        self.ledger = Ledger(self.sampler, config.cluster.max_actor_failures, self._log_event)
+        self.ledger = Ledger(self.sampler, config.cluster.max_actor_failures, self._log_event,
+                             restart_budget=config.cluster.worker_restart_budget,
+                             restart_window_s=config.cluster.worker_restart_window_s)
+        self.restarts_logged = 0
+        """Worker restarts already in a step's `worker_restarts` figure."""
         self.progress = Progress()
         self.figures = StepFigures()
         self.group_size = num_generations(config) or 2
@@ -169,9 +173,12 @@ class Trainer:
         if done.overlap is not None:
             self.async_overlap.append(done.overlap)
         self.ledger.trained(self.step, done.batch, done.learner_metrics, done.version_before)
-        stats = self.fleet.worker_stats()
+        # Replaced workers' last counters stay in the sums (a new worker counts from 0).
+        stats = self.fleet.worker_stats() + self.fleet.retired_stats
         record = self.figures.record(done, self.version, stats, self.accounting.trained,
                                      time.monotonic() - self.t_start, self.progress.learner_busy_s)
+        record["worker_restarts"] = float(self.ledger.worker_restarts - self.restarts_logged)
+        self.restarts_logged = self.ledger.worker_restarts
         self.t_last_step = time.monotonic()
         self.metrics.log(record, step=self.step)
         self.run_index.update({gid: r.step for r in self.steps for gid in r.group_ids})
@@ -252,6 +259,9 @@ class Trainer:
     def finish(self) -> dict[str, Any]:
         """Closes the books, checks the invariants, writes summary.json and the plots."""
         stats = self.fleet.worker_stats()
+        dead = [f"w{i}" for i, s in enumerate(stats) if s.get("dead")]
+        if dead:  # died after its last group: nothing re-issued it, so nothing replaced it
+            raise TrainingError(f"rollout workers {dead} died at the end of the run")
         worker_versions = [int(s["policy_version"]) for s in stats]
         learner_version = self.fleet.learner_version(timeout=60)
         self.accounting.finalize(sum(int(s["episodes_started"]) for s in stats))
@@ -280,6 +290,7 @@ class Trainer:
             "learner_version": learner_version,
             "worker_versions": worker_versions,
             "accounting": self.accounting.as_dict(),
+            "worker_restarts": self.ledger.worker_restarts,
             "trained_steps": [dataclasses.asdict(r) for r in self.steps],
             "trained_before_resume": [list(i) for i in self.ledger.trained_before],
             "dropped_instances": [list(i) for i in self.accounting.dropped_instances],

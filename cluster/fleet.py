@@ -20,7 +20,7 @@ from typing import Any
 from cluster.accounting import TrainingError
 from cluster.models import resolve_model
 from cluster.runenv import offline_env_vars
-from cluster.scheduler import GroupLost
+from cluster.scheduler import GroupLost, WorkerDied
 from core.group_meta import GroupMeta
 
 log = logging.getLogger("bgrpo.driver")
@@ -48,6 +48,10 @@ class Fleet:
         self.env_routing: dict[str, Any] = {}
         self.single_node = True
         """One alive Ray node: env-server hosts bind loopback only."""
+        self.last_stats: dict[int, dict[str, Any]] = {}
+        """Each worker's last stats read (a dead worker's books come from here)."""
+        self.retired_stats: list[dict[str, Any]] = []
+        """Last known stats of workers that died and were replaced (their counters stay counted)."""
 
     def start(self) -> None:
         """Placement groups, learner ranks, env-server hosts, rollout workers (after `init_ray`);
@@ -138,12 +142,33 @@ class Fleet:
         cfg = self.config
         self.engine_cfg = copy.deepcopy(cfg.engine)
         self.engine_cfg.model = self.model_path
-        self.workers = [
-            RolloutWorkerActor.options(**self.placement.rollout_options(i)).remote(
-                f"w{i}", cfg.rollout, self.engine_cfg, cfg.env, str(self.run_dir), self.env_urls[i], **self.env_routing
-            )
-            for i in range(cfg.cluster.num_rollout_workers)
-        ]
+        self.workers = [self.new_worker(i) for i in range(cfg.cluster.num_rollout_workers)]
+
+    def new_worker(self, i: int) -> Any:
+        """Rollout worker i as built at start-up: same name, placement bundle, engine and env
+        servers (a restart builds the same one again)."""
+        from actors.rollout_worker import RolloutWorkerActor
+
+        cfg = self.config
+        return RolloutWorkerActor.options(**self.placement.rollout_options(i)).remote(
+            f"w{i}", cfg.rollout, self.engine_cfg, cfg.env, str(self.run_dir), self.env_urls[i], **self.env_routing
+        )
+
+    def restart_worker(self, i: int) -> dict[str, Any]:
+        """Replaces dead worker i with a new actor at the same placement (its bundle is free once
+        the old process is gone) and waits until it is constructed; returns the dead one's last
+        known stats, which stay counted (`retired_stats`)."""
+        import ray
+
+        try:
+            ray.kill(self.workers[i], no_restart=True)  # already dead: makes sure it never comes back
+        except Exception:  # noqa: BLE001
+            pass
+        retired = dict(self.last_stats.pop(i, {}))
+        self.retired_stats.append(retired)
+        self.workers[i] = self.new_worker(i)
+        ray.get(self.workers[i].get_policy_version.remote(), timeout=600)
+        return retired
 
     def start_eval_worker(self, rollout: Any) -> Any:
         """The evaluation worker (built once): its own GPU share when engines use GPUs (a vLLM
@@ -182,9 +207,22 @@ class Fleet:
         return list(cfg.cluster.env_server_urls)
 
     def worker_stats(self, timeout: float = 60) -> list[dict[str, Any]]:
+        """Every live worker's stats; a worker that died (not yet replaced: the scheduler learns it
+        from its group) reports its last known stats."""
         import ray
 
-        return ray.get([w.stats.remote() for w in self.workers], timeout=timeout)
+        refs = [w.stats.remote() for w in self.workers]
+        try:
+            stats = ray.get(refs, timeout=timeout)
+        except ray.exceptions.RayActorError:
+            stats = []
+            for i, ref in enumerate(refs):
+                try:
+                    stats.append(ray.get(ref, timeout=timeout))
+                except ray.exceptions.RayActorError:
+                    stats.append({**self.last_stats.get(i, {}), "dead": True})
+        self.last_stats.update(enumerate(stats))
+        return stats
 
     def learner_version(self, timeout: float = 600) -> int:
         import ray
@@ -241,6 +279,8 @@ class WeightSyncWiring:
         self.config = fleet.config
         self.sync_impl: Any = None
         """The `weightsync.WeightSync` of this run, after `connect()`."""
+        self.outstanding: list[Any] = []
+        """Sends not yet waited for (a worker replaced meanwhile is taken out of them)."""
 
     def connect(self) -> None:
         from weightsync import make_weight_sync
@@ -257,11 +297,39 @@ class WeightSyncWiring:
 
     def send(self) -> Any:
         """Starts a sync without waiting; the returned `Pending` has the `.version` sent."""
-        return self.sync_impl.send()
+        pending = self.sync_impl.send()
+        self.outstanding.append(pending)
+        return pending
 
     def wait(self, pending: Any) -> None:
-        """Waits for `send`'s sync everywhere (the learner's error first; versions checked)."""
-        self.sync_impl.wait(pending)
+        """Waits for `send`'s sync everywhere (the learner's error first; versions checked). A
+        worker that died meanwhile is not waited for: the scheduler learns of its death from its
+        group and its replacement loads the current version (`replace_worker`)."""
+        import ray
+
+        try:
+            self.sync_impl.wait(pending)
+        except ray.exceptions.RayActorError:
+            if pending is None:
+                raise
+            for i, ref in enumerate(pending.receiver_refs):
+                try:
+                    if ref is not None:
+                        ray.get(ref, timeout=self.sync_impl.rpc_timeout_s)
+                except ray.exceptions.RayActorError:
+                    log.warning("rollout worker w%d died during a weight sync", i)
+                    pending.receiver_refs[i] = None
+            self.sync_impl.wait(pending)  # the live ones (and the learner: its death still raises)
+        if pending in self.outstanding:
+            self.outstanding.remove(pending)
+
+    def replace_worker(self, i: int, worker: Any) -> int:
+        """Worker i was replaced by `worker`: later syncs go to it, it loads the learner's current
+        version now (before it samples), and sends still in flight no longer wait for the dead
+        one (the new one has a version at least as new). Returns the version it loaded."""
+        for pending in self.outstanding:
+            pending.receiver_refs[i] = None
+        return self.sync_impl.replace_receiver(i, worker)
 
     def load_into(self, workers: list[Any]) -> int:
         """The learner's current version into workers outside the sync group (the evaluation
@@ -281,12 +349,16 @@ class RayRollouts:
         self.num_workers = len(fleet.workers)
         self._group_refs: dict[Any, Any] = {}
         """metadata ref -> group ref, for the groups in flight."""
+        self._worker_of: dict[Any, int] = {}
+        self.returned_by = [0] * self.num_workers
+        """Episodes of each worker's collected groups (a dead worker's books, `restart`)."""
         self._train_refs: dict[Any, list[Any]] = {}
         """rank 0's ref -> every rank's ref, for the step in flight."""
 
     def dispatch(self, worker: int, task: str, seed: int, group_size: int) -> Any:
         meta_ref, group_ref = self.fleet.workers[worker].run_group_by_ref.remote(task, seed, group_size)
         self._group_refs[meta_ref] = group_ref
+        self._worker_of[meta_ref] = worker
         return meta_ref
 
     def wait_any(self, handles: list[Any]) -> Any:
@@ -299,10 +371,40 @@ class RayRollouts:
         import ray
 
         group_ref = self._group_refs.pop(handle)
+        worker = self._worker_of.pop(handle)
         try:
-            return ray.get(handle, timeout=self.group_timeout_s), group_ref
+            meta = ray.get(handle, timeout=self.group_timeout_s)
+        except ray.exceptions.RayActorError as e:  # the actor is gone (ActorDiedError), not a failed group
+            raise WorkerDied(str(e)) from e
         except (ray.exceptions.RayError, TimeoutError) as e:
             raise GroupLost(str(e)) from e
+        self.returned_by[worker] += meta.num_episodes
+        return meta, group_ref
+
+    def forget(self, handle: Any) -> None:
+        self._group_refs.pop(handle, None)
+        self._worker_of.pop(handle, None)
+
+    def restart(self, worker: int, error: BaseException) -> dict[str, Any]:
+        """A new actor for dead worker `worker` (`Fleet.restart_worker`), given the current
+        weights and version before the scheduler re-issues its groups. NCCL weight sync is
+        refused: the replacement would have to join the NCCL group, which means re-forming it with
+        every worker (not done); the run ends with a TrainingError naming the worker."""
+        if self.fleet.config.cluster.weight_sync != "object_store":
+            raise TrainingError(
+                f"rollout worker w{worker} died ({error}); restarting a worker needs cluster.weight_sync "
+                f"object_store (with {self.fleet.config.cluster.weight_sync} the weight-sync group would have "
+                "to be re-formed)") from error
+        log.warning("rollout worker w%d died (%s): restarting it", worker, error)
+        try:
+            retired = self.fleet.restart_worker(worker)
+            version = self.weights.replace_worker(worker, self.fleet.workers[worker])
+        except Exception as e:  # noqa: BLE001 - one clear error with the first cause
+            raise TrainingError(f"rollout worker w{worker} died ({error}) and could not be restarted: {e}") from e
+        log.warning("rollout worker w%d restarted at version %d", worker, version)
+        retired["episodes_returned"] = self.returned_by[worker]
+        self.returned_by[worker] = 0
+        return retired
 
     def start_train(self, refs: list[Any]) -> Any:
         # Every rank gets the same list of refs and fetches the groups from the object store.
@@ -332,4 +434,5 @@ class RayRollouts:
         ray.get([w.wake_engine.remote() for w in self.fleet.workers], timeout=600)
 
     def engine_calls(self) -> float:
-        return float(sum(s.get("engine_calls", 0) for s in self.fleet.worker_stats()))
+        stats = self.fleet.worker_stats() + self.fleet.retired_stats
+        return float(sum(s.get("engine_calls", 0) for s in stats))

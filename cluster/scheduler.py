@@ -24,7 +24,12 @@ from core.group_meta import GroupMeta
 
 
 class GroupLost(RuntimeError):
-    """A run_group call that did not return a group (its worker died, raised, or timed out)."""
+    """A run_group call that did not return a group (it raised or timed out)."""
+
+
+class WorkerDied(GroupLost):
+    """A run_group call whose worker's actor is gone (process killed, node lost): the worker is
+    replaced (`Rollouts.restart`, within the restart budget) and its groups are re-issued."""
 
 
 class Rollouts(Protocol):
@@ -59,6 +64,15 @@ class Rollouts(Protocol):
 
     def engine_calls(self) -> float:
         """Engine calls the workers made so far (async: overlap of sampling and training)."""
+
+    def forget(self, handle: Any) -> None:
+        """A dispatched group that will never be collected (its worker died)."""
+
+    def restart(self, worker: int, error: BaseException) -> dict[str, Any]:
+        """Replaces a dead worker by a new one at the same placement, loaded with the learner's
+        current version before it samples; returns the dead one's books: its last known stats and
+        `episodes_returned` (episodes of its groups collected). Raises TrainingError when it
+        cannot (e.g. NCCL weight sync)."""
 
 
 @dataclass
@@ -105,16 +119,35 @@ class Loop:
         inst = self.ledger.sampler.next()
         self.in_flight[self.rollouts.dispatch(worker, inst.task, inst.seed, self.group_size)] = (worker, inst)
 
-    def receive(self, handle: Any) -> tuple[int, Finished | None]:
+    def receive(self, handle: Any) -> tuple[int | None, Finished | None]:
         """(worker, its group) of a finished call; the group is None when it failed or was lost
-        with the worker (both counted)."""
+        (counted). The worker is None when it died and was replaced: its groups were re-issued
+        to the replacement, so it is not free."""
         worker, inst = self.in_flight.pop(handle)
         try:
             meta, ref = self.rollouts.collect(handle)
+        except WorkerDied as e:
+            self.replace(worker, inst, e.__cause__ or e)
+            return None, None
         except GroupLost as e:
             self.ledger.lost(inst, e.__cause__ or e)
             return worker, None
         return worker, self.ledger.receive(meta, ref, inst)
+
+    def replace(self, worker: int, inst: Any, error: BaseException) -> None:
+        """A worker died running `inst`: within the restart budget, a new worker takes its place
+        (current weights loaded) and every group the dead one had in flight is re-issued to it
+        with the same task instance (task, seed, sampler index), so the sampler's order and a
+        resume's cursor are as if nothing happened."""
+        self.ledger.allow_restart(f"w{worker}", error)
+        others = [h for h, (w, _) in self.in_flight.items() if w == worker]
+        lost = [inst] + [self.in_flight.pop(h)[1] for h in others]
+        for h in others:  # handles of the dead actor: never collected, their refs are forgotten
+            self.rollouts.forget(h)
+        retired = self.rollouts.restart(worker, error)
+        self.ledger.worker_replaced(f"w{worker}", error, retired, lost, self.group_size)
+        for i in lost:
+            self.in_flight[self.rollouts.dispatch(worker, i.task, i.seed, self.group_size)] = (worker, i)
 
     def drain(self, buffer: deque) -> None:
         """The end of a run: buffered groups and groups still in flight are dropped as run_ended."""
@@ -148,7 +181,8 @@ class SyncScheduler:
             while free and len(batch) + len(loop.in_flight) < loop.groups_per_step:
                 loop.dispatch(free.pop(0))
             worker, finished = loop.receive(loop.rollouts.wait_any(list(loop.in_flight)))
-            free.append(worker)
+            if worker is not None:  # None: replaced, its group re-issued (still in flight)
+                free.append(worker)
             if finished is not None:
                 batch.append(finished)
         return batch
@@ -253,6 +287,8 @@ class AsyncScheduler:
     def on_group(self, handle: Any) -> None:
         """A group finished: the worker gets its next instance at once."""
         worker, finished = self.loop.receive(handle)
+        if worker is None:  # it died; its replacement runs the re-issued group
+            return
         self.loop.dispatch(worker)
         if finished is None:
             return

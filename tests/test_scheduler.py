@@ -17,7 +17,7 @@ import pytest
 from cluster.accounting import Ledger, TrainingError
 from cluster.config import SamplerConfig
 from cluster.sampler import TaskSampler
-from cluster.scheduler import AsyncScheduler, GroupLost, Loop, Progress, SyncScheduler
+from cluster.scheduler import AsyncScheduler, GroupLost, Loop, Progress, SyncScheduler, WorkerDied
 from core.group_meta import EpisodeMeta, GroupMeta
 
 G = 2
@@ -28,7 +28,7 @@ class FakeRollouts:
     def __init__(self, num_workers: int, outcome=lambda n, worker: "ok") -> None:
         self.num_workers = num_workers
         self.outcome = outcome
-        """(dispatch number, worker) -> "ok" | "lost" | "failed" | "mismatch" | "lost_at_end"."""
+        """(dispatch number, worker) -> "ok" | "lost" | "failed" | "mismatch" | "lost_at_end" | "died"."""
         self.counter = itertools.count()
         self.pending: dict[int, tuple] = {}
         self.worker_version = [0] * num_workers
@@ -40,11 +40,19 @@ class FakeRollouts:
         self.waited: list[int] = []
         self.engine_events: list[str] = []
         self.dispatches = 0
+        # A worker's own books, as its stats report them: every dispatched group starts G episodes.
+        self.started = [0] * num_workers
+        self.returned = [0] * num_workers
+        self.retired_started = 0
+        self.restarts: list[tuple[int, int, int]] = []
+        """(worker, dispatch count, version loaded) of every restart."""
+        self.forgotten: list[int] = []
 
     def dispatch(self, worker, task, seed, group_size):
         handle = next(self.counter)
         kind = self.outcome(self.dispatches, worker)
         self.dispatches += 1
+        self.started[worker] += group_size
         self.pending[handle] = (worker, task, seed, group_size, self.worker_version[worker], kind)
         self.dispatched.append((worker, task, seed))
         return handle
@@ -56,6 +64,9 @@ class FakeRollouts:
         worker, task, seed, g, version, kind = self.pending.pop(handle)
         if kind in ("lost", "lost_at_end"):
             raise GroupLost(f"worker {worker} died") from RuntimeError(f"worker {worker} died")
+        if kind == "died":
+            raise WorkerDied(f"actor of worker {worker} died") from RuntimeError(f"actor of worker {worker} died")
+        self.returned[worker] += g
         status = "failed" if kind == "failed" else "finished"
         reason = "EnvEpisodeMismatchError: seed 9 != 1" if kind == "mismatch" else ""
         episodes = tuple(EpisodeMeta(status, True, 1.0, status != "failed", (version, version), reason) for _ in range(g))
@@ -91,11 +102,24 @@ class FakeRollouts:
     def engine_calls(self):
         return float(self.dispatches)
 
+    def forget(self, handle):
+        self.forgotten.append(handle)
+        self.pending.pop(handle)
 
-def _loop(rollouts, total_steps=3, groups_per_step=2, max_failures=3, sampler=None):
+    def restart(self, worker, error):
+        # The replacement starts with the learner's current version and counters at 0.
+        retired = {"episodes_started": self.started[worker], "episodes_returned": self.returned[worker]}
+        self.retired_started += self.started[worker]
+        self.started[worker] = self.returned[worker] = 0
+        self.worker_version[worker] = self.learner_version
+        self.restarts.append((worker, self.dispatches, self.learner_version))
+        return retired
+
+
+def _loop(rollouts, total_steps=3, groups_per_step=2, max_failures=3, sampler=None, **ledger_options):
     sampler = sampler or TaskSampler(SamplerConfig(tasks=["click-test", "click-button"]), seed=0)
     steps = []
-    ledger = Ledger(sampler, max_failures)
+    ledger = Ledger(sampler, max_failures, **ledger_options)
     progress = Progress()
 
     def on_step(done):  # what the driver's on_step does first: the books
@@ -154,6 +178,75 @@ def test_redispatch_is_bounded_by_max_actor_failures():
     with pytest.raises(TrainingError, match="3 rollout-worker failures; last: worker 0 died"):
         SyncScheduler(loop).run()
     assert loop.ledger.actor_failures == 3
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_dead_worker_is_replaced_and_its_group_reissued_to_the_replacement(mode):
+    # Dispatch 3 (worker 1, the second step's group in sync) dies with its actor.
+    rollouts = FakeRollouts(2, outcome=lambda n, w: "died" if n == 3 else "ok")
+    loop, steps = _loop(rollouts, total_steps=3, restart_budget=1)
+    events = []
+    loop.ledger.log_event = events.append
+    SyncScheduler(loop).run() if mode == "sync" else AsyncScheduler(loop, max_staleness=1).run()
+    assert loop.progress.step == 3 and len(steps) == 3 and all(len(d.batch) == 2 for d in steps)
+    dead_worker, task, seed = rollouts.dispatched[3]
+    # restarted once; the first dispatch after it is the same task instance, to the replaced worker
+    [(worker, after, version)] = rollouts.restarts
+    assert worker == dead_worker and rollouts.dispatched[after] == (dead_worker, task, seed)
+    if mode == "sync":  # the replacement had the learner's version: every batch is still on-policy
+        assert version == 1
+        for done in steps:
+            assert all(v == done.version_before for f in done.batch for v in f.meta.trainable_versions)
+    ledger, acc = loop.ledger, loop.ledger.accounting
+    assert ledger.worker_restarts == 1 and ledger.actor_failures == 0 and "actor_failure" not in {
+        d[3] for d in acc.dropped_instances}
+    assert events[0]["event"] == "worker_restart" and events[0]["worker"] == f"w{dead_worker}"
+    assert (task, seed) in [(i[0], i[1]) for r in ledger.steps for i in r.instances] or mode == "async"
+    # every index has one fate (the re-issued one is not counted twice) and the books balance
+    assert len(_every_index_once(ledger)) == len(set(_every_index_once(ledger)))
+    assert acc.dropped["worker_died"] == G
+    acc.finalize(sum(rollouts.started))
+    assert acc.started == sum(rollouts.started) + rollouts.retired_started and acc.balanced
+    assert acc.dropped["rerun_attempt"] == 0
+
+
+def test_restart_budget_exhausted_ends_the_run_naming_the_worker_and_its_last_error():
+    rollouts = FakeRollouts(2, outcome=lambda n, w: "died" if w == 0 else "ok")  # worker 0 always dies
+    loop, _ = _loop(rollouts, total_steps=5, restart_budget=2)
+    with pytest.raises(TrainingError, match=r"rollout worker w0 died and the restart budget is used up "
+                                            r"\(2 of 2 restarts.*last error: actor of worker 0 died"):
+        SyncScheduler(loop).run()
+    assert [r[0] for r in rollouts.restarts] == [0, 0] and loop.ledger.worker_restarts == 2
+    # budget 0 (the Ledger's default): a dead worker ends the run at once
+    loop, _ = _loop(FakeRollouts(1, outcome=lambda n, w: "died"), total_steps=1, groups_per_step=1)
+    with pytest.raises(TrainingError, match="w0 died.*0 of 0"):
+        SyncScheduler(loop).run()
+
+
+def test_restart_budget_is_per_sliding_window():
+    now = [0.0]
+    ledger = Ledger(TaskSampler(SamplerConfig(tasks=["click-test"]), seed=0), 0, restart_budget=2,
+                    restart_window_s=100.0, clock=lambda: now[0])
+    for t in (0.0, 50.0, 101.0, 151.0):  # never more than 2 within any 100 s
+        now[0] = t
+        ledger.allow_restart("w1", RuntimeError("died"))
+    now[0] = 160.0
+    with pytest.raises(TrainingError, match="w1 died.*last error: died again"):
+        ledger.allow_restart("w1", RuntimeError("died again"))
+
+
+def test_a_dead_workers_other_groups_in_flight_go_to_its_replacement():
+    # Loop-level: a worker with two groups in flight dies; both are re-issued once, the second
+    # handle of the dead actor is forgotten (never collected).
+    rollouts = FakeRollouts(1, outcome=lambda n, w: "died" if n < 2 else "ok")
+    loop, _ = _loop(rollouts, restart_budget=1)
+    loop.dispatch(0)
+    loop.dispatch(0)
+    first, second = list(loop.in_flight)
+    assert loop.receive(first) == (None, None)
+    assert rollouts.forgotten == [second] and len(loop.in_flight) == 2 and len(rollouts.restarts) == 1
+    assert [d[1:] for d in rollouts.dispatched[2:]] == [d[1:] for d in rollouts.dispatched[:2]]
+    assert loop.ledger.accounting.dropped["worker_died"] == 2 * G
 
 
 def test_failed_groups_are_dropped_and_a_mismatched_episode_stops_the_run():

@@ -123,6 +123,38 @@ def test_object_store_strategy_end_to_end(ray_cluster):
         ray.kill(a)
 
 
+def test_a_replaced_receiver_gets_the_current_version_and_later_syncs(ray_cluster):
+    """A restarted rollout worker: its new actor takes the dead one's place in the receivers,
+    loads the learner's current version at once, and a send made before the replacement no
+    longer waits for the dead one (its ref is taken out, as `WeightSyncWiring` does)."""
+    import ray
+
+    learner = ray.remote(_ToyLearner).remote()
+    hosts = [ray.remote(_ToyHost).remote() for _ in range(2)]
+    sync = make_weight_sync("object_store", learner, hosts, timeout_s=30.0)
+    assert sync.sync() == 0
+    ray.get(learner.step.remote())
+    pending = sync.send()
+    ray.kill(hosts[1])
+    replacement = ray.remote(_ToyHost).remote()
+    assert sync.replace_receiver(1, replacement) == 1 and sync.receivers[1] is replacement
+    pending.receiver_refs[1] = None
+    assert sync.wait(pending) == 1
+    ray.get(learner.step.remote())
+    assert sync.sync() == 2
+    want = ray.get(learner.weights.remote())
+    got = ray.get(replacement.weights.remote())
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    for a in [learner, hosts[0], replacement]:
+        ray.kill(a)
+
+
+def test_nccl_refuses_to_replace_a_receiver():
+    sync = make_weight_sync("nccl", None, [object()], timeout_s=5.0)
+    with pytest.raises(WeightSyncError, match="re-formed"):
+        sync.replace_receiver(0, object())
+
+
 def test_a_worker_reporting_another_version_raises(ray_cluster):
     import ray
 

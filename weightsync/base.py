@@ -145,6 +145,7 @@ class Pending:
 
     version: int
     receiver_refs: list
+    """None where the receiver was replaced after the send (`WeightSync.replace_receiver`)."""
     sender_ref: Any = None
     update: WeightUpdate | None = None
     """The message the receivers got."""
@@ -188,11 +189,12 @@ class WeightSync(abc.ABC):
         if pending is None:
             return None
         deadline = time.monotonic() + self.rpc_timeout_s
+        receiver_refs = [r for r in pending.receiver_refs if r is not None]
         if pending.sender_ref is not None:
-            refs = [pending.sender_ref, *pending.receiver_refs]
+            refs = [pending.sender_ref, *receiver_refs]
             ray.wait(refs, num_returns=len(refs), timeout=self.rpc_timeout_s)
             ray.get(pending.sender_ref, timeout=max(0.0, deadline - time.monotonic()))
-        versions = ray.get(pending.receiver_refs, timeout=max(0.0, deadline - time.monotonic()))
+        versions = ray.get(receiver_refs, timeout=max(0.0, deadline - time.monotonic()))
         if any(v != pending.version for v in versions):
             raise WeightSyncError(f"workers loaded versions {versions}, expected {pending.version}")
         return pending.version
@@ -200,6 +202,13 @@ class WeightSync(abc.ABC):
     def sync(self) -> int:
         """`send` then `wait`: every receiver has the learner's current version on return."""
         return self.wait(self.send())
+
+    def replace_receiver(self, index: int, receiver: Any) -> int:
+        """Receiver `index` is replaced by a new actor (a restarted rollout worker): later syncs
+        go to it, and it loads the learner's current version now; returns that version. A
+        strategy whose receivers form a group with the sender (NCCL) refuses."""
+        self.receivers[index] = receiver
+        return self.load_into([receiver])
 
     @abc.abstractmethod
     def load_into(self, receivers: Sequence[Any]) -> int:

@@ -395,6 +395,10 @@ class NcclSync(WeightSync):
         sender_ref = self.sender.send_weights.remote(self.kind, update)
         return Pending(version, [r.receive_weights.remote(update) for r in self.receivers], sender_ref, update)
 
+    def replace_receiver(self, index: int, receiver: Any) -> int:
+        raise WeightSyncError("an NCCL receiver cannot be replaced: the group would have to be re-formed with every "
+                              "receiver")
+
     def load_into(self, receivers) -> int:
         """Receivers outside the group (the evaluation worker) get the version through the object
         store, which needs no group."""

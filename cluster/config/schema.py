@@ -92,7 +92,16 @@ class ClusterConfig:
     group_timeout_s: float = 900.0
     """Longest a rollout worker may take for one group before it counts as an actor failure."""
     max_actor_failures: int = 3
-    """Rollout-worker failures (crash or timeout) tolerated before the run stops with an error."""
+    """Rollout-worker failures (a group that raised or timed out) tolerated before the run stops
+    with an error. A worker whose actor died is restarted instead (worker_restart_budget)."""
+    worker_restart_budget: int = 3
+    """Rollout workers whose actor died (process killed, node lost) are replaced by a new actor at
+    the same placement, loaded with the current weights, and their groups in flight are re-issued
+    with the same task and seed: at most this many restarts within worker_restart_window_s; one
+    more ends the run with the worker's last error. 0: a dead worker ends the run. Not with
+    weight_sync nccl (the NCCL group would have to be re-formed): there a dead worker ends the run."""
+    worker_restart_window_s: float = 3600.0
+    """The sliding time window, in seconds, over which worker_restart_budget counts restarts."""
     shutdown_timeout_s: float = 30.0
     """How long shutdown waits for each actor to close its engine and browsers before killing it."""
     colocate: bool = False
@@ -140,6 +149,10 @@ class ClusterConfig:
             raise ConfigError("cluster.group_timeout_s and cluster.shutdown_timeout_s must be > 0")
         if self.max_actor_failures < 0:
             raise ConfigError(f"cluster.max_actor_failures must be >= 0, got {self.max_actor_failures}")
+        if self.worker_restart_budget < 0:
+            raise ConfigError(f"cluster.worker_restart_budget must be >= 0, got {self.worker_restart_budget}")
+        if self.worker_restart_window_s <= 0:
+            raise ConfigError(f"cluster.worker_restart_window_s must be > 0, got {self.worker_restart_window_s}")
         if self.weight_sync_bucket_mb <= 0 or self.weight_sync_timeout_s <= 0:
             raise ConfigError("cluster.weight_sync_bucket_mb and cluster.weight_sync_timeout_s must be > 0")
 
