@@ -87,6 +87,7 @@ def test_dotted_overrides_are_typed():
         ({"cluster.max_staleness": "-1"}, r"max_staleness must be >= 0"),
         ({"cluster.num_rollout_workers": "0"}, r"num_rollout_workers must be >= 1"),
         ({"sampler.tasks": "[click-tset]"}, r"unknown MiniWoB task 'click-tset' \(did you mean miniwob.click-test\?\)"),
+        ({"env.task": "miniwob.no-such-task"}, r"env.task: unknown MiniWoB task 'miniwob.no-such-task'"),
         ({"sampler.eval_seeds": "[10, 20]"}, r"overlap"),
         ({"grpo.num_generations": "1"}, r"num_generations must be >= 2"),
         ({"learner.lr": "-1"}, r"learner.lr must be >= 0"),

@@ -113,12 +113,16 @@ def _check_tasks(config: TrainConfig) -> None:
         unknown = sorted(set(tasks) - set(RECORDED_TASKS))
         if unknown:
             raise ConfigError(f"sampler.tasks: unknown recorded task(s) {unknown}; known: {list(RECORDED_TASKS)}")
-    known = miniwob_task_names() if any(t.startswith("miniwob.") for t in tasks) else set()
-    for task, t in zip(config.sampler.tasks, tasks):
+    named = [("sampler.tasks", task) for task in config.sampler.tasks] + [("env.task", config.env.task)]
+    known = miniwob_task_names() if any(normalize_task(t).startswith("miniwob.") for _, t in named) else set()
+    for field, task in named:
+        t = normalize_task(task)
         if t.startswith("miniwob.") and t not in known:
             close = difflib.get_close_matches(t, sorted(known), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ConfigError(f"sampler.tasks: unknown MiniWoB task {task!r}{hint}")
+            raise ConfigError(f"{field}: unknown MiniWoB task {task!r}{hint}")
+    if is_recorded_task(config.env.task) and normalize_task(config.env.task) not in RECORDED_TASKS:
+        raise ConfigError(f"env.task: unknown recorded task {config.env.task!r}; known: {list(RECORDED_TASKS)}")
     if config.warm_start.enabled:
         check_teachers(config)
 
