@@ -344,6 +344,23 @@ def train(
         trainer.close()
 
 
+def _one_line_failure(error: BaseException, run_dir: str) -> str | None:
+    """The line `bgrpo train` prints for a failure users meet without a bug in the code: a
+    placement that cannot fit, or an actor (the learner, most often) that died and is not
+    replaced. None for anything else (the traceback then says where the bug is)."""
+    import ray.exceptions
+
+    from cluster.placement import PlacementError
+
+    if isinstance(error, PlacementError):
+        return f"bgrpo train: {error}"
+    if isinstance(error, ray.exceptions.RayActorError):
+        cause = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return (f"bgrpo train: an actor died and the run cannot go on ({cause}); the run folder is {run_dir}; "
+                f"continue from its last checkpoint with: bgrpo train --resume {run_dir}")
+    return None
+
+
 def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -385,11 +402,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bgrpo train: {e}", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - e.g. PlacementError: one clear line, the traceback in the log
-        from cluster.placement import PlacementError
-
-        if not isinstance(e, PlacementError):
+        line = _one_line_failure(e, cl.config.cluster.run_dir)
+        if line is None:
             raise
-        print(f"bgrpo train: {e}", file=sys.stderr)
+        print(line, file=sys.stderr)
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -98,3 +98,26 @@ def test_colocated_placement_shares_one_bundle_per_pair(ray_cluster):
             assert lo.placement_group_bundle_index == ro.placement_group_bundle_index == i
     finally:
         placement.remove()
+
+
+def test_a_dead_actor_ends_the_run_with_one_line_and_the_resume_command(capsys, monkeypatch, tmp_path):
+    # Killing the learner for real needs a whole run; the line's wording is checked here with the
+    # exception Ray raises when an actor's process is gone (ActorDiedError), from a patched train().
+    import ray.exceptions
+
+    def dies(config, *args, **kwargs):
+        config.cluster.run_dir = str(tmp_path / "run")  # train() records its run folder first
+        raise ray.exceptions.ActorDiedError()
+
+    monkeypatch.setattr(driver, "train", dies)
+    assert driver.main(["--config", "local"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "an actor died" in err[0] and "The actor died unexpectedly" in err[0]
+    assert err[0].endswith(f"bgrpo train --resume {tmp_path / 'run'}")
+
+    def bug(config, *args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(driver, "train", bug)
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+        driver.main(["--config", "local"])
