@@ -103,8 +103,8 @@ _OWNER_SCRIPT = textwrap.dedent(
     import faulthandler, signal, sys, time
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for stacks if it hangs
     # Ctrl-C as in a terminal: a child inherits an ignored SIGINT (SIG_IGN) from its parent, and
-    # Python then installs no KeyboardInterrupt handler; the suite's in-process vLLM engine leaves
-    # SIGINT ignored in pytest, which made this owner sleep through the signal in full runs.
+    # Python then installs no KeyboardInterrupt handler. Something earlier in a full run (likely the
+    # in-process vLLM engine) leaves SIGINT ignored in pytest: this owner then slept through it.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.path.insert(0, {root!r})
     from envs.browsergym.client import BrowserGymEnvClient
