@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -212,3 +213,36 @@ def test_size_based_expansion_refuses_unpaired_placeholders(tiny_vl_model) -> No
     processor = load_processor(tiny_vl_model)
     with pytest.raises(EngineError, match="1 image placeholder"):
         expand_image_tokens(processor, [processor.image_token_id], [Image.new("RGB", (50, 50))] * 2)
+
+
+def test_cuda_graphs_are_captured_only_up_to_the_batches_an_engine_runs(monkeypatch, tmp_path):
+    # vLLM's own default captures graphs up to 2 x max_num_seqs (at most 512): start-up time spent on
+    # batches the engine can never run. Eager engines and CPU engines capture nothing.
+    from actors.engines.vllm_engine import _llm_kwargs
+
+    cfg = EngineConfig(model="m", backend="vllm", max_num_seqs=24, enforce_eager=False)
+    assert _llm_kwargs(cfg, False, on_cpu=False, max_model_len=256)["compilation_config"] == {
+        "max_cudagraph_capture_size": 24}
+    cfg.cudagraph_max_batch = 8
+    assert _llm_kwargs(cfg, False, on_cpu=False, max_model_len=256)["compilation_config"] == {
+        "max_cudagraph_capture_size": 8}
+    assert "compilation_config" not in _llm_kwargs(cfg, False, on_cpu=True, max_model_len=256)
+    cfg.enforce_eager = True
+    assert "compilation_config" not in _llm_kwargs(cfg, False, on_cpu=False, max_model_len=256)
+    with pytest.raises(ValueError, match="cudagraph_max_batch"):
+        EngineConfig(model="m", cudagraph_max_batch=0).validate()
+
+
+def test_compile_cache_folder_holds_vllms_inductors_and_tritons_caches(monkeypatch, tmp_path):
+    from actors.engines.vllm_engine import _use_compile_cache
+
+    for var in ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/users/own/triton")  # a variable the user set wins
+    _use_compile_cache(str(tmp_path / "cc"))
+    assert os.environ["VLLM_CACHE_ROOT"] == str(tmp_path / "cc" / "vllm")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cc" / "inductor")
+    assert os.environ["TRITON_CACHE_DIR"] == "/users/own/triton"
+    monkeypatch.delenv("VLLM_CACHE_ROOT")
+    _use_compile_cache("")  # "": the libraries' own defaults
+    assert "VLLM_CACHE_ROOT" not in os.environ

@@ -37,6 +37,15 @@ class EngineConfig:
     learner on the same GPU trains (`cluster.colocate`), then `wake_up()`. CUDA only."""
     max_images_per_prompt: int = 1
     """Vision-language models: most images in one prompt (vLLM's limit_mm_per_prompt)."""
+    compile_cache_dir: str = "~/.cache/bgrpo/compile"
+    """vLLM on GPU: where torch.compile / Inductor / Triton artifacts are kept between runs (vLLM's
+    cache root, Inductor's and Triton's cache under one folder). Every engine of the same model
+    shape on a node reuses them, so only the first start compiles. On a cluster, point it at a
+    volume that outlives the pods. "" keeps the libraries' own defaults."""
+    cudagraph_max_batch: int | None = None
+    """vLLM with CUDA graphs: largest batch a graph is captured for. None: max_num_seqs, the most
+    sequences the engine ever runs at once (vLLM's own default is twice that, up to 512: graphs
+    a worker never replays, each costing start-up time)."""
 
     def validate(self) -> None:
         """Raises ValueError with a clear message for an unusable configuration."""
@@ -56,6 +65,8 @@ class EngineConfig:
             raise ValueError(f"engine.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.cpu_kv_cache_gib <= 0:
             raise ValueError(f"engine.cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib}")
+        if self.cudagraph_max_batch is not None and self.cudagraph_max_batch <= 0:
+            raise ValueError(f"engine.cudagraph_max_batch must be > 0 or unset, got {self.cudagraph_max_batch}")
         if self.max_images_per_prompt < 0:
             raise ValueError(f"engine.max_images_per_prompt must be >= 0, got {self.max_images_per_prompt}")
 

@@ -45,6 +45,18 @@ def _platform_is_cpu() -> bool:
     return current_platform.is_cpu()
 
 
+def _use_compile_cache(folder: str) -> None:
+    """Points vLLM's cache root and Inductor's and Triton's caches into one folder kept between runs
+    (set before the engine process is spawned: it inherits the environment). vLLM keys its
+    compiled graphs by model, config and code hash, so a warm start skips compilation; variables
+    the user set already win."""
+    if not folder:
+        return
+    root = os.path.expanduser(folder)
+    for var, sub in (("VLLM_CACHE_ROOT", "vllm"), ("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton")):
+        os.environ.setdefault(var, os.path.join(root, sub))
+
+
 def _llm_kwargs(config: EngineConfig, vision_language: bool, on_cpu: bool, max_model_len: int) -> dict[str, Any]:
     """Arguments for `vllm.LLM`. Every difference between vLLM versions/platforms lives here.
 
@@ -71,6 +83,8 @@ def _llm_kwargs(config: EngineConfig, vision_language: bool, on_cpu: bool, max_m
         kwargs["limit_mm_per_prompt"] = {"image": config.max_images_per_prompt, "video": 0}
     if not on_cpu:
         kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+        if not config.enforce_eager:
+            kwargs["compilation_config"] = {"max_cudagraph_capture_size": config.cudagraph_max_batch or config.max_num_seqs}
     if config.enable_sleep_mode:
         if on_cpu:
             raise EngineError("engine.enable_sleep_mode needs a CUDA GPU: vLLM's sleep mode is CUDA-only")
@@ -101,6 +115,8 @@ class VLLMEngine(InferenceEngine):
         )
         self._expected_shapes = hf_parameter_shapes(config.model)
         self.on_cpu = _platform_is_cpu()
+        if not self.on_cpu:  # CPU engines run eager: nothing is compiled or captured
+            _use_compile_cache(config.compile_cache_dir)
         self._max_model_len = resolve_max_model_len(config, hf_config)
         kwargs = _llm_kwargs(config, self.is_vision_language, self.on_cpu, self._max_model_len)
         self.dtype = getattr(torch, kwargs["dtype"])
