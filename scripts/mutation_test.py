@@ -22,24 +22,30 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MUTATE = ["learner/loss.py", "learner/advantages.py", "learner/batching.py", "actors/action_parser.py",
-          "envs/browsergym/actions.py"]
-# actors/episode.py is left out: its test runs whole episodes on the tiny model, and every
-# run_episode mutant tried hit mutmut's timeout (about 15 s each on 2 cores): 206 mutants, ~50 min.
-# The fast (no browser, no Ray, no model) unit tests of those modules.
-TESTS = ["tests/test_grpo_loss.py", "tests/test_action_parser.py", "tests/test_env_actions.py",
-         "tests/test_planted_bugs.py::test_completion_mask_marks_exactly_the_completion_positions",
-         "tests/test_learner.py::test_group_advantages_follow_trl_formula",
-         "tests/test_learner.py::test_batch_and_none_scaling",
-         "tests/test_learner.py::test_failed_episodes_never_enter_and_small_groups_drop",
-         "tests/test_learner.py::test_zero_variance_groups_counted_and_optionally_dropped",
-         "tests/test_learner.py::test_every_step_is_a_sample_carrying_its_episode_advantage",
-         "tests/test_learner.py::test_collate_pads_prompts_left_and_completions_right"]
-PACKAGES = ["actors", "learner", "envs", "cluster"]
+# Each module with the fast (no browser, no Ray, no model) unit tests that exercise it. One module
+# is mutated at a time, against its own tests only: the stats run and each mutant stay short.
+_LEARNER_UNITS = ["tests/test_learner.py::test_group_advantages_follow_trl_formula",
+                  "tests/test_learner.py::test_batch_and_none_scaling",
+                  "tests/test_learner.py::test_failed_episodes_never_enter_and_small_groups_drop",
+                  "tests/test_learner.py::test_zero_variance_groups_counted_and_optionally_dropped",
+                  "tests/test_learner.py::test_every_step_is_a_sample_carrying_its_episode_advantage",
+                  "tests/test_learner.py::test_collate_pads_prompts_left_and_completions_right",
+                  "tests/test_planted_bugs.py::test_completion_mask_marks_exactly_the_completion_positions",
+                  "tests/test_learner_units.py"]
+MODULES = {
+    "learner/loss.py": ["tests/test_grpo_loss.py"],
+    "learner/advantages.py": _LEARNER_UNITS,
+    "learner/batching.py": _LEARNER_UNITS,
+    "actors/action_parser.py": ["tests/test_action_parser.py"],
+    "envs/browsergym/actions.py": ["tests/test_env_actions.py"],
+    "actors/episode.py": ["tests/test_episode_units.py"],
+}
+PACKAGES = ["actors", "learner", "envs", "cluster", "core"]
 # mutmut's exit codes (mutmut/__main__.py status_by_exit_code)
 KILLED = {1, 3}
 SURVIVED = {0}
@@ -50,69 +56,77 @@ import sys
 import _pytest.nodes
 _pytest.nodes.Node._nodeid = property(lambda self: self.nodeid)  # mutmut 3.3.1 vs pytest 9
 from mutmut.__main__ import cli
-sys.argv = ["mutmut", "run", "--max-children", sys.argv[1]]
+sys.argv = ["mutmut", *sys.argv[1:]]
 cli()
 """
 
 
-def prepare(work: Path) -> None:
+def prepare(work: Path, module: str) -> None:
     archive = subprocess.run(["git", "archive", "HEAD"], cwd=REPO, check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(work)], input=archive, check=True)
     others = sorted(str(p.relative_to(work)) for pkg in PACKAGES for p in (work / pkg).rglob("*")
-                    if p.is_file() and str(p.relative_to(work)) not in MUTATE)
+                    if p.is_file() and str(p.relative_to(work)) != module)
     for pkg in PACKAGES:
         for d in [work / pkg, *(p for p in (work / pkg).rglob("*") if p.is_dir())]:
             (work / "mutants" / d.relative_to(work)).mkdir(parents=True, exist_ok=True)
     with open(work / "pyproject.toml", "a") as f:
         f.write("\n[tool.mutmut]\n")
-        f.write(f"paths_to_mutate = {json.dumps(MUTATE)}\n")
+        f.write(f"paths_to_mutate = {json.dumps([module])}\n")
         f.write(f"also_copy = {json.dumps(others)}\n")
-        f.write(f"tests_dir = {json.dumps(TESTS)}\n")
+        f.write(f"tests_dir = {json.dumps(MODULES[module])}\n")
 
 
-def scores(work: Path) -> dict[str, Counter]:
-    out = {}
-    for path in MUTATE:
-        codes = json.loads((work / "mutants" / (path + ".meta")).read_text())["exit_code_by_key"]
-        c: Counter = Counter()
-        for name, code in codes.items():
-            kind = ("killed" if code in KILLED else "survived" if code in SURVIVED
-                    else "no_tests" if code in NO_TESTS else "other")
-            c[kind] += 1
-            if kind == "survived":
-                c.setdefault("_survivors", []).append(name)  # type: ignore[arg-type]
-        out[path] = c
-    return out
+def score(work: Path, module: str) -> tuple[Counter, list[str]]:
+    codes = json.loads((work / "mutants" / (module + ".meta")).read_text())["exit_code_by_key"]
+    c: Counter = Counter()
+    survivors = []
+    for name, code in codes.items():
+        kind = ("killed" if code in KILLED else "survived" if code in SURVIVED
+                else "no_tests" if code in NO_TESTS else "other")
+        c[kind] += 1
+        if kind == "survived":
+            survivors.append(name)
+    return c, sorted(survivors)
+
+
+def run_module(module: str, work: Path, max_children: int, diffs: bool) -> int:
+    prepare(work, module)
+    # One torch thread per mutant: the machine is shared, and a forked child of a process that
+    # already ran torch's thread pool is safest without one.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
+    t0 = time.monotonic()
+    rc = subprocess.run([sys.executable, "-c", RUN_MUTMUT, "run", "--max-children", str(max_children)],
+                        cwd=work, env=env).returncode
+    if rc != 0:
+        print(f"{module}: mutmut run failed (exit {rc})", file=sys.stderr)
+        return rc
+    c, survivors = score(work, module)
+    tested = c["killed"] + c["survived"]
+    pct = 100.0 * c["killed"] / tested if tested else 0.0
+    print(f"\n{module}: killed {c['killed']}/{tested} = {pct:.0f}% "
+          f"[{c['no_tests']} no tests, {c['other']} other] in {time.monotonic() - t0:.0f}s")
+    for name in survivors:
+        print(f"    survived: {name}")
+        if diffs:
+            subprocess.run([sys.executable, "-c", RUN_MUTMUT, "show", name], cwd=work, env=env)
+    return 0
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--module", action="append", choices=sorted(MODULES),
+                    help="mutate only this module (repeatable; default: all, one after the other)")
     ap.add_argument("--max-children", type=int, default=1, help="parallel mutant runs (the machine is shared)")
     ap.add_argument("--keep", help="work in this folder and keep it (default: a temporary one, removed)")
+    ap.add_argument("--diffs", action="store_true", help="print each surviving mutant's diff")
     args = ap.parse_args()
-    tmp = None
-    if args.keep:
-        work = Path(args.keep)
-        work.mkdir(parents=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="mutmut-")
-        work = Path(tmp.name)
-    prepare(work)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    rc = subprocess.run([sys.executable, "-c", RUN_MUTMUT, str(args.max_children)], cwd=work, env=env).returncode
-    if rc != 0:
-        print(f"mutmut run failed (exit {rc})", file=sys.stderr)
-        return rc
-    print("\nmodule: killed / (killed + survived) [no tests, other]")
-    for path, c in scores(work).items():
-        tested = c["killed"] + c["survived"]
-        pct = 100.0 * c["killed"] / tested if tested else 0.0
-        print(f"{path}: {c['killed']}/{tested} = {pct:.0f}% [{c['no_tests']} no tests, {c['other']} other]")
-        for name in c.get("_survivors", []):
-            print(f"    survived: {name}")
-    if tmp is not None:
-        tmp.cleanup()
-    return 0
+    rc = 0
+    for module in args.module or list(MODULES):
+        with tempfile.TemporaryDirectory(prefix="mutmut-") as tmp:
+            work = Path(args.keep) / module.replace("/", "_") if args.keep else Path(tmp)
+            work.mkdir(parents=True, exist_ok=bool(not args.keep))
+            rc = run_module(module, work, args.max_children, args.diffs) or rc
+    return rc
 
 
 if __name__ == "__main__":
