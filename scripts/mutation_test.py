@@ -38,14 +38,14 @@ _LEARNER_UNITS = ["tests/test_learner.py::test_group_advantages_follow_trl_formu
                   "tests/test_planted_bugs.py::test_completion_mask_marks_exactly_the_completion_positions",
                   "tests/test_learner_units.py"]
 MODULES = {
-    "learner/loss.py": ["tests/test_grpo_loss.py"],
+    "learner/loss.py": ["tests/test_grpo_loss.py", "tests/test_learner_units.py"],
     "learner/advantages.py": _LEARNER_UNITS,
     "learner/batching.py": _LEARNER_UNITS,
     "actors/action_parser.py": ["tests/test_action_parser.py"],
     "envs/browsergym/actions.py": ["tests/test_env_actions.py"],
     "actors/episode.py": ["tests/test_episode_units.py"],
 }
-PACKAGES = ["actors", "learner", "envs", "cluster", "core"]
+PACKAGES = ["actors", "learner", "envs", "cluster", "core", "weightsync"]
 # mutmut's exit codes (mutmut/__main__.py status_by_exit_code)
 KILLED = {1, 3}
 SURVIVED = {0}
