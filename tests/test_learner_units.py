@@ -122,3 +122,149 @@ def test_sequence_level_ratio_of_a_one_token_sequence():
                         vllm_importance_sampling_correction=False, loss_type="bnpo"),
                         BatchNormalizer(2, 3), old_per_token_logps=torch.zeros_like(log_ratio))
     assert float(loss) == pytest.approx(-(math.exp(0.1) + 2 * math.exp(0.2)) / 3)
+
+
+# --- advantages ---------------------------------------------------------------------------------
+
+from core.trajectory import FAILED, Step, Trajectory, TrajectoryGroup  # noqa: E402
+from learner.advantages import compute_advantages  # noqa: E402
+from learner.batching import (  # noqa: E402
+    BatchError,
+    TrainingSample,
+    VisionSpec,
+    batch_normalizer,
+    build_samples,
+    collate,
+    micro_batches,
+    shard,
+    to_device,
+)
+
+
+def _traj(gid: str, i: int, ret: float, failed: bool = False, steps: list[Step] | None = None) -> Trajectory:
+    if steps is None:
+        steps = [Step(index=0, prompt_ids=[1, 2], completion_ids=[3], logprobs=[-1.0], policy_version=0)]
+    return Trajectory(episode_id=f"{gid}-{i}", group_id=gid, task="t", seed=0, steps=steps,
+                      episode_return=ret, status=FAILED if failed else "finished")
+
+
+def _grp(gid: str, returns: list[float], failed: tuple[int, ...] = ()) -> TrajectoryGroup:
+    return TrajectoryGroup(gid, "t", 0, [_traj(gid, i, r, i in failed) for i, r in enumerate(returns)])
+
+
+def test_advantage_stats_account_for_every_group_and_episode():
+    groups = [_grp("a", [1.0, 0.0, 0.5, 0.0], failed=(1,)), _grp("b", [1.0, 0.0], failed=(0,)),
+              _grp("c", [2.0, 2.0, 2.0]), _grp("d", [3.0, 1.0])]
+    eps, stats = compute_advantages(groups, GRPOConfig(scale_rewards="group"))
+    used = [1.0, 0.5, 0.0, 2.0, 2.0, 2.0, 3.0, 1.0]
+    mean = sum(used) / 8
+    std = math.sqrt(sum((x - mean) ** 2 for x in used) / 7)  # unbiased, as TRL's nanstd
+    assert stats.as_metrics() == pytest.approx({
+        "groups": 3.0, "groups_in": 4.0, "zero_variance_groups": 1.0, "dropped_zero_variance_groups": 0.0,
+        "dropped_small_groups": 1.0, "episodes": 8.0, "episodes_failed": 2.0, "reward_mean": mean,
+        "reward_std": std})
+    assert stats.episodes_in == 11 and stats.episodes_used == 8
+    assert [(e.group_id, e.trajectory.episode_id) for e in eps][3:] == [
+        ("c", "c-0"), ("c", "c-1"), ("c", "c-2"), ("d", "d-0"), ("d", "d-1")]
+    assert [e.advantage for e in eps[-2:]] == pytest.approx([1 / (math.sqrt(2) + 1e-4), -1 / (math.sqrt(2) + 1e-4)])
+    _, stats = compute_advantages(groups, GRPOConfig(drop_zero_variance_groups=True))
+    assert (stats.groups_used, stats.zero_variance_groups, stats.dropped_zero_variance_groups) == (2, 1, 1)
+
+
+def test_one_episode_groups_get_zero_advantage_not_nan():
+    # min_group_size 1 lets a group of one through: its std is 0 (not NaN), so its advantage is 0.
+    for scale in ("group", "batch", "none"):
+        eps, stats = compute_advantages([_grp("a", [0.7])], GRPOConfig(min_group_size=1, scale_rewards=scale))
+        assert [e.advantage for e in eps] == [0.0] and stats.reward_std == 0.0 and stats.reward_mean == pytest.approx(0.7)
+    eps, stats = compute_advantages([_grp("a", [1.0, 0.0], failed=(0, 1))], GRPOConfig(min_group_size=1))
+    assert eps == [] and stats.groups_used == 0 and stats.dropped_small_groups == 1 and stats.episodes_failed == 2
+
+
+# --- batching -----------------------------------------------------------------------------------
+
+
+def test_build_samples_records_each_step_and_prefers_its_own_sampling_settings():
+    steps = [
+        Step(index=0, prompt_ids=[1, 2], completion_ids=[7, 8], logprobs=[-0.1, -0.2], policy_version=3,
+             finish_reason="length", images=[b"png"], temperature=0.5, top_k=4, top_p=0.8),
+        Step(index=1, prompt_ids=[1], completion_ids=[], logprobs=[], policy_version=3),  # nothing sampled
+        Step(index=2, prompt_ids=[5], completion_ids=[9], logprobs=[-0.3], policy_version=4, finish_reason="stop"),
+    ]
+    group = TrajectoryGroup("g", "t", 0, [_traj("g", 0, 1.0, steps=steps), _traj("g", 1, 0.0)])
+    cfg = GRPOConfig(scale_rewards="none", temperature=0.9, top_k=6, top_p=0.95)
+    samples, _ = build_samples([group], cfg)
+    a, b, c = samples
+    assert (a.prompt_ids, a.completion_ids, a.sampling_logprobs) == ([1, 2], [7, 8], [-0.1, -0.2])
+    assert (a.advantage, a.truncated, a.policy_version, a.episode_id, a.group_id, a.step_index) == (
+        0.5, True, 3, "g-0", "g", 0)
+    assert (a.images, a.temperature, a.top_k, a.top_p) == ([b"png"], 0.5, 4, 0.8)
+    assert (b.step_index, b.truncated, b.policy_version, b.temperature, b.top_k, b.top_p) == (2, False, 4, 0.9, 6, 0.95)
+    assert (c.episode_id, c.advantage) == ("g-1", -0.5)
+    assert (batch_normalizer(samples, cfg).num_sequences, batch_normalizer(samples, cfg).num_tokens) == (3, 4)
+    masked = batch_normalizer(samples, GRPOConfig(mask_truncated_completions=True))
+    assert (masked.num_sequences, masked.num_tokens) == (3, 2)
+
+
+@pytest.mark.parametrize("step, message", [
+    (Step(index=4, prompt_ids=[], completion_ids=[1], logprobs=[-1.0], policy_version=0), "step 4: empty prompt_ids"),
+    (Step(index=2, prompt_ids=[1], completion_ids=[1], logprobs=[-1.0], policy_version=0, temperature=0.0),
+     "step 2: sampled greedily"),
+])
+def test_build_samples_refuses_untrainable_steps(step, message):
+    group = TrajectoryGroup("g", "t", 0, [_traj("g", 0, 1.0, steps=[step]), _traj("g", 1, 0.0)])
+    with pytest.raises(BatchError, match=f"episode g-0 {message}"):
+        build_samples([group], GRPOConfig())
+
+
+def _sample(prompt: list[int], completion: list[int], truncated: bool = False, **kw) -> TrainingSample:
+    return TrainingSample(prompt_ids=prompt, completion_ids=completion,
+                          sampling_logprobs=[-0.5 - i for i in range(len(completion))], advantage=kw.pop("adv", 0.25),
+                          truncated=truncated, policy_version=0, **kw)
+
+
+def test_micro_batches_and_shards_keep_every_sample_once_in_order():
+    xs = list(range(17))
+    assert [len(m) for m in micro_batches(xs, 8)] == [6, 6, 5]
+    assert sum(micro_batches(xs, 8), []) == xs
+    assert micro_batches(list(range(16)), 8) == [list(range(8)), list(range(8, 16))]
+    assert micro_batches(xs, 17) == [xs] and micro_batches([], 4) == []
+    assert [len(m) for m in micro_batches(list(range(5)), 1)] == [1] * 5
+    with pytest.raises(ValueError, match="must be >= 1"):
+        micro_batches(xs, 0)
+    assert shard(list(range(7)), 1, 3) == [1, 4] and shard(list(range(7)), 0, 1) == list(range(7))
+
+
+def test_collate_layout_padding_and_per_row_settings():
+    s1 = _sample([11, 12, 13], [21], truncated=True, temperature=0.5, top_k=3, top_p=0.9, adv=1.5)
+    s2 = _sample([14], [22, 23, 24])
+    b = collate([s1, s2], pad_token_id=99)
+    assert b["input_ids"].tolist() == [[11, 12, 13, 21, 99, 99], [99, 99, 14, 22, 23, 24]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]]
+    assert b["completion_mask"].tolist() == [[1, 0, 0], [1, 1, 1]]  # truncation kept unless asked
+    assert b["sampling_logps"].tolist() == [[-0.5, 0, 0], [-0.5, -1.5, -2.5]]
+    assert b["advantages"].tolist() == [1.5, 0.25] and b["logits_to_keep"] == 3
+    assert (b["temperature"], b["top_k"], b["top_p"]) == ([0.5, 1.0], [3, -1], [0.9, 1.0])
+    assert b["input_ids"].dtype == torch.long and b["completion_mask"].dtype == torch.float32
+    assert "pixel_values" not in b and "mm_token_type_ids" not in b
+    masked = collate([s1, s2], pad_token_id=99, mask_truncated_completions=True)
+    assert masked["completion_mask"].tolist() == [[0, 0, 0], [1, 1, 1]]
+
+
+def test_collate_refuses_inconsistent_image_inputs_and_marks_image_tokens():
+    with pytest.raises(BatchError, match="empty micro-batch"):
+        collate([], pad_token_id=0)
+    with pytest.raises(BatchError, match="no image processor"):
+        collate([_sample([1], [2], images=[b"png"])], pad_token_id=0)
+    vision = VisionSpec(image_processor=None, image_token_id=7, merge_size=2)
+    with pytest.raises(BatchError, match="episode e step 3: image tokens in prompt_ids but no images"):
+        collate([_sample([7, 1], [2], episode_id="e", step_index=3)], pad_token_id=0, vision=vision)
+    # Text-only steps on a VL model: the image-token mask is 0 everywhere, padding included even
+    # when the pad id equals the image token id.
+    b = collate([_sample([1, 2], [3]), _sample([1], [3, 4])], pad_token_id=7, vision=vision)
+    assert b["mm_token_type_ids"].tolist() == [[0, 0, 0, 0], [0, 0, 0, 0]]
+    assert "pixel_values" not in b
+
+
+def test_to_device_moves_tensors_and_keeps_lists():
+    b = to_device({"x": torch.ones(2), "top_k": [1, 2], "n": 3}, "cpu")
+    assert torch.equal(b["x"], torch.ones(2)) and b["top_k"] == [1, 2] and b["n"] == 3
