@@ -92,7 +92,7 @@ def test_finished_episode_records_every_step_and_its_shaped_return():
     assert len(s.images) == 1 and s.images == engine.requests[2].images and s.images[0][:4] == b"\x89PNG"
     # Each step's time is its own call's: the engine's includes the scripted delay, the env's not.
     assert all(0.05 <= x.engine_s < 5 for x in traj.steps)
-    assert all(0 <= x.env_s < 0.05 for x in traj.steps)
+    assert all(0 < x.env_s < 0.05 for x in traj.steps)
     assert 0.15 <= traj.wall_s < 10
     # Return: sum of (reward - step penalty - invalid penalty where the parser fell back).
     assert traj.episode_return == pytest.approx(-0.1 + (-0.1 - 0.5) + (1.0 - 0.1))
@@ -119,6 +119,7 @@ class DictSession:
         self.reset_obs, self.steps, self.actions = reset_obs, steps, []
 
     def reset(self, task: str, seed: int):
+        self.reset_args = (task, seed)
         return self.reset_obs
 
     def step(self, action: str):
@@ -128,14 +129,24 @@ class DictSession:
 
 def test_done_at_reset_runs_no_step():
     engine = Scripted(["noop()"])
-    traj = _run(DictSession({"goal": "nothing to do", "done": True}, []), engine)
+    env = DictSession({"goal": "nothing to do", "done": True}, [])
+    traj = _run(env, engine)
     assert traj.status == FINISHED and traj.steps == [] and engine.requests == []
     assert traj.goal == "nothing to do" and traj.episode_return == 0.0
+    assert env.reset_args == (TASK, SEED)
+    # Without a goal field the goal is empty; without worker_id the trajectory names none.
+    config = RolloutConfig()
+    traj = run_episode(DictSession({"done": True}, []), engine, task=TASK, seed=1, episode_id="e2", group_id="g",
+                       config=config, parser=ActionParser(config.allowed_actions))
+    assert (traj.goal, traj.worker_id, traj.status) == ("", "", FINISHED)
 
 
 def test_env_answers_are_normalised_and_long_errors_cut():
     env = DictSession({"goal": "g"}, [({"error": "  bad  " + "x" * 3000}, None, 0), ({}, 2, 1)])
-    traj = _run(env, Scripted(["click('1')", "click('2')"]))
+    engine = Scripted(["click('1')", "click('2')"])
+    traj = _run(env, engine)
+    # The next prompt's history says the action failed, and why (cut to 120 characters).
+    assert f"step 1: click('1') -> reward 0 (error: bad  {'x' * 115})" in _user_text(engine.requests[1])
     assert env.actions == ["click('1')", "click('2')"]
     first, second = traj.steps
     assert first.reward == 0.0 and isinstance(first.reward, float) and first.done is False
@@ -179,8 +190,12 @@ def test_env_failures_fail_the_episode_with_their_kind(env, is_timeout, reason):
     assert 0 < traj.wall_s < 5
 
 
-def test_engine_failure_and_episode_timeout_are_not_env_failures():
-    traj = _run(RecordedSession(), Scripted(["scroll(0, 1)"] * 4, fail_at=1))
+def test_engine_failure_and_episode_timeout_are_not_env_failures(caplog):
+    with caplog.at_level("WARNING", logger="actors.episode"):
+        traj = _run(RecordedSession(), Scripted(["scroll(0, 1)"] * 4, fail_at=1))
+    # The worker's log names the episode, its task and seed, and the reason.
+    assert [r.getMessage() for r in caplog.records] == [
+        f"episode ep ({TASK} seed {SEED}) failed: engine_error: step 1: RuntimeError: engine exploded"]
     assert traj.status == FAILED and traj.failure_reason == "engine_error: step 1: RuntimeError: engine exploded"
     assert len(traj.steps) == 1 and not is_env_failure(traj)
 
@@ -297,7 +312,7 @@ def test_a_short_answer_is_an_error_not_a_misrouted_generation():
     engine.gate.set()
     b = GenerationBatcher(engine, SamplingSettings(), timeout_s=10)
     try:
-        with pytest.raises(RuntimeError, match="engine returned 0 generations for 1 requests"):
+        with pytest.raises(RuntimeError, match="^engine returned 0 generations for 1 requests$"):
             b.generate(_req("x"))
     finally:
         b.close()
@@ -306,7 +321,9 @@ def test_a_short_answer_is_an_error_not_a_misrouted_generation():
 def test_timeout_and_close():
     engine = GatedEngine()
     b = GenerationBatcher(engine, SamplingSettings(), timeout_s=0.05)
-    with pytest.raises(TimeoutError, match="engine did not answer within 0.05s"):
+    # A daemon thread: a worker that never closes its batcher can still exit.
+    assert b._thread.daemon is True and b._thread.name == "generation-batcher"
+    with pytest.raises(TimeoutError, match="^engine did not answer within 0.05s$"):
         b.generate(_req("slow"))
     engine.gate.set()  # the slow call ends (nobody waits for it any more)
     _wait_for(lambda: b.stats.calls == 1)
@@ -318,7 +335,7 @@ def test_timeout_and_close():
         threads[0].join(5)
     closer.join(10)
     assert isinstance(out[0], RuntimeError) and str(out[0]) == "generation batcher closed"
-    with pytest.raises(RuntimeError, match="generation batcher is closed"):
+    with pytest.raises(RuntimeError, match="^generation batcher is closed$"):
         b.generate(_req("late"))
     assert not b._thread.is_alive()
     assert BatcherStats() == BatcherStats(calls=0, requests=0, busy_s=0.0, max_batch=0)
