@@ -268,3 +268,21 @@ def test_collate_refuses_inconsistent_image_inputs_and_marks_image_tokens():
 def test_to_device_moves_tensors_and_keeps_lists():
     b = to_device({"x": torch.ones(2), "top_k": [1, 2], "n": 3}, "cpu")
     assert torch.equal(b["x"], torch.ones(2)) and b["top_k"] == [1, 2] and b["n"] == 3
+
+
+def test_advantages_counts_and_precision():
+    # Every dropped or zero-variance group counts (two of each here), and returns are taken in
+    # float64: a difference float32 would lose still makes a group non-constant.
+    groups = [_grp("s1", [1.0]), _grp("s2", [0.0, 1.0], failed=(0,)), _grp("z1", [2.0, 2.0]), _grp("z2", [0.5, 0.5]),
+              _grp("n", [1.0, 1.0 + 1e-9]), _grp("p", [0.1, 0.2, 0.7])]
+    eps, stats = compute_advantages(groups, GRPOConfig(drop_zero_variance_groups=True))
+    assert (stats.dropped_small_groups, stats.zero_variance_groups, stats.dropped_zero_variance_groups) == (2, 2, 2)
+    assert [e.group_id for e in eps] == ["n", "n", "p", "p", "p"]
+    r = [0.1, 0.2, 0.7]
+    m = sum(r) / 3
+    sd = math.sqrt(sum((x - m) ** 2 for x in r) / 2)
+    assert [e.advantage for e in eps[2:]] == pytest.approx([(x - m) / (sd + 1e-4) for x in r], rel=1e-12, abs=0)
+    assert stats.reward_mean == pytest.approx((2.0 + 1e-9 + 1.0) / 5, rel=1e-12, abs=0)
+    # A batch of two episodes has a std (it is not "too small to have one").
+    _, stats = compute_advantages([_grp("a", [1.0, 0.0])], GRPOConfig())
+    assert stats.reward_std == pytest.approx(math.sqrt(0.5))
