@@ -244,7 +244,8 @@ def test_collate_layout_padding_and_per_row_settings():
     assert b["sampling_logps"].tolist() == [[-0.5, 0, 0], [-0.5, -1.5, -2.5]]
     assert b["advantages"].tolist() == [1.5, 0.25] and b["logits_to_keep"] == 3
     assert (b["temperature"], b["top_k"], b["top_p"]) == ([0.5, 1.0], [3, -1], [0.9, 1.0])
-    assert b["input_ids"].dtype == torch.long and b["completion_mask"].dtype == torch.float32
+    assert b["input_ids"].dtype == b["attention_mask"].dtype == torch.long
+    assert b["completion_mask"].dtype == b["sampling_logps"].dtype == b["advantages"].dtype == torch.float32
     assert "pixel_values" not in b and "mm_token_type_ids" not in b
     masked = collate([s1, s2], pad_token_id=99, mask_truncated_completions=True)
     assert masked["completion_mask"].tolist() == [[0, 0, 0], [1, 1, 1]]
@@ -262,12 +263,51 @@ def test_collate_refuses_inconsistent_image_inputs_and_marks_image_tokens():
     # when the pad id equals the image token id.
     b = collate([_sample([1, 2], [3]), _sample([1], [3, 4])], pad_token_id=7, vision=vision)
     assert b["mm_token_type_ids"].tolist() == [[0, 0, 0, 0], [0, 0, 0, 0]]
+    assert b["mm_token_type_ids"].dtype == torch.int32
     assert "pixel_values" not in b
 
 
 def test_to_device_moves_tensors_and_keeps_lists():
     b = to_device({"x": torch.ones(2), "top_k": [1, 2], "n": 3}, "cpu")
     assert torch.equal(b["x"], torch.ones(2)) and b["top_k"] == [1, 2] and b["n"] == 3
+    assert to_device({"x": torch.ones(2)}, "meta")["x"].device.type == "meta"  # really moved
+
+
+def test_collate_images_through_a_real_image_processor():
+    # Qwen2-VL's image processor (patch 14, merge 2): a 56x56 image is a 4x4 patch grid, 16
+    # patch rows of pixel_values and 16 / 2**2 = 4 image tokens in the prompt.
+    from transformers import Qwen2VLImageProcessorPil
+
+    from tests.fixtures.learner import png_bytes
+
+    proc = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
+                                    min_pixels=56 * 56, max_pixels=56 * 56 * 4)
+    vision = VisionSpec(image_processor=proc, image_token_id=7, merge_size=2)
+    red, wide = png_bytes(56, 56), png_bytes(112, 56, (0, 90, 200))
+    img = _sample([1, 7, 7, 7, 7, 2], [3], images=[red])
+    text = _sample([1, 2], [3, 4])
+    two = _sample([7] * 12, [5], images=[red, wide])
+    cache: dict = {}
+    b = collate([img, text, two, img], pad_token_id=0, vision=vision, image_cache=cache)
+    assert b["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 4], [1, 4, 8], [1, 4, 4]]
+    assert b["pixel_values"].shape == (16 + 16 + 32 + 16, 1176)
+    assert torch.equal(b["pixel_values"][:16], b["pixel_values"][-16:])  # the same image, the same rows
+    assert int(b["mm_token_type_ids"][0].sum()) == 4 and int(b["mm_token_type_ids"][1].sum()) == 0
+    assert len(cache) == 2  # one entry per distinct image list: the repeated one was processed once
+    # A cached entry is used as is (the G episodes of a group share their first screenshot).
+    key = next(k for k, v in cache.items() if v["image_grid_thw"].tolist() == [[1, 4, 4]])
+    cache[key] = {"pixel_values": torch.full((16, 1176), 0.5), "image_grid_thw": torch.tensor([[1, 4, 4]])}
+    b = collate([img], pad_token_id=0, vision=vision, image_cache=cache)
+    assert torch.equal(b["pixel_values"], torch.full((16, 1176), 0.5))
+    b = collate([img], pad_token_id=0, vision=vision)  # no cache: processed afresh
+    assert not torch.equal(b["pixel_values"], torch.full((16, 1176), 0.5))
+    bad = _sample([7, 7, 7], [3], images=[red], episode_id="e", step_index=1)
+    with pytest.raises(BatchError, match=r"^episode e step 1: prompt_ids hold 3 image tokens but the 1 recorded "
+                                         r"image\(s\) make 4 with this image processor"):
+        collate([bad], pad_token_id=0, vision=vision)
+    missing = _sample([7, 7], [3], episode_id="e", step_index=2)
+    with pytest.raises(BatchError, match="^episode e step 2: 2 image tokens in prompt_ids but no images recorded$"):
+        collate([img, missing], pad_token_id=0, vision=vision)
 
 
 def test_advantages_counts_and_precision():
