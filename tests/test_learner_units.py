@@ -326,3 +326,16 @@ def test_advantages_counts_and_precision():
     # A batch of two episodes has a std (it is not "too small to have one").
     _, stats = compute_advantages([_grp("a", [1.0, 0.0])], GRPOConfig())
     assert stats.reward_std == pytest.approx(math.sqrt(0.5))
+
+
+def test_integer_mask_gives_the_float_mask_results():
+    # The mask may come as 0/1 integers: it is cast to the logprobs' dtype before any use (an
+    # integer mask would otherwise make the metric sums integer and the ratio extremes wrong).
+    cfg = GRPOConfig(vllm_importance_sampling_mode="token_truncate")
+    old = torch.zeros_like(COEF)
+    kw = dict(sampling_per_token_logps=old - torch.log(RHO), old_per_token_logps=old)
+    loss_f, sums_f = grpo_loss(torch.log(COEF), ADV, MASK, cfg, NORM, **kw)
+    loss_i, sums_i = grpo_loss(torch.log(COEF), ADV, MASK.long(), cfg, NORM, **kw)
+    assert float(loss_i) == pytest.approx(float(loss_f), rel=1e-12)
+    for name in ("tokens", "clip_low", "clip_high", "is_ratio", "is_ratio_min", "is_ratio_max", "is_masked"):
+        assert _f(sums_i, name) == pytest.approx(_f(sums_f, name), rel=1e-12), name
