@@ -91,13 +91,30 @@ def score(work: Path, module: str) -> tuple[Counter, list[str]]:
     return c, sorted(survivors)
 
 
-def run_module(module: str, work: Path, max_children: int, diffs: bool) -> int:
-    prepare(work, module)
+def refresh_tests(work: Path) -> None:
+    """The committed tests/ over a kept run's (mutmut copies them into mutants/ on every run)."""
+    archive = subprocess.run(["git", "archive", "HEAD", "tests"], cwd=REPO, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(work)], input=archive, check=True)
+
+
+def run_module(module: str, work: Path, max_children: int, diffs: bool, rerun: bool = False) -> int:
+    names: list[str] = []
+    if rerun:
+        # Only the mutants the kept run did not kill, against the current tests; the killed ones
+        # stay killed (tests are only ever added or tightened). mutmut collects stats for the
+        # new tests and keeps the other results in its .meta file.
+        codes = json.loads((work / "mutants" / (module + ".meta")).read_text())["exit_code_by_key"]
+        names = sorted(n for n, c in codes.items() if c in SURVIVED | NO_TESTS)
+        refresh_tests(work)
+        if not names:
+            return 0
+    else:
+        prepare(work, module)
     # One torch thread per mutant: the machine is shared, and a forked child of a process that
     # already ran torch's thread pool is safest without one.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
     t0 = time.monotonic()
-    rc = subprocess.run([sys.executable, "-c", RUN_MUTMUT, "run", "--max-children", str(max_children)],
+    rc = subprocess.run([sys.executable, "-c", RUN_MUTMUT, "run", "--max-children", str(max_children), *names],
                         cwd=work, env=env).returncode
     if rc != 0:
         print(f"{module}: mutmut run failed (exit {rc})", file=sys.stderr)
@@ -139,13 +156,18 @@ def main() -> int:
     ap.add_argument("--max-children", type=int, default=1, help="parallel mutant runs (the machine is shared)")
     ap.add_argument("--keep", help="work in this folder and keep it (default: a temporary one, removed)")
     ap.add_argument("--diffs", action="store_true", help="print each surviving mutant's diff")
+    ap.add_argument("--rerun", action="store_true",
+                    help="with --keep DIR of an earlier run: re-test only its surviving and untested mutants "
+                         "against the committed tests")
     args = ap.parse_args()
+    if args.rerun and not args.keep:
+        ap.error("--rerun needs --keep DIR (the earlier run's folder)")
     rc = 0
     for module in args.module or list(MODULES):
         with tempfile.TemporaryDirectory(prefix="mutmut-") as tmp:
             work = Path(args.keep) / module.replace("/", "_") if args.keep else Path(tmp)
-            work.mkdir(parents=True, exist_ok=bool(not args.keep))
-            rc = run_module(module, work, args.max_children, args.diffs) or rc
+            work.mkdir(parents=True, exist_ok=bool(not args.keep) or args.rerun)
+            rc = run_module(module, work, args.max_children, args.diffs, args.rerun) or rc
     return rc
 
 
