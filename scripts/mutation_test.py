@@ -78,8 +78,16 @@ def prepare(work: Path, module: str) -> None:
         f.write(f"tests_dir = {json.dumps(MODULES[module])}\n")
 
 
-def score(work: Path, module: str) -> tuple[Counter, list[str]]:
+def score(work: Path, module: str, earlier: dict[str, int] | None = None) -> tuple[Counter, list[str]]:
+    """Counts by outcome and the survivors. `earlier`: a kept run's results, for the mutants this
+    (re-)run did not test (mutmut forgets them when it re-tests named mutants)."""
     codes = json.loads((work / "mutants" / (module + ".meta")).read_text())["exit_code_by_key"]
+    codes = {n: c if c is not None or earlier is None else earlier.get(n) for n, c in codes.items()}
+    if earlier is not None:  # written back, so that a further --rerun still knows them
+        meta_path = work / "mutants" / (module + ".meta")
+        meta = json.loads(meta_path.read_text())
+        meta["exit_code_by_key"] = codes
+        meta_path.write_text(json.dumps(meta))
     c: Counter = Counter()
     survivors = []
     for name, code in codes.items():
@@ -99,12 +107,13 @@ def refresh_tests(work: Path) -> None:
 
 def run_module(module: str, work: Path, max_children: int, diffs: bool, rerun: bool = False) -> int:
     names: list[str] = []
+    earlier = None
     if rerun:
         # Only the mutants the kept run did not kill, against the current tests; the killed ones
         # stay killed (tests are only ever added or tightened). mutmut collects stats for the
         # new tests and keeps the other results in its .meta file.
-        codes = json.loads((work / "mutants" / (module + ".meta")).read_text())["exit_code_by_key"]
-        names = sorted(n for n, c in codes.items() if c in SURVIVED | NO_TESTS)
+        earlier = json.loads((work / "mutants" / (module + ".meta")).read_text())["exit_code_by_key"]
+        names = sorted(n for n, c in earlier.items() if c in SURVIVED | NO_TESTS)
         refresh_tests(work)
         if not names:
             return 0
@@ -119,7 +128,7 @@ def run_module(module: str, work: Path, max_children: int, diffs: bool, rerun: b
     if rc != 0:
         print(f"{module}: mutmut run failed (exit {rc})", file=sys.stderr)
         return rc
-    c, survivors = score(work, module)
+    c, survivors = score(work, module, earlier)
     tested = c["killed"] + c["survived"]
     pct = 100.0 * c["killed"] / tested if tested else 0.0
     print(f"\n{module}: killed {c['killed']}/{tested} = {pct:.0f}% "
