@@ -339,3 +339,13 @@ def test_integer_mask_gives_the_float_mask_results():
     assert float(loss_i) == pytest.approx(float(loss_f), rel=1e-12)
     for name in ("tokens", "clip_low", "clip_high", "is_ratio", "is_ratio_min", "is_ratio_max", "is_masked"):
         assert _f(sums_i, name) == pytest.approx(_f(sums_f, name), rel=1e-12), name
+
+
+def test_metric_sums_stay_on_the_batch_device():
+    # The sums of all micro-batches are reduced together on the learner's device; the "meta"
+    # device stands in for a GPU here (no GPU on the test machine): every sum must live on it.
+    meta = dict(device="meta", dtype=D)
+    mask = torch.ones(2, 3, **meta)
+    for is_ratio in (None, torch.ones(2, 3, **meta)):
+        sums = _loss_sums(torch.ones(2, 3, **meta), torch.ones(2, 1, **meta), mask, is_ratio, None, GRPOConfig())
+        assert {k: (v.device.type, v.dtype) for k, v in vars(sums).items()} == {k: ("meta", D) for k in vars(sums)}
