@@ -1,14 +1,22 @@
 """Mutation testing (mutmut 3.3.1, the dev extra) of the core correctness modules against their
 fast unit tests; prints each module's mutation score.
 
-    python scripts/mutation_test.py [--max-children N] [--keep DIR]
+    python scripts/mutation_test.py [--module PATH ...] [--max-children N] [--keep DIR [--rerun]] [--diffs]
+
+Each module is mutated on its own, against its own fast tests (MODULES), one after the other.
+`--keep DIR --rerun` re-tests only the mutants an earlier `--keep DIR` run did not kill, against
+the committed tests (for iterating on tests). The survivors left on purpose, with the reason
+for each, are listed in docs/mutation_testing.md.
 
 It runs in a scratch copy of the committed tree (`git archive HEAD`), never in the worktree:
-mutmut writes a `mutants/` folder and reads its config from pyproject.toml. Three things make
+mutmut writes a `mutants/` folder and reads its config from pyproject.toml. Four things make
 mutmut 3.3.1 work here:
   - the non-mutated files the tests import are copied one by one (`also_copy` naming a whole
     package folder copies the originals over the mutated files), into folders made beforehand
     (mutmut's copy does not create them);
+  - OMP_NUM_THREADS=1: mutmut forks each mutant's test run from a process that already used
+    torch's thread pool, and a forked child hangs in its first multi-threaded op (so every
+    learner/loss.py mutant ran into mutmut's timeout);
   - mutmut's stats collector reads `item._nodeid`, which pytest 9 no longer has (every stats run
     failed with AttributeError at the first test's teardown): the attribute is aliased to `nodeid`;
   - PYTHONPATH is unset, so that the mutated copies, not the worktree's originals, are imported.
@@ -119,8 +127,10 @@ def run_module(module: str, work: Path, max_children: int, diffs: bool, rerun: b
             return 0
     else:
         prepare(work, module)
-    # One torch thread per mutant: the machine is shared, and a forked child of a process that
-    # already ran torch's thread pool is safest without one.
+    # One torch thread: mutmut forks one child per mutant from a process whose torch thread pool
+    # already ran (the stats pass), and such a child hangs at its first multi-threaded op (a
+    # 512x512 matmul in a forked child never returned with 2 threads, took 0.13 s with 1). That
+    # is why every learner/loss.py mutant used to end at mutmut's timeout.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
     t0 = time.monotonic()
     rc = subprocess.run([sys.executable, "-c", RUN_MUTMUT, "run", "--max-children", str(max_children), *names],
