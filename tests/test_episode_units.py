@@ -223,8 +223,9 @@ def test_prompt_options_reach_the_request():
 class GatedEngine:
     """An engine whose calls wait for `gate`; echoes each request's text; can refuse one request."""
 
-    def __init__(self, refuse: str | None = None, short: bool = False) -> None:
+    def __init__(self, refuse: str | None = None, short: bool = False, delay_s: float = 0.0) -> None:
         self.gate = threading.Event()
+        self.delay_s = delay_s
         self.calls: list[list[str]] = []
         self.sampling: list = []
         self.refuse, self.short = refuse, short
@@ -234,6 +235,7 @@ class GatedEngine:
         self.calls.append(texts)
         self.sampling.append(sampling)
         assert self.gate.wait(10)
+        time.sleep(self.delay_s)
         if self.refuse in texts:
             raise ValueError(f"refused {self.refuse}")
         return [_gen(t) for t in texts][: len(texts) - self.short]
@@ -289,7 +291,7 @@ def test_prompts_arriving_while_engine_busy_share_the_next_call():
 
 
 def test_a_refused_request_fails_only_its_own_episode():
-    engine = GatedEngine(refuse="bad")
+    engine = GatedEngine(refuse="bad", delay_s=0.03)
     engine.gate.set()
     b = GenerationBatcher(engine, SamplingSettings(), timeout_s=10)
     try:
@@ -303,6 +305,7 @@ def test_a_refused_request_fails_only_its_own_episode():
         assert texts == {"ok1", "ok2", "error: refused bad"}
         assert len(engine.calls) == 4 and all(len(c) == 1 for c in engine.calls[1:])
         assert (b.stats.calls, b.stats.requests, b.stats.max_batch) == (4, 6, 3)
+        assert 4 * 0.03 <= b.stats.busy_s < 10  # the time of every call, the failed one included
     finally:
         b.close()
 
