@@ -349,3 +349,28 @@ def test_metric_sums_stay_on_the_batch_device():
     for is_ratio in (None, torch.ones(2, 3, **meta)):
         sums = _loss_sums(torch.ones(2, 3, **meta), torch.ones(2, 1, **meta), mask, is_ratio, None, GRPOConfig())
         assert {k: (v.device.type, v.dtype) for k, v in vars(sums).items()} == {k: ("meta", D) for k in vars(sums)}
+
+
+def test_images_are_decoded_to_rgb_and_counted_with_the_merge_size():
+    import io
+
+    from PIL import Image
+    from transformers import Qwen2VLImageProcessorPil
+
+    from learner.batching import _decode_png
+
+    buf = io.BytesIO()
+    Image.new("RGBA", (8, 8), (1, 2, 3, 128)).save(buf, format="PNG")
+    assert _decode_png(buf.getvalue()).mode == "RGB"  # screenshots with alpha reach the processor as RGB
+    # Without merging (merge_size 1) every patch of the 4x4 grid is one image token.
+    proc = Qwen2VLImageProcessorPil(patch_size=14, merge_size=1, temporal_patch_size=2,
+                                    min_pixels=56 * 56, max_pixels=56 * 56 * 4)
+    b = collate([_sample([7] * 16, [3], images=[_png56()])], pad_token_id=0,
+                vision=VisionSpec(image_processor=proc, image_token_id=7, merge_size=1))
+    assert b["image_grid_thw"].tolist() == [[1, 4, 4]]
+
+
+def _png56() -> bytes:
+    from tests.fixtures.learner import png_bytes
+
+    return png_bytes(56, 56)
