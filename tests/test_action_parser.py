@@ -128,6 +128,7 @@ def test_1000_malformed_completions_never_raise(parser):
         ("fill('1', None)", "fill('1', None)"),
         ("scroll(0, delta=200)", "scroll(0, delta=200)"),  # keyword arguments with literal values
         ("foo(1) click('2')", "click('2')"),  # an unknown call first
+        ("fill('1', 'abc\nclick('2')", "click('2')"),  # an unbalanced call first
         ("fill('1', x) click('2')", "click('2')"),  # a non-literal call first
         ("fill('1', '" + "y" * 600 + "') click('2')", "click('2')"),  # an over-long call first
     ],

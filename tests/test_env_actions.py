@@ -104,7 +104,7 @@ def test_raw_python_action_set_is_refused():
     with pytest.raises(ValueError, match="Python"):
         EnvConfig(action_subsets=["python"]).validate()
     # The project's own guard, not BrowserGym's error for an unknown subset.
-    with pytest.raises(ValueError, match="the raw-Python action set is never allowed"):
+    with pytest.raises(ValueError, match="^the raw-Python action set is never allowed$"):
         ActionValidator(["python"], max_chars=10)
 
 
@@ -206,3 +206,6 @@ def test_length_limit_is_inclusive_and_description_follows_its_options():
     assert v.describe(with_long_description=True, with_examples=False) == v.action_set.describe(
         with_long_description=True, with_examples=False)
     assert v.describe(with_examples=False) != v.describe()
+    # One call per action unless multiaction is asked for.
+    with pytest.raises(InvalidActionError, match="^Received a multi-action"):
+        v.to_python_code("click('12')\nclick('13')")
