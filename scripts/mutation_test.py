@@ -164,7 +164,9 @@ def _diff(functions: dict[str, str], mutant: str) -> str:
     orig = functions.get(short.rsplit("__mutmut_", 1)[0] + "__mutmut_orig")
     if orig is None or short not in functions:
         return "      (source not found)"
-    lines = difflib.unified_diff(orig.splitlines()[1:], functions[short].splitlines()[1:], lineterm="", n=0)
+    base = short.rsplit("__mutmut_", 1)[0] + "__mutmut_orig"
+    mutated = functions[short].replace(short + "(", base + "(", 1)  # signature lines compare too
+    lines = difflib.unified_diff(orig.splitlines(), mutated.splitlines(), lineterm="", n=0)
     return "\n".join("      " + x for x in lines if x[:1] in "+-" and x[:3] not in ("---", "+++"))
 
 
