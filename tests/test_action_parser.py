@@ -114,3 +114,68 @@ def test_1000_malformed_completions_never_raise(parser):
                 ast.literal_eval(arg)
     # The generator makes both kinds; if one vanished the parser or the generator broke.
     assert n_valid > 100 and n_fallback > 100, (n_valid, n_fallback)
+
+
+# --- boundaries and branches the cases above leave open (found by scripts/mutation_test.py) ---
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("fill('1', 'a\\\\') and more", "fill('1', 'a\\\\')"),  # an escaped backslash ends the string
+        ('fill("3", "x)y")', 'fill("3", "x)y")'),  # a parenthesis inside double quotes
+        ("scroll((0), 200)", "scroll((0), 200)"),  # nested parentheses
+        ("fill('1', None)", "fill('1', None)"),
+        ("scroll(0, delta=200)", "scroll(0, delta=200)"),  # keyword arguments with literal values
+        ("foo(1) click('2')", "click('2')"),  # an unknown call first
+        ("fill('1', 'abc\nclick('2')", "click('2')"),  # an unbalanced call first
+        ("fill('1', x) click('2')", "click('2')"),  # a non-literal call first
+        ("fill('1', '" + "y" * 600 + "') click('2')", "click('2')"),  # an over-long call first
+    ],
+)
+def test_later_valid_call_and_literal_forms(parser, text, expected):
+    parsed = parser.parse(text)
+    assert (parsed.action, parsed.fallback) == (expected, False)
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("fill('1', 'abc\nxyz')", "unbalanced parentheses or quotes after fill("),  # no string spans lines
+        ("fill('1', b'x')", "fill(...) arguments are not plain literals"),
+        ("scroll(-x, 1)", "scroll(...) arguments are not plain literals"),
+        ("scroll(-'a', 1)", "scroll(...) arguments are not plain literals"),
+        ("   ", "empty completion"),
+        ("just words", "no action call found"),
+    ],
+)
+def test_fallback_reasons_exactly(parser, text, reason):
+    parsed = parser.parse(text)
+    assert (parsed.action, parsed.fallback, parsed.reason) == ("noop()", True, reason)
+
+
+def test_non_text_completion_names_its_type(parser):
+    assert ActionParser(fallback_action="noop(0)").parse(123).reason == "completion is int, not text"
+    assert ActionParser(fallback_action="noop(0)").parse(None).action == "noop(0)"
+
+
+def test_default_limits_length_and_scan():
+    p = ActionParser()
+    ok = "fill('1', '" + "y" * (512 - 13) + "')"
+    assert len(ok) == 512 and p.parse(ok).action == ok
+    assert p.parse(ok[:-2] + "y')").reason == "fill(...) is 513 chars, over the 512 limit"
+    # Only the first 8192 characters are read: a call ending at character 8193 is cut.
+    assert p.parse("x " * 4091 + "click('1')").action == "click('1')"  # ends at 8192
+    assert p.parse("x " * 4091 + " click('1')").reason == "unbalanced parentheses or quotes after click("
+
+
+def test_parser_config_checks_exactly():
+    assert ActionParser(["noop", "MyAction"]).allowed == {"noop", "MyAction"}  # any identifier
+    assert ActionParser(max_action_chars=8).max_action_chars == 8
+    with pytest.raises(ValueError, match="^max_action_chars must be >= 8, got 7$"):
+        ActionParser(max_action_chars=7)
+    with pytest.raises(ValueError, match="^allowed_actions must name at least one action$"):
+        ActionParser(allowed_actions=())
+    for bad in ("noop", "x.noop()", "noop(**{})"):
+        with pytest.raises(ValueError, match="is not a valid allowed call$"):
+            ActionParser(fallback_action=bad)

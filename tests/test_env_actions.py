@@ -104,7 +104,7 @@ def test_raw_python_action_set_is_refused():
     with pytest.raises(ValueError, match="Python"):
         EnvConfig(action_subsets=["python"]).validate()
     # The project's own guard, not BrowserGym's error for an unknown subset.
-    with pytest.raises(ValueError, match="the raw-Python action set is never allowed"):
+    with pytest.raises(ValueError, match="^the raw-Python action set is never allowed$"):
         ActionValidator(["python"], max_chars=10)
 
 
@@ -164,3 +164,48 @@ def test_chromium_discovery_order(tmp_path, monkeypatch):
     # 4. then the system's
     system = find_chromium(None, str(tmp_path / "no_playwright_browser"))
     assert system is not None and os.access(system, os.X_OK)
+
+
+# --- the exact messages (they go back to the model as its action's error) and limits ---------
+
+
+def test_rejection_messages_exactly(validator):
+    def message(action) -> str:
+        with pytest.raises(InvalidActionError) as excinfo:
+            validator.to_python_code(action)
+        return str(excinfo.value)
+
+    assert message(1.5) == "action must be a string, got float"
+    assert message("click\x00('12')") == "action contains a NUL character"
+    assert message("  ") == "empty action; expected one call such as click('48', button='middle', modifiers=['Shift'])"
+    assert message("teleport('1')") == (
+        "Invalid action type 'teleport'. Allowed functions: click, fill, keyboard_press, keyboard_type, "
+        "mouse_click, mouse_dblclick, mouse_down, mouse_move, mouse_up, noop, scroll")
+    assert message("click('12') click('13')") == (
+        "Received a multi-action, only single-actions are allowed. (action: \"click('12') click('13')\")")
+    # Untrusted text is shown cut to 60 characters and ASCII-escaped.
+    assert message("x" * 61) == ("could not parse action '" + "x" * 60 + "...': expected one call like click('12') or "
+                                 "fill('14', 'text') with literal arguments (ParseException at column 62)")
+    assert message("x" * 60).startswith("could not parse action '" + "x" * 60 + "':")
+    assert message("clické ;").startswith("could not parse action 'click\\xe9 ;': ")
+    bad = b"\xffclick('12')".decode("utf-8", "surrogateescape")
+    assert message(bad) == ("action is not valid Unicode text (lone surrogate / undecodable bytes): "
+                            "\"\\udcffclick('12')\"")
+    multi = ActionValidator(["miniwob_all"], max_chars=200, multiaction=True)
+    with pytest.raises(InvalidActionError, match=r"^could not parse action 'x': expected calls like click\('12'\)"):
+        multi.to_python_code("x")
+
+
+def test_length_limit_is_inclusive_and_description_follows_its_options():
+    exact = ActionValidator(["miniwob_all"], max_chars=11)
+    assert exact.check("click('13')") == "click('13')"  # exactly 11 characters
+    with pytest.raises(InvalidActionError, match=r"^action too long: 12 characters, limit 11$"):
+        exact.check("click('130')")
+    v = ActionValidator(["miniwob_all"], max_chars=100)
+    assert v.describe() == v.action_set.describe(with_long_description=False, with_examples=True)
+    assert v.describe(with_long_description=True, with_examples=False) == v.action_set.describe(
+        with_long_description=True, with_examples=False)
+    assert v.describe(with_examples=False) != v.describe()
+    # One call per action unless multiaction is asked for.
+    with pytest.raises(InvalidActionError, match="^Received a multi-action"):
+        v.to_python_code("click('12')\nclick('13')")
