@@ -98,3 +98,14 @@ def test_a_learner_death_past_the_budget_prints_the_resume_line(ray_cluster, tmp
     assert line.endswith(f"the run folder is {run_dir}; continue from its last checkpoint with: "
                          f"bgrpo train --resume {run_dir}"), line
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-000001"
+
+
+def test_the_version_counter_only_moves_up():
+    from types import SimpleNamespace
+
+    from learner.learner import Learner
+
+    learner = SimpleNamespace(_policy_version=2)  # the method reads and writes the counter only
+    assert Learner.advance_policy_version(learner, 4) == 4 and learner._policy_version == 4
+    with pytest.raises(ValueError, match="never go back: 3 < 4"):
+        Learner.advance_policy_version(learner, 3)
