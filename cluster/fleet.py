@@ -463,7 +463,8 @@ class RayRollouts:
 
     def train_result(self, handle: Any) -> dict[str, Any]:
         """Rank 0's metrics once every rank is done; LearnerDied as soon as any rank's actor is
-        gone (a step that raised still raises its error)."""
+        gone, also when a survivor's error (its collective lost the dead peer) comes first; a
+        step that raised with every rank alive still raises its error."""
         import ray
 
         refs = self._train_refs.pop(handle)
@@ -476,6 +477,11 @@ class RayRollouts:
                 ray.get(ready[0], timeout=0)
             except ray.exceptions.RayActorError as e:
                 raise LearnerDied(refs.index(ready[0]), e) from e
+            except ray.exceptions.RayError as e:
+                died = self.fleet.learner_death(e) if len(refs) > 1 else None
+                if died is None:
+                    raise
+                raise died from e
         return ray.get(refs[0], timeout=0)
 
     def send_weights(self) -> Any:
