@@ -23,6 +23,12 @@ class TrainingError(RuntimeError):
     """The run cannot continue (too many actor failures, a broken invariant)."""
 
 
+class LearnerLost(RuntimeError):
+    """A learner rank died and the run cannot recover it in-process (restart budget used up, NCCL
+    weight sync, or the restart itself failed): `bgrpo train` prints one line with the run folder
+    and the `--resume` command (`cluster.driver._one_line_failure`)."""
+
+
 @dataclass
 class Accounting:
     """Episodes of this process's run: started (reported by the workers) = trained + dropped[reason]
@@ -35,7 +41,10 @@ class Accounting:
     - run_ended: groups that finished after the last learner step (async in-flight, sync spares);
     - worker_died: episodes of groups in flight on a worker whose actor died (its stats died with
       it): counted as started and dropped; the group itself is re-issued to the worker's
-      replacement with the same task and seed.
+      replacement with the same task and seed;
+    - learner_recovered: a learner rank died and the learner went back to the last checkpoint:
+      groups trained after that checkpoint (their update is lost) and groups with a token sampled
+      by a version newer than the checkpoint's (a policy the recovered learner never had).
     """
 
     started: int = 0
@@ -99,6 +108,10 @@ class StepRecord:
     """(task, seed, sampler index) of each trained group."""
     min_token_version: int
     max_token_version: int
+    episodes: int = 0
+    """Episodes in the step's groups."""
+    episodes_trained: int = 0
+    """Of them, what the learner trained on (the rest: learner_filtered)."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +125,29 @@ class Finished:
     """`cluster.sampler.TaskInstance` (task, seed, index)."""
 
 
+class RestartBudget:
+    """At most `budget` restarts within any `window_s` seconds (a sliding window)."""
+
+    def __init__(self, budget: int, window_s: float, clock: Callable[[], float]) -> None:
+        self.budget = budget
+        self.window_s = window_s
+        self.clock = clock
+        self._times: deque[float] = deque()
+
+    def take(self) -> bool:
+        """One restart from the budget: False (nothing taken) when it is used up."""
+        now = self.clock()
+        while self._times and now - self._times[0] > self.window_s:
+            self._times.popleft()
+        if len(self._times) >= self.budget:
+            return False
+        self._times.append(now)
+        return True
+
+    def used(self) -> str:
+        return f"{len(self._times)} of {self.budget} restarts within {self.window_s:g} s"
+
+
 class Ledger:
     """The fate of every handed-out group, in the accounting and in the sampler (a settled
     instance is never re-issued on resume), plus the records a checkpoint's cursor keeps."""
@@ -119,16 +155,17 @@ class Ledger:
     def __init__(self, sampler: Any, max_actor_failures: int,
                  log_event: Callable[[dict[str, Any]], None] = lambda record: None,
                  restart_budget: int = 0, restart_window_s: float = 3600.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 learner_restart_budget: int = 0, learner_restart_window_s: float = 3600.0) -> None:
         self.sampler = sampler
         self.max_actor_failures = max_actor_failures
         self.log_event = log_event
-        self.restart_budget = restart_budget
-        self.restart_window_s = restart_window_s
-        self.clock = clock
         self.worker_restarts = 0
-        self._restart_times: deque[float] = deque()
-        """When each restart within the window happened (the budget is per sliding window)."""
+        self._worker_budget = RestartBudget(restart_budget, restart_window_s, clock)
+        self.learner_restarts = 0
+        self._learner_budget = RestartBudget(learner_restart_budget, learner_restart_window_s, clock)
+        self.learner_recoveries: list[dict[str, Any]] = []
+        """One record per learner recovery (the `learner_restart` event), for the summary."""
         self.accounting = Accounting()
         self.steps: list[StepRecord] = []
         self.actor_failures = 0
@@ -167,15 +204,41 @@ class Ledger:
     def allow_restart(self, worker: str, error: BaseException) -> None:
         """A worker's actor died: one restart is taken from the budget (`restart_budget` per
         `restart_window_s`), or the run ends naming the worker and its last error."""
-        now = self.clock()
-        while self._restart_times and now - self._restart_times[0] > self.restart_window_s:
-            self._restart_times.popleft()
-        if len(self._restart_times) >= self.restart_budget:
+        if not self._worker_budget.take():
             raise TrainingError(
-                f"rollout worker {worker} died and the restart budget is used up ({len(self._restart_times)} of "
-                f"{self.restart_budget} restarts within {self.restart_window_s:g} s, cluster.worker_restart_budget "
-                f"/ worker_restart_window_s); last error: {error}") from error
-        self._restart_times.append(now)
+                f"rollout worker {worker} died and the restart budget is used up ({self._worker_budget.used()}, "
+                f"cluster.worker_restart_budget / worker_restart_window_s); last error: {error}") from error
+
+    def allow_learner_restart(self, error: BaseException) -> None:
+        """A learner rank died: one learner restart is taken from its budget
+        (`learner_restart_budget` per `learner_restart_window_s`), or LearnerLost."""
+        if not self._learner_budget.take():
+            raise LearnerLost(
+                f"{error}; the learner restart budget is used up ({self._learner_budget.used()}, "
+                "cluster.learner_restart_budget / learner_restart_window_s)") from error
+
+    def learner_recovered(self, error: BaseException, checkpoint_step: int, details: dict[str, Any]) -> list[int]:
+        """The learner went back to `checkpoint_step`: the steps trained after it are undone (their
+        update died with the learner): their groups leave the trained books and are dropped as
+        learner_recovered (the sampler does not re-issue them: the run goes on with new
+        instances). Counted and logged; returns the steps undone."""
+        undone = [r for r in self.steps if r.step > checkpoint_step]
+        self.steps = [r for r in self.steps if r.step <= checkpoint_step]
+        acc = self.accounting
+        for r in undone:
+            acc.trained -= r.episodes_trained
+            acc.dropped["learner_filtered"] -= r.episodes - r.episodes_trained
+            acc.dropped["learner_recovered"] += r.episodes
+            acc.groups_trained -= len(r.instances)
+            acc.groups_dropped["learner_recovered"] += len(r.instances)
+            acc.dropped_instances.extend((t, s, i, "learner_recovered") for t, s, i in r.instances)
+        self.learner_restarts += 1
+        record = {"event": "learner_restart", "error": str(error)[:500], "checkpoint_step": checkpoint_step,
+                  "steps_undone": [r.step for r in undone], **details,
+                  "learner_restarts_total": float(self.learner_restarts)}
+        self.learner_recoveries.append(record)
+        self.log_event(record)
+        return [r.step for r in undone]
 
     def worker_replaced(self, worker: str, error: BaseException, retired: dict[str, Any],
                         lost_instances: Sequence[Any], group_size: int) -> None:
@@ -197,8 +260,9 @@ class Ledger:
                 version_before: int) -> StepRecord:
         metas = [f.meta for f in batch]
         used = int(learner_metrics.get("episodes", sum(len(m.trainable_episodes) for m in metas)))
+        episodes = sum(m.num_episodes for m in metas)
         self.accounting.trained += used
-        self.accounting.dropped["learner_filtered"] += sum(m.num_episodes for m in metas) - used
+        self.accounting.dropped["learner_filtered"] += episodes - used
         self.accounting.groups_trained += len(batch)
         versions = [v for m in metas for v in m.trainable_versions]
         record = StepRecord(
@@ -208,6 +272,8 @@ class Ledger:
             instances=[(f.meta.task, f.meta.seed, f.instance.index) for f in batch],
             min_token_version=min(versions) if versions else -1,
             max_token_version=max(versions) if versions else -1,
+            episodes=episodes,
+            episodes_trained=used,
         )
         self.steps.append(record)
         for f in batch:

@@ -19,11 +19,12 @@ def save(learners: list[Any], run_dir: Path, cursor: dict[str, Any]) -> str:
     return paths[0]
 
 
-def load(learners: list[Any], run_dir: Path) -> dict[str, Any]:
-    """Every rank loads the latest checkpoint; returns its data cursor."""
+def load(learners: list[Any], run_dir: Path, root: str = CHECKPOINTS) -> dict[str, Any]:
+    """Every rank loads the latest checkpoint under run_dir/root (`--resume`, and a learner
+    recovered inside the run: cluster/learner_recovery.py); returns its data cursor."""
     import ray
 
-    ckpt_root = run_dir / CHECKPOINTS
+    ckpt_root = run_dir / root
     if not (ckpt_root / "latest").exists():
         raise TrainingError(f"--resume {run_dir}: no checkpoint in {ckpt_root}")
     cursors = ray.get([lr.load_checkpoint.remote(str(ckpt_root)) for lr in learners], timeout=600)

@@ -12,12 +12,15 @@ Ray starts, then `train()` reads top to bottom:
   the workers to the learner by reference, the driver sees their metadata only;
 - the books (cluster/accounting.py): every episode a worker started is either trained on or
   dropped with a counted reason (`Accounting`), checked at the end;
+- a learner rank that dies: the scheduler rebuilds the learner group from the last checkpoint and
+  goes on (cluster/learner_recovery.py, within `cluster.learner_restart_budget`);
 - around the loop: evaluation (cluster/eval.py), checkpoints (cluster/checkpoints.py), metrics, a
   progress bar, plots, and a shutdown of everything on success, error, Ctrl-C and SIGTERM.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -26,10 +29,10 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from cluster import checkpoints
-from cluster.accounting import Accounting, Ledger, StepFigures, StepRecord, TrainingError
+from cluster.accounting import Accounting, LearnerLost, Ledger, StepFigures, StepRecord, TrainingError
 from cluster.checkpoints import CHECKPOINTS
 from cluster.config import (
     ConfigError,
@@ -45,7 +48,7 @@ from cluster.fleet import Fleet, RayRollouts, WeightSyncWiring
 from cluster.models import resolve_model
 from cluster.runenv import new_run_dir
 from cluster.sampler import TaskSampler
-from cluster.scheduler import AsyncScheduler, Loop, Progress, StepDone, SyncScheduler
+from cluster.scheduler import AsyncScheduler, LearnerDied, Loop, Progress, StepDone, SyncScheduler
 
 __all__ = ["Accounting", "CHECKPOINTS", "StepRecord", "Trainer", "TrainingError", "main", "resolve_model", "train"]  # old paths
 
@@ -76,9 +79,12 @@ class Trainer:
         self.sampler = TaskSampler(config.sampler, seed=config.cluster.seed)
         self.ledger = Ledger(self.sampler, config.cluster.max_actor_failures, self._log_event,
                              restart_budget=config.cluster.worker_restart_budget,
-                             restart_window_s=config.cluster.worker_restart_window_s)
+                             restart_window_s=config.cluster.worker_restart_window_s,
+                             learner_restart_budget=config.cluster.learner_restart_budget,
+                             learner_restart_window_s=config.cluster.learner_restart_window_s)
         self.restarts_logged = 0
         """Worker restarts already in a step's `worker_restarts` figure."""
+        self.learner_restarts_logged = 0
         self.progress = Progress()
         self.figures = StepFigures()
         self.group_size = num_generations(config) or 2
@@ -179,20 +185,37 @@ class Trainer:
                                      time.monotonic() - self.t_start, self.progress.learner_busy_s)
         record["worker_restarts"] = float(self.ledger.worker_restarts - self.restarts_logged)
         self.restarts_logged = self.ledger.worker_restarts
+        record["learner_restarts"] = float(self.ledger.learner_restarts - self.learner_restarts_logged)
+        self.learner_restarts_logged = self.ledger.learner_restarts
         self.t_last_step = time.monotonic()
         self.metrics.log(record, step=self.step)
         self.run_index.update({gid: r.step for r in self.steps for gid in r.group_ids})
         self._report(record)
         cfg = self.config
         last = self.step >= cfg.cluster.total_steps
-        if (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0) or (
-            last and cfg.checkpoint.save_final
-        ):
-            self.save_checkpoint()
-        if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and not last:
-            self.evaluate()
+        with self._learner_calls():
+            if (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0) or (
+                last and cfg.checkpoint.save_final
+            ):
+                self.save_checkpoint()
+            if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and not last:
+                self.evaluate()
         if self.on_step is not None:
             self.on_step(self, self.step)
+
+    @contextlib.contextmanager
+    def _learner_calls(self) -> Iterator[None]:
+        """A learner rank dead during a checkpoint or an evaluation's weight load is a LearnerDied
+        (the scheduler recovers it: the checkpoint being written never became `latest`)."""
+        import ray
+
+        try:
+            yield
+        except ray.exceptions.RayActorError as e:
+            died = self.fleet.learner_death(e)
+            if died is None:
+                raise
+            raise died from e
 
     def _report(self, record: dict[str, Any]) -> None:
         """The progress bar, or a line every log_every_steps."""
@@ -291,6 +314,8 @@ class Trainer:
             "worker_versions": worker_versions,
             "accounting": self.accounting.as_dict(),
             "worker_restarts": self.ledger.worker_restarts,
+            "learner_restarts": self.ledger.learner_restarts,
+            "learner_recoveries": self.ledger.learner_recoveries,
             "trained_steps": [dataclasses.asdict(r) for r in self.steps],
             "trained_before_resume": [list(i) for i in self.ledger.trained_before],
             "dropped_instances": [list(i) for i in self.accounting.dropped_instances],
@@ -346,7 +371,8 @@ def train(
 
 def _one_line_failure(error: BaseException, run_dir: str) -> str | None:
     """The line `bgrpo train` prints for a failure users meet without a bug in the code: a
-    placement that cannot fit, or an actor (the learner, most often) that died and is not
+    placement that cannot fit, a learner rank that died and was not recovered in the run
+    (learner restart budget used up, NCCL weight sync), or another actor that died and is not
     replaced. None for anything else (the traceback then says where the bug is)."""
     import ray.exceptions
 
@@ -354,6 +380,9 @@ def _one_line_failure(error: BaseException, run_dir: str) -> str | None:
 
     if isinstance(error, PlacementError):
         return f"bgrpo train: {error}"
+    if isinstance(error, (LearnerLost, LearnerDied)):  # not recovered in the run (budget, NCCL, failed restart)
+        return (f"bgrpo train: {error}; the run folder is {run_dir}; "
+                f"continue from its last checkpoint with: bgrpo train --resume {run_dir}")
     if isinstance(error, ray.exceptions.RayActorError):
         cause = (str(error).strip().splitlines() or [type(error).__name__])[0]
         return (f"bgrpo train: an actor died and the run cannot go on ({cause}); the run folder is {run_dir}; "

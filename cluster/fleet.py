@@ -5,7 +5,9 @@ workers, the evaluation worker, the weight-sync wiring between them, and their s
 - `WeightSyncWiring`: every weight transfer learner -> workers (object store or NCCL), through
   `connect` (once), `send` / `wait` (one version to every worker) and `publish` (the evaluation
   worker's copy). One delimited place, so a weight-sync package can replace it whole;
-- `RayRollouts`: `cluster.scheduler.Rollouts` over the fleet (groups by reference).
+- `RayRollouts`: `cluster.scheduler.Rollouts` over the fleet (groups by reference); a learner
+  rank's death in its calls is raised as `LearnerDied`, and `restart_learner` rebuilds the learner
+  group at its last checkpoint (`restart_learner_group`).
 """
 
 from __future__ import annotations
@@ -13,14 +15,15 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.accounting import TrainingError
+from cluster.accounting import LearnerLost, TrainingError
 from cluster.models import resolve_model
 from cluster.runenv import offline_env_vars
-from cluster.scheduler import GroupLost, WorkerDied
+from cluster.scheduler import GroupLost, LearnerDied, LearnerRestored, WorkerDied
 from core.group_meta import GroupMeta
 
 log = logging.getLogger("bgrpo.driver")
@@ -108,6 +111,36 @@ class Fleet:
         if world > 1:
             addr, port = ray.get(self.learners[0].rendezvous_address.remote(), timeout=120)
             ray.get([lr.connect.remote(addr, port) for lr in self.learners], timeout=learner_cfg.dist_timeout_s)
+
+    def restart_learners(self) -> None:
+        """Every learner rank is replaced by a new actor at the same placement bundle (a group
+        of ranks cannot go on with one rank replaced: the survivors' process group and optimizer
+        steps are tied to the dead one). Returns once every new rank is constructed."""
+        import ray
+
+        for lr in self.learners:
+            try:
+                ray.kill(lr, no_restart=True)  # the dead one stays dead; the survivors free their bundles
+            except Exception:  # noqa: BLE001
+                pass
+        self.start_learners()
+        ray.get([lr.get_policy_version.remote() for lr in self.learners], timeout=600)
+
+    def learner_death(self, error: BaseException, timeout: float = 10.0) -> LearnerDied | None:
+        """`LearnerDied` naming the first dead learner rank when one is dead, else None. Probes every
+        rank; a live rank busy in a collective with a dead one does not answer within `timeout`
+        and is not waited for."""
+        import ray
+
+        refs = [lr.get_policy_version.remote() for lr in self.learners]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        for rank, ref in enumerate(refs):
+            if ref in ready:
+                try:
+                    ray.get(ref, timeout=0)
+                except ray.exceptions.RayActorError:
+                    return LearnerDied(rank, error)
+        return None
 
     def start_env_servers(self) -> tuple[list[list[str] | None], dict[str, Any]]:
         """Env servers as CPU-only actors (cluster), the configured remote ones, else embedded in
@@ -281,6 +314,8 @@ class WeightSyncWiring:
         """The `weightsync.WeightSync` of this run, after `connect()`."""
         self.outstanding: list[Any] = []
         """Sends not yet waited for (a worker replaced meanwhile is taken out of them)."""
+        self.highest_sent = 0
+        """The newest version ever sent to an engine: a recovered learner publishes above it."""
 
     def connect(self) -> None:
         from weightsync import make_weight_sync
@@ -291,13 +326,22 @@ class WeightSyncWiring:
                                           bucket_mb=cluster.weight_sync_bucket_mb)
         self.sync_impl.setup()
 
+    def reconnect(self) -> None:
+        """The learner group was rebuilt: later syncs come from the new rank 0; sends in flight
+        from the dead one are not waited for (their object died with its owner)."""
+        self.outstanding.clear()
+        self.connect()
+
     def sync(self) -> int:
         """Sends the learner's current version and waits until every worker loaded it."""
-        return self.sync_impl.sync()
+        version = self.sync_impl.sync()
+        self.highest_sent = max(self.highest_sent, version)
+        return version
 
     def send(self) -> Any:
         """Starts a sync without waiting; the returned `Pending` has the `.version` sent."""
         pending = self.sync_impl.send()
+        self.highest_sent = max(self.highest_sent, pending.version)
         self.outstanding.append(pending)
         return pending
 
@@ -334,7 +378,9 @@ class WeightSyncWiring:
     def load_into(self, workers: list[Any]) -> int:
         """The learner's current version into workers outside the sync group (the evaluation
         worker); returns that version."""
-        return self.sync_impl.load_into(workers)
+        version = self.sync_impl.load_into(workers)
+        self.highest_sent = max(self.highest_sent, version)
+        return version
 
 
 class RayRollouts:
@@ -362,10 +408,13 @@ class RayRollouts:
         return meta_ref
 
     def wait_any(self, handles: list[Any]) -> Any:
+        """A training step is waited for on every rank's ref: a rank that dies ends the wait at
+        once (its survivors may sit in a collective until learner.dist_timeout_s)."""
         import ray
 
-        done, _ = ray.wait(handles, num_returns=1)
-        return done[0]
+        other_ranks = {r: h for h in handles if h in self._train_refs for r in self._train_refs[h][1:]}
+        done, _ = ray.wait(list(handles) + list(other_ranks), num_returns=1)
+        return other_ranks.get(done[0], done[0])
 
     def collect(self, handle: Any) -> tuple[GroupMeta, Any]:
         import ray
@@ -413,15 +462,54 @@ class RayRollouts:
         return train_refs[0]
 
     def train_result(self, handle: Any) -> dict[str, Any]:
+        """Rank 0's metrics once every rank is done; LearnerDied as soon as any rank's actor is
+        gone, also when a survivor's error (its collective lost the dead peer) comes first; a
+        step that raised with every rank alive still raises its error."""
         import ray
 
-        return ray.get(self._train_refs.pop(handle), timeout=3600)[0]
+        refs = self._train_refs.pop(handle)
+        pending, deadline = list(refs), time.monotonic() + 3600
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                return ray.get(refs, timeout=0)[0]  # raises GetTimeoutError
+            try:
+                ray.get(ready[0], timeout=0)
+            except ray.exceptions.RayActorError as e:
+                raise LearnerDied(refs.index(ready[0]), e) from e
+            except ray.exceptions.RayError as e:
+                died = self.fleet.learner_death(e) if len(refs) > 1 else None
+                if died is None:
+                    raise
+                raise died from e
+        return ray.get(refs[0], timeout=0)
 
     def send_weights(self) -> Any:
-        return self.weights.send()
+        import ray
+
+        try:
+            return self.weights.send()
+        except ray.exceptions.RayActorError as e:  # rank 0 publishes: only its death lands here
+            raise LearnerDied(0, e) from e
 
     def wait_weights(self, send: Any) -> None:
-        self.weights.wait(send)
+        """A worker's death is handled inside (`WeightSyncWiring.wait`); an error while a learner
+        rank is dead (the send's object died with its owner) is that death."""
+        import ray
+
+        try:
+            self.weights.wait(send)
+        except ray.exceptions.RayError as e:
+            died = self.fleet.learner_death(e)
+            if died is None:
+                raise
+            raise died from e
+
+    def restart_learner(self, error: BaseException) -> LearnerRestored:
+        from cluster.learner_recovery import restart_learner_group
+
+        self._train_refs.clear()  # the dead group's steps: never collected
+        return restart_learner_group(self.fleet, self.weights, error)
 
     def sleep_engines(self) -> None:
         import ray

@@ -45,6 +45,7 @@ RAY_METRICS: dict[str, tuple[str, str]] = {
     "env_failures": ("counter", "Env server / session failures seen by rollout workers"),
     "actor_failures": ("counter", "Rollout-worker groups that raised or timed out"),
     "worker_restarts": ("counter", "Rollout workers whose actor died and were replaced"),
+    "learner_restarts": ("counter", "Learner groups rebuilt from the last checkpoint after a rank died"),
     "engine_sleeps": ("counter", "Engines put to sleep while the learner trained (cluster.colocate)"),
     "success_rate": ("gauge", "Success rate of the episodes trained at this step"),
     "reward_mean": ("gauge", "Mean episode return of the episodes trained at this step"),

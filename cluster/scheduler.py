@@ -7,6 +7,12 @@
   most `max_staleness` versions behind (older ones are dropped and counted), and new weights go
   to the workers while they keep sampling.
 
+Both loops survive a learner rank's death (`LearnerDied`, raised by the `Rollouts` calls that
+reach the learner): `Loop.recover_learner` takes a restart from the budget, has the learner group
+rebuilt at its last checkpoint (`Rollouts.restart_learner`), undoes the steps trained after it and
+sorts the groups on hand into re-trained and dropped (learner_recovered), then the loop goes on
+from the checkpoint's step.
+
 The schedulers see group metadata and opaque references only (`cluster.accounting.Finished`); the
 groups go from the workers to the learner by reference. `cluster.fleet.RayRollouts` implements
 `Rollouts` over the actors; tests/test_scheduler.py drives both loops with fakes.
@@ -19,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from cluster.accounting import Finished, Ledger
+from cluster.accounting import Finished, Ledger, LearnerLost
 from core.group_meta import GroupMeta
 
 
@@ -30,6 +36,39 @@ class GroupLost(RuntimeError):
 class WorkerDied(GroupLost):
     """A run_group call whose worker's actor is gone (process killed, node lost): the worker is
     replaced (`Rollouts.restart`, within the restart budget) and its groups are re-issued."""
+
+
+class LearnerDied(RuntimeError):
+    """A learner rank's actor is gone (process killed, node lost): the learner group is rebuilt
+    from the last checkpoint (`Loop.recover_learner`, within the learner restart budget)."""
+
+    def __init__(self, rank: int | None, error: BaseException) -> None:
+        super().__init__(f"learner rank {rank if rank is not None else '?'} died ({_first_line(error)})")
+        self.rank = rank
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
+
+@dataclass(frozen=True)
+class LearnerRestored:
+    """What `Rollouts.restart_learner` did: the learner is at `step` with the weights of
+    `checkpoint_version`, published to every worker as `version` (above every version sent before,
+    `highest_sent`, so the engines' versions never go back)."""
+
+    step: int
+    checkpoint_version: int
+    version: int
+    highest_sent: int
+    source: str
+    """Where the state came from: "checkpoint step-000002", "the warm start", "the initial model"."""
+
+    @property
+    def orphaned(self) -> tuple[int, int]:
+        """Versions (inclusive range) of weights the recovered learner never had: sampled tokens of
+        these are from a lost policy. Empty (lo > hi) when nothing newer than the checkpoint was sent."""
+        return self.checkpoint_version + 1, self.highest_sent
 
 
 class Rollouts(Protocol):
@@ -74,6 +113,11 @@ class Rollouts(Protocol):
         `episodes_returned` (episodes of its groups collected). Raises TrainingError when it
         cannot (e.g. NCCL weight sync)."""
 
+    def restart_learner(self, error: BaseException) -> LearnerRestored:
+        """Rebuilds the whole learner group (every rank, same placement) at its last checkpoint and
+        sends its weights to every worker under a version above every one sent before. Raises
+        LearnerLost when it cannot."""
+
 
 @dataclass
 class Progress:
@@ -113,6 +157,8 @@ class Loop:
     on_step: Callable[[StepDone], None]
     in_flight: dict[Any, tuple[int, Any]] = field(default_factory=dict)
     """handle -> (worker, sampler instance) of every group dispatched and not yet received."""
+    orphaned: list[tuple[int, int]] = field(default_factory=list)
+    """Version ranges of policies lost with a dead learner (`LearnerRestored.orphaned`)."""
 
     def dispatch(self, worker: int) -> None:
         """Sends the sampler's next instance to a worker."""
@@ -132,7 +178,45 @@ class Loop:
         except GroupLost as e:
             self.ledger.lost(inst, e.__cause__ or e)
             return worker, None
-        return worker, self.ledger.receive(meta, ref, inst)
+        finished = self.ledger.receive(meta, ref, inst)
+        if finished is not None and self.is_orphaned(finished):
+            self.ledger.drop("learner_recovered", finished)
+            return worker, None
+        return worker, finished
+
+    def is_orphaned(self, finished: Finished) -> bool:
+        """A token of the group was sampled by a policy lost with a dead learner."""
+        versions = {v for e in finished.meta.episodes for v in e.policy_versions}
+        return any(lo <= v <= hi for lo, hi in self.orphaned for v in versions)
+
+    def recover_learner(self, died: LearnerDied, on_hand: list[Finished]) -> list[Finished]:
+        """A learner rank died: within the budget, the learner group is rebuilt at its last
+        checkpoint and the run goes on from that step (the steps after it are undone, their groups
+        dropped as learner_recovered). `on_hand`: groups received and not trained (a batch whose
+        step died, the async buffer); those with a token of a lost policy are dropped as
+        learner_recovered, the others are returned, to be trained. Groups still in flight are
+        sorted the same way when they arrive (`receive`)."""
+        self.ledger.allow_learner_restart(died)
+        try:
+            restored = self.rollouts.restart_learner(died)
+        except LearnerLost:
+            raise
+        except Exception as e:  # noqa: BLE001 - one clear line (and the --resume command) instead
+            raise LearnerLost(f"{died}; restarting the learner failed: {_first_line(e)}") from e
+        self.ledger.learner_recovered(died, restored.step, {
+            "restored_from": restored.source, "checkpoint_version": restored.checkpoint_version,
+            "highest_version_sent": restored.highest_sent, "policy_version": restored.version})
+        self.progress.step, self.progress.version = restored.step, restored.version
+        lo, hi = restored.orphaned
+        if lo <= hi:
+            self.orphaned.append((lo, hi))
+        kept = []
+        for finished in on_hand:
+            if self.is_orphaned(finished):
+                self.ledger.drop("learner_recovered", finished)
+            else:
+                kept.append(finished)
+        return kept
 
     def replace(self, worker: int, inst: Any, error: BaseException) -> None:
         """A worker died running `inst`: within the restart budget, a new worker takes its place
@@ -172,10 +256,14 @@ class SyncScheduler:
         self.loop = loop
         self.engines_sleep = engines_sleep
         """Colocated: the engines sleep while the learner trains (it gets the GPU memory)."""
+        self.asleep = False
+        self.batch: list[Finished] = []
+        """The step's groups from collection until the driver has booked them (`on_step`)."""
 
-    def collect_batch(self) -> list[Finished]:
+    def collect_batch(self, carried: list[Finished]) -> list[Finished]:
+        """`carried`: groups kept from a step whose learner died (sampled by the checkpoint's policy)."""
         loop = self.loop
-        batch: list[Finished] = []
+        batch: list[Finished] = list(carried)
         free = list(range(loop.rollouts.num_workers))
         while len(batch) < loop.groups_per_step:
             while free and len(batch) + len(loop.in_flight) < loop.groups_per_step:
@@ -188,30 +276,45 @@ class SyncScheduler:
         return batch
 
     def run(self) -> None:
+        loop = self.loop
+        while loop.progress.step < loop.total_steps:
+            try:
+                self.step()
+            except LearnerDied as died:
+                if self.asleep:  # the recovered learner's weights load into awake engines
+                    loop.rollouts.wake_engines()
+                    self.asleep = False
+                self.batch = loop.recover_learner(died, self.batch)
+
+    def step(self) -> None:
+        """One step: collect (after a learner recovery, `self.batch` may hold groups to re-train),
+        train, send v+1 and wait until every worker loaded it, hand the step to the driver."""
         loop, rollouts, progress = self.loop, self.loop.rollouts, self.loop.progress
-        while progress.step < loop.total_steps:
-            t0 = time.monotonic()
-            batch = self.collect_batch()
-            collect_s = time.monotonic() - t0
-            # --- train on them, then every worker loads v+1 before sampling again ---
-            version_before = progress.version
-            t1 = time.monotonic()
-            if self.engines_sleep:
-                rollouts.sleep_engines()
-            t_learner = time.monotonic()
-            metrics = rollouts.train_result(rollouts.start_train([f.ref for f in batch]))
-            progress.learner_busy_s += time.monotonic() - t_learner
-            if self.engines_sleep:
-                rollouts.wake_engines()
-            train_s = time.monotonic() - t1
-            t2 = time.monotonic()
-            send = rollouts.send_weights()
-            rollouts.wait_weights(send)
-            progress.version = send.version
-            sync_s = time.monotonic() - t2
-            progress.step += 1
-            loop.on_step(StepDone(batch, metrics, version_before, collect_s, train_s, sync_s,
-                                  time.monotonic() - t0, {"groups_dropped_stale": 0.0}))
+        t0 = time.monotonic()
+        self.batch = batch = self.collect_batch(self.batch)
+        collect_s = time.monotonic() - t0
+        # --- train on them, then every worker loads v+1 before sampling again ---
+        version_before = progress.version
+        t1 = time.monotonic()
+        if self.engines_sleep:
+            rollouts.sleep_engines()
+            self.asleep = True
+        t_learner = time.monotonic()
+        metrics = rollouts.train_result(rollouts.start_train([f.ref for f in batch]))
+        progress.learner_busy_s += time.monotonic() - t_learner
+        if self.engines_sleep:
+            rollouts.wake_engines()
+            self.asleep = False
+        train_s = time.monotonic() - t1
+        t2 = time.monotonic()
+        send = rollouts.send_weights()
+        rollouts.wait_weights(send)
+        progress.version = send.version
+        sync_s = time.monotonic() - t2
+        progress.step += 1
+        self.batch = []  # booked by on_step: a learner death from here on undoes the step instead
+        loop.on_step(StepDone(batch, metrics, version_before, collect_s, train_s, sync_s,
+                              time.monotonic() - t0, {"groups_dropped_stale": 0.0}))
 
 
 class AsyncScheduler:
@@ -282,7 +385,17 @@ class AsyncScheduler:
                         {"groups_dropped_stale": float(self.stale_this_step), **overlap}, overlap)
         self.stale_this_step = 0
         self.step_t0 = self.wait_t0 = time.monotonic()
+        self.train_batch = []  # booked by on_step: a learner death from here on undoes the step
         loop.on_step(done)
+
+    def recover(self, died: LearnerDied) -> None:
+        """The learner died: the batch it was training and the buffer are sorted by
+        `Loop.recover_learner` (kept groups go back to the buffer, oldest first); the send in
+        flight died with it (its object belonged to the dead learner), nothing waits for it."""
+        kept = self.loop.recover_learner(died, self.train_batch + list(self.buffer))
+        self.buffer = deque(kept)
+        self.train_batch, self.train_handle, self.pending_send = [], None, None
+        self.version_before = self.loop.progress.version
 
     def on_group(self, handle: Any) -> None:
         """A group finished: the worker gets its next instance at once."""
@@ -297,6 +410,18 @@ class AsyncScheduler:
         else:
             self.buffer.append(finished)
 
+    def advance(self) -> None:
+        """Starts a learner step if a batch is ready, then handles whatever finishes first."""
+        loop = self.loop
+        if self.train_handle is None:
+            self.maybe_start_train()
+        waitables = list(loop.in_flight) + ([self.train_handle] if self.train_handle is not None else [])
+        ready = loop.rollouts.wait_any(waitables)
+        if self.train_handle is not None and ready == self.train_handle:
+            self.finish_train()
+        else:
+            self.on_group(ready)
+
     def run(self) -> None:
         loop = self.loop
         for i in range(loop.rollouts.num_workers):
@@ -305,14 +430,10 @@ class AsyncScheduler:
         self.train_t0 = self.step_t0 = self.wait_t0 = time.monotonic()
         try:
             while loop.progress.step < loop.total_steps:
-                if self.train_handle is None:
-                    self.maybe_start_train()
-                waitables = list(loop.in_flight) + ([self.train_handle] if self.train_handle is not None else [])
-                ready = loop.rollouts.wait_any(waitables)
-                if self.train_handle is not None and ready == self.train_handle:
-                    self.finish_train()
-                else:
-                    self.on_group(ready)
+                try:
+                    self.advance()
+                except LearnerDied as died:
+                    self.recover(died)
             loop.rollouts.wait_weights(self.pending_send)
         except BaseException:
             loop.in_flight.clear()  # an error or Ctrl-C: close() stops the workers, nothing to wait for

@@ -676,6 +676,15 @@ class Learner:
         """`policy_version` as a method (Ray actors expose methods, not properties)."""
         return self._policy_version
 
+    def advance_policy_version(self, version: int) -> int:
+        """Moves the version counter up to `version` without touching the weights or the step: a
+        learner restored from a checkpoint inside a run publishes its weights under a version
+        above every one the engines were sent (cluster/learner_recovery.py). Never goes back."""
+        if version < self._policy_version:
+            raise ValueError(f"policy versions never go back: {version} < {self._policy_version}")
+        self._policy_version = int(version)
+        return self._policy_version
+
     def get_weights(self) -> dict[str, torch.Tensor]:
         """Named CPU tensors, Hugging Face checkpoint names, `publish_dtype`."""
         if self.device.type == "cuda" and getattr(self, "_staging", None) is None:

@@ -14,10 +14,19 @@ from types import SimpleNamespace
 
 import pytest
 
-from cluster.accounting import Ledger, TrainingError
+from cluster.accounting import LearnerLost, Ledger, TrainingError
 from cluster.config import SamplerConfig
 from cluster.sampler import TaskSampler
-from cluster.scheduler import AsyncScheduler, GroupLost, Loop, Progress, SyncScheduler, WorkerDied
+from cluster.scheduler import (
+    AsyncScheduler,
+    GroupLost,
+    LearnerDied,
+    LearnerRestored,
+    Loop,
+    Progress,
+    SyncScheduler,
+    WorkerDied,
+)
 from core.group_meta import EpisodeMeta, GroupMeta
 
 G = 2
@@ -348,3 +357,127 @@ def test_step_figures_come_from_metadata_and_difference_the_worker_counters():
     assert first["learner_idle_frac"] == 0.75 and first["tasks"] == ["a", "b"] and first["policy_version"] == 5
     second = figures.record(done, 6, [{"episodes_started": 9, "steps": 12}, {"episodes_started": 2}], 8, 16.0, 4.0)
     assert second["episodes_started"] == 3 and second["env_steps"] == 2  # per step, not cumulative
+
+
+# --- a dead learner rank: the learner group goes back to its last checkpoint -----------------------
+
+
+class LearnerDiesFake(FakeRollouts):
+    """The learner dies on the train calls numbered in `die_at` (1-based); `restart_learner` plays
+    `cluster.learner_recovery`: the learner is back at the last checkpoint's (step, version) and
+    sends it to every worker under a version above every one sent (or the checkpoint's own)."""
+
+    def __init__(self, num_workers: int, die_at: set[int]) -> None:
+        super().__init__(num_workers)
+        self.die_at = die_at
+        self.trains = 0
+        self.checkpoint = (0, 0)
+        """(step, version) of the latest checkpoint (the test's on_step saves them)."""
+        self.restored: list = []
+
+    def train_result(self, handle):
+        self.trains += 1
+        if self.trains in self.die_at:
+            raise LearnerDied(0, RuntimeError("ActorDiedError: the actor died unexpectedly"))
+        return super().train_result(handle)
+
+    def restart_learner(self, error):
+        step, version = self.checkpoint
+        highest = max(self.sent, default=0)
+        new = version if highest <= version else highest + 1
+        self.learner_version = new
+        self.send_weights()
+        self.restored.append(LearnerRestored(step, version, new, highest, "checkpoint"))
+        return self.restored[-1]
+
+
+def _recovering_loop(rollouts, checkpoint_every, total_steps=4, budget=1):
+    loop, steps = _loop(rollouts, total_steps=total_steps, learner_restart_budget=budget)
+    events = []
+    loop.ledger.log_event = events.append
+    driver_on_step = loop.on_step
+
+    def on_step(done):  # the driver: the books, then a checkpoint every `checkpoint_every` steps
+        driver_on_step(done)
+        if loop.progress.step % checkpoint_every == 0:
+            rollouts.checkpoint = (loop.progress.step, loop.progress.version)
+
+    loop.on_step = on_step
+    return loop, steps, events
+
+
+def _check_recovered_books(loop, rollouts, total_steps):
+    ledger, acc = loop.ledger, loop.ledger.accounting
+    assert loop.progress.step == total_steps and [r.step for r in ledger.steps] == list(range(1, total_steps + 1))
+    assert rollouts.sent == sorted(rollouts.sent)  # the versions the engines saw never went back
+    assert len(_every_index_once(ledger)) == len(set(_every_index_once(ledger)))  # one fate per instance
+    assert ledger.sampler.unsettled() == []
+    acc.finalize(sum(rollouts.started))
+    assert acc.balanced and acc.dropped["rerun_attempt"] == 0, acc.as_dict()
+    for restored in rollouts.restored:  # nothing trained after a recovery came from a lost policy
+        lo, hi = restored.orphaned
+        assert not any(lo <= v <= hi for r in ledger.steps for v in (r.min_token_version, r.max_token_version)
+                       if r.learner_version >= restored.version)
+
+
+def test_sync_learner_death_goes_back_to_the_checkpoint_and_drops_what_the_lost_policies_made():
+    # Checkpoints at steps 2 and 4; the learner dies training step 4 (train call 4), so steps 3's
+    # update is lost (undone) and step 4's batch was sampled by v3, a policy the restored learner
+    # never had: both are dropped as learner_recovered; the v2 weights go out as v4.
+    rollouts = LearnerDiesFake(2, die_at={4})
+    loop, steps, events = _recovering_loop(rollouts, checkpoint_every=2)
+    SyncScheduler(loop).run()
+    [restored] = rollouts.restored
+    assert (restored.step, restored.checkpoint_version, restored.version, restored.orphaned) == (2, 2, 4, (3, 3))
+    assert rollouts.sent == [1, 2, 3, 4, 5, 6] and loop.progress.version == 6
+    ledger, acc = loop.ledger, loop.ledger.accounting
+    assert ledger.learner_restarts == 1
+    [event] = [e for e in events if e["event"] == "learner_restart"]
+    assert event["steps_undone"] == [3] and event["checkpoint_step"] == 2 and event["policy_version"] == 4
+    assert acc.groups_dropped["learner_recovered"] == 4 and acc.dropped["learner_recovered"] == 4 * G
+    assert acc.groups_trained == 4 * 2 and acc.trained == 4 * 2 * G  # the undone step left the trained books
+    assert [d.version_before for d in steps] == [0, 1, 2, 4, 5]  # step 3 ran twice: at v2, then (restored) v4
+    _check_recovered_books(loop, rollouts, 4)
+
+
+def test_sync_batch_sampled_by_the_checkpoints_policy_is_retrained():
+    # A checkpoint every step: when the learner dies training step 3, the checkpoint (step 2, v2) is
+    # the policy that sampled the batch; nothing newer was sent, so the version stays 2 and the same
+    # groups are trained again: nothing dropped.
+    rollouts = LearnerDiesFake(2, die_at={3})
+    loop, _, _ = _recovering_loop(rollouts, checkpoint_every=1, total_steps=3)
+    SyncScheduler(loop).run()
+    assert rollouts.restored[0].version == 2 and rollouts.sent == [1, 2, 2, 3]
+    assert rollouts.trained_refs[2] == rollouts.trained_refs[3]  # re-trained, same refs
+    assert "learner_recovered" not in loop.ledger.accounting.dropped
+    _check_recovered_books(loop, rollouts, 3)
+
+
+def test_async_learner_death_recovers_and_the_books_balance():
+    # Checkpoint at step 2; the learner dies training step 4: step 3 is undone, the groups in flight
+    # or buffered with v3 tokens are dropped as learner_recovered when they are sorted or arrive.
+    rollouts = LearnerDiesFake(2, die_at={4})
+    loop, _, events = _recovering_loop(rollouts, checkpoint_every=2, total_steps=4)
+    AsyncScheduler(loop, max_staleness=1).run()
+    assert loop.ledger.learner_restarts == 1 and rollouts.restored[0].orphaned == (3, 3)
+    assert rollouts.sent == [1, 2, 3, 4, 5, 6] and events[0]["steps_undone"] == [3]
+    assert loop.ledger.accounting.groups_dropped["learner_recovered"] >= 3  # step 3's two + v3-sampled ones
+    assert [r.learner_version for r in loop.ledger.steps] == [0, 1, 4, 5]
+    _check_recovered_books(loop, rollouts, 4)
+
+
+def test_learner_death_past_the_budget_ends_with_the_resume_line():
+    from cluster.driver import _one_line_failure
+
+    rollouts = LearnerDiesFake(2, die_at={2, 3})  # budget 1: the second death ends the run
+    loop, _, _ = _recovering_loop(rollouts, checkpoint_every=1)
+    with pytest.raises(LearnerLost, match=r"learner rank 0 died .*budget is used up \(1 of 1 restarts within 3600 s") as e:
+        SyncScheduler(loop).run()
+    assert loop.ledger.learner_restarts == 1
+    line = _one_line_failure(e.value, "/runs/r1")
+    assert line.startswith("bgrpo train: learner rank 0 died (ActorDiedError")
+    assert line.endswith("the run folder is /runs/r1; continue from its last checkpoint with: "
+                         "bgrpo train --resume /runs/r1") and "\n" not in line
+    loop, _, _ = _recovering_loop(LearnerDiesFake(1, die_at={1}), checkpoint_every=1, budget=0)
+    with pytest.raises(LearnerLost, match=r"0 of 0 restarts"):
+        SyncScheduler(loop).run()

@@ -102,6 +102,16 @@ class ClusterConfig:
     weight_sync nccl (the NCCL group would have to be re-formed): there a dead worker ends the run."""
     worker_restart_window_s: float = 3600.0
     """The sliding time window, in seconds, over which worker_restart_budget counts restarts."""
+    learner_restart_budget: int = 1
+    """A learner rank whose actor died (process killed, node lost): the whole learner group is
+    rebuilt at the same placement from the run's last checkpoint (before the first one: the warm
+    start's, else the initial model), the steps trained after it are undone and the run goes on
+    to total_steps; engines get its weights under a version above every one they have seen. At
+    most this many restarts within learner_restart_window_s; one more ends the run with the
+    `bgrpo train --resume RUN_DIR` line. 0: a dead learner ends the run. Not with weight_sync nccl
+    (the NCCL group would have to be re-formed): there a dead learner ends the run."""
+    learner_restart_window_s: float = 3600.0
+    """The sliding time window, in seconds, over which learner_restart_budget counts restarts."""
     shutdown_timeout_s: float = 30.0
     """How long shutdown waits for each actor to close its engine and browsers before killing it."""
     colocate: bool = False
@@ -153,6 +163,10 @@ class ClusterConfig:
             raise ConfigError(f"cluster.worker_restart_budget must be >= 0, got {self.worker_restart_budget}")
         if self.worker_restart_window_s <= 0:
             raise ConfigError(f"cluster.worker_restart_window_s must be > 0, got {self.worker_restart_window_s}")
+        if self.learner_restart_budget < 0:
+            raise ConfigError(f"cluster.learner_restart_budget must be >= 0, got {self.learner_restart_budget}")
+        if self.learner_restart_window_s <= 0:
+            raise ConfigError(f"cluster.learner_restart_window_s must be > 0, got {self.learner_restart_window_s}")
         if self.weight_sync_bucket_mb <= 0 or self.weight_sync_timeout_s <= 0:
             raise ConfigError("cluster.weight_sync_bucket_mb and cluster.weight_sync_timeout_s must be > 0")
 
