@@ -11,10 +11,10 @@ so the kill lands while groups are being collected or the learner trains:
   - worker:     SIGKILL of one rollout worker's process (the driver starts a replacement);
   - learner:    SIGKILL of learner rank 0's process (the driver recovers it from a checkpoint).
 The table has, per kind: how many were injected, the time to recover (from the kill to the end of
-the next training step that finished after it: training made progress again) and the episodes
-that failed and were re-run meanwhile (the `episodes_failed` of the steps that ended in that
-window: a failed episode is never trained, its group is collected again). The run's own books
-(summary.json) must still balance: the caller checks them.
+the next training step that finished after it: training made progress again), the episodes that
+failed in that step (a failed episode is never trained: its group is collected again), and the
+episodes dropped under the reason the kind's recovery books. The run's own books (summary.json)
+must still balance: the caller checks them.
 """
 
 from __future__ import annotations
@@ -146,28 +146,40 @@ class ChaosMonkey:
             timer.cancel()
 
 
-def fault_table(monkey: ChaosMonkey, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per kind: count, seconds to recover, episodes failed (and re-run) until then."""
+# The dropped-episode reason each kind's recovery books (summary.json's accounting); an env-side
+# failure fails an episode, and its whole group is collected again (reason "rerun_attempt").
+DROP_REASON = {"chromium": "rerun_attempt", "env_server": "rerun_attempt", "worker": "worker_died",
+               "learner": "learner_recovered"}
+
+
+def fault_table(monkey: ChaosMonkey, records: list[dict[str, Any]], dropped: dict[str, int]) -> list[dict[str, Any]]:
+    """Per kind: count, seconds to recover, episodes failed in the step that recovered, and the
+    episodes dropped (to be collected again) under the kind's reason. Two kinds share the
+    "rerun_attempt" reason, so for those the dropped figure is the run's total for both."""
     failed_by_step = {int(r["step"]): float(r.get("episodes_failed", 0.0)) for r in records
                       if "policy_version" in r and "event" not in r}
     rows: dict[str, dict[str, Any]] = {}
     for inj in monkey.injections:
-        row = rows.setdefault(inj.kind, {"kind": inj.kind, "injected": 0, "recover_s": [], "episodes_rerun": 0.0})
+        row = rows.setdefault(inj.kind, {"kind": inj.kind, "injected": 0, "recover_s": [], "episodes_failed": 0,
+                                         "dropped_reason": DROP_REASON[inj.kind],
+                                         "episodes_dropped": int(dropped.get(DROP_REASON[inj.kind], 0))})
         if not inj.at:
             continue
         row["injected"] += 1
         after = [(s, t) for s, t in monkey.step_ends if t > inj.at]
         if after:
             row["recover_s"].append(round(after[0][1] - inj.at, 1))
-            row["episodes_rerun"] += sum(failed_by_step.get(s, 0.0) for s, _ in after[:1])
+            row["episodes_failed"] += int(failed_by_step.get(after[0][0], 0.0))
     return list(rows.values())
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| fault | injected | time to recover | episodes failed and re-run |", "|---|---|---|---|"]
+    lines = ["| fault | injected | time to recover | episodes failed | episodes dropped and collected again (reason) |",
+             "|---|---|---|---|---|"]
     for r in rows:
         recover = ", ".join(f"{s} s" for s in r["recover_s"]) or "not recovered"
-        lines.append(f"| {r['kind']} | {r['injected']} | {recover} | {int(r['episodes_rerun'])} |")
+        lines.append(f"| {r['kind']} | {r['injected']} | {recover} | {r['episodes_failed']} | "
+                     f"{r['episodes_dropped']} ({r['dropped_reason']}) |")
     return "\n".join(lines)
 
 
@@ -185,7 +197,7 @@ def run(argv: list[str], kinds: list[str], seed: int) -> dict[str, Any]:
     finally:
         monkey.cancel()
     run_dir = cl.config.cluster.run_dir
-    table = fault_table(monkey, read_metrics(run_dir))
+    table = fault_table(monkey, read_metrics(run_dir), summary["accounting"]["dropped"])
     return {"run_dir": run_dir, "summary": summary, "injections": [asdict(i) for i in monkey.injections],
             "table": table}
 

@@ -324,6 +324,22 @@ def _in_fresh_thread(test):
     return run
 
 
+def _assert_chart_drawn(png, box) -> None:
+    """The screenshot itself shows the page: taller than one screen (the groups table follows the
+    charts), and inside the reward chart's box, pixels of the curve's colour besides the background,
+    i.e. the chart was painted, not just present in the DOM."""
+    from PIL import Image
+
+    image = Image.open(png).convert("RGB")
+    assert image.width == 1300 and image.height > 900, image.size
+    assert box is not None and box["width"] > 50 and box["height"] > 50, box
+    chart = image.crop((int(box["x"]), int(box["y"]), int(box["x"] + box["width"]), int(box["y"] + box["height"])))
+    colours = chart.getcolors(maxcolors=1 << 16) or []
+    background = max(colours)[1] if colours else None
+    painted = sum(n for n, c in colours if c != background)
+    assert len(colours) > 2 and painted > 0.005 * box["width"] * box["height"], (len(colours), painted)
+
+
 @pytest.mark.browser
 @_in_fresh_thread
 def test_index_page_in_chromium_links_resolve(outputs_run, tmp_path):
@@ -337,7 +353,9 @@ def test_index_page_in_chromium_links_resolve(outputs_run, tmp_path):
         assert page.locator("#groups tbody tr").count() == len(json.loads((run_dir / "index.json").read_text())["groups"])
         assert page.locator("#chart-reward svg polyline").count() >= 1
         assert page.locator("#chart-per-task svg polyline").count() == 1
-        page.screenshot(path=str(tmp_path / "index.png"), full_page=True)
+        shot = tmp_path / "index.png"
+        page.screenshot(path=str(shot), full_page=True)
+        _assert_chart_drawn(shot, page.locator("#chart-reward svg").bounding_box())
         hrefs = page.eval_on_selector_all("a", "els => els.map(e => e.href)")
         assert len(hrefs) >= 7  # 6 training groups + 1 eval group + the PNG plots
         for href in hrefs:
