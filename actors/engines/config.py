@@ -37,6 +37,11 @@ class EngineConfig:
     learner on the same GPU trains (`cluster.colocate`), then `wake_up()`. CUDA only."""
     max_images_per_prompt: int = 1
     """Vision-language models: most images in one prompt (vLLM's limit_mm_per_prompt)."""
+    weight_update: str = "drained"
+    """How new weights reach a generating engine. "drained": the update waits until the running
+    engine call has finished all its requests. "in_flight" (vLLM, cluster.mode async): the update
+    lands between two engine steps; the requests running then are resumed under the new weights
+    (re-prefilled) and every completion token records the version that sampled it."""
 
     def validate(self) -> None:
         """Raises ValueError with a clear message for an unusable configuration."""
@@ -56,6 +61,11 @@ class EngineConfig:
             raise ValueError(f"engine.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.cpu_kv_cache_gib <= 0:
             raise ValueError(f"engine.cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib}")
+        if self.weight_update not in ("drained", "in_flight"):
+            raise ValueError(f"engine.weight_update must be drained or in_flight, got {self.weight_update!r}")
+        if self.weight_update == "in_flight" and self.backend != "vllm":
+            raise ValueError("engine.weight_update in_flight needs engine.backend vllm (the transformers "
+                             "engine loads weights only between generate calls); use engine.weight_update drained")
         if self.max_images_per_prompt < 0:
             raise ValueError(f"engine.max_images_per_prompt must be >= 0, got {self.max_images_per_prompt}")
 
