@@ -117,3 +117,36 @@ def test_update_lands_mid_call_with_exact_versions(case: Case) -> None:
     assert stats["weight_updates_mid_call"] == before.get("weight_updates_mid_call", 0) + 1
     assert stats["weight_update_reprefill_tokens"] > before.get("weight_update_reprefill_tokens", 0)
     assert stats["weight_update_idle_s"] > before.get("weight_update_idle_s", 0.0)
+
+
+@pytest.mark.parametrize("mode", ["drained", "in_flight"])
+def test_worker_update_waits_for_the_batch_only_when_drained(case: Case, mode: str, tmp_path, monkeypatch) -> None:
+    """The rollout worker's update path: drained, an update waits for the batch holding the
+    worker's engine lock; in flight it goes straight to the engine (which applies it between
+    steps). The env URL is never dialled: no episode runs here."""
+    import actors.engines
+    from actors.engines import EngineConfig
+    from actors.rollout_worker import RolloutWorker
+    from tests.fixtures.engines import BorrowedEngine
+    from tests.fixtures.rollout import small_rollout_config
+
+    monkeypatch.setattr(actors.engines, "create_engine", lambda config: BorrowedEngine(case.engine))
+    config = EngineConfig(model=str(case.model_path), backend="vllm", max_model_len=2048, weight_update=mode)
+    case.engine.weight_update = mode
+    name = next(n for n in case.original_state if "embed_tokens" in n)
+    try:
+        with RolloutWorker("w", small_rollout_config(), config, None, tmp_path,
+                           env_urls=["http://127.0.0.1:9"]) as worker:
+            version = worker.get_policy_version()
+            with worker._engine_lock:  # as a running batch holds it
+                thread = threading.Thread(target=worker.update_weights,
+                                          args=(version + 1, {name: case.original_state[name] * 1.01}))
+                thread.start()
+                thread.join(timeout=5 if mode == "drained" else 60)
+                assert thread.is_alive() == (mode == "drained")
+            thread.join(timeout=60)
+            assert worker.get_policy_version() == version + 1
+            assert worker.stats()["weight_update_mode"] == mode
+    finally:
+        case.engine.update_weights(case.engine.policy_version + 1, {name: case.original_state[name]})
+        case.engine.weight_update = "drained"

@@ -136,7 +136,8 @@ class UpdateGate:
                     if not posted.done.is_set():
                         started = time.monotonic()
                         self.run_posted()
-                        self.timing.record(time.monotonic() - started, started - posted.arrived, mid_call=False)
+                        if posted.error is None:  # a failed load is no update (as in drained mode)
+                            self.timing.record(time.monotonic() - started, started - posted.arrived, mid_call=False)
                 finally:
                     self.engine_lock.release()
         if posted.error is not None:

@@ -159,7 +159,7 @@ class SteppedGeneration:
             r.version = v
             reprefill += self._resume(r, by_id)
         idle = time.monotonic() - paused
-        for job in jobs:
+        for job in jobs:  # a failed load (its thread gets the error) still cost the pause
             self.gate.timing.record(idle / len(jobs), job.started - job.arrived, mid_call=True,
                                     reprefill_tokens=reprefill // len(jobs))
 
