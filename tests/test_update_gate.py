@@ -60,3 +60,20 @@ def test_in_flight_update_with_no_call_runs_at_once_and_errors_reach_the_caller(
         gate.apply(broken)
     with pytest.raises(ValueError, match="drained"):
         gate.set_mode("halfway")
+
+
+def test_transformers_engine_reports_its_drained_updates(tiny_text_model):
+    from safetensors.torch import load_file
+
+    from actors.engines import EngineConfig, create_engine
+
+    engine = create_engine(EngineConfig(model=str(tiny_text_model), backend="transformers", max_model_len=256))
+    try:
+        state = load_file(str(next(tiny_text_model.glob("*.safetensors"))))
+        name = next(n for n in state if "embed_tokens" in n)
+        engine.update_weights(1, {name: state[name]})
+        stats = engine.weight_update_stats()
+        assert stats["weight_update_mode"] == "drained" and stats["weight_updates"] == 1
+        assert stats["weight_update_idle_s"] > 0 and stats["weight_updates_mid_call"] == 0
+    finally:
+        engine.close()
