@@ -77,3 +77,27 @@ def test_transformers_engine_reports_its_drained_updates(tiny_text_model):
         assert stats["weight_update_idle_s"] > 0 and stats["weight_updates_mid_call"] == 0
     finally:
         engine.close()
+
+
+def test_step_figures_report_engine_idle_per_update():
+    """metrics.jsonl: each step's engine time lost to weight updates, all workers, differenced
+    against the previous step like the other worker counters."""
+    from types import SimpleNamespace
+
+    from cluster.accounting import Finished, StepFigures
+    from cluster.scheduler import StepDone
+    from core.group_meta import EpisodeMeta, GroupMeta
+
+    meta = GroupMeta("g", "a", 1, (EpisodeMeta("finished", True, 1.0, True, (3,)),))
+    done = StepDone([Finished(meta, ("ref", 0), SimpleNamespace(index=0))], {"tokens": 1.0}, 4, 1.0, 2.0, 0.5, 4.0, {})
+    figures = StepFigures()
+    workers = [{"weight_updates": 2, "weight_update_idle_s": 0.5, "weight_update_reprefill_tokens": 30},
+               {"weight_updates": 1, "weight_update_idle_s": 0.1}]
+    first = figures.record(done, 5, workers, 4, 8.0, 2.0)
+    assert first["engine_update_idle_s"] == pytest.approx(0.6)
+    assert first["engine_update_idle_s_per_update"] == pytest.approx(0.2)
+    assert first["engine_reprefill_tokens"] == 30
+    workers[0].update(weight_updates=3, weight_update_idle_s=0.9)
+    second = figures.record(done, 6, workers, 8, 16.0, 4.0)
+    assert second["engine_update_idle_s"] == pytest.approx(0.4) and second["engine_update_idle_s_per_update"] == pytest.approx(0.4)
+    assert second["engine_reprefill_tokens"] == 0
