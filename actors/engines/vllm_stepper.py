@@ -120,6 +120,7 @@ class SteppedGeneration:
             while self.engine.has_unfinished_requests():
                 if self.gate.mode == "in_flight" and self.gate.pending():
                     self._switch(by_id)
+                    continue  # a step with nothing left to run would wait for output forever
                 for out in self.engine.step():
                     r = by_id.get(out.request_id)
                     if r is not None:
