@@ -26,6 +26,7 @@ where `generate` steps the engine itself: vllm_stepper.py says how and why).
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from typing import Any, Mapping, Sequence
@@ -39,6 +40,8 @@ from actors.engines.update_gate import UpdateGate
 from actors.engines.vllm_stepper import SteppedGeneration, trim_stop
 from actors.engines.processing import load_processor, model_config, render_requests, tokenizer_of
 from actors.engines.weights import hf_parameter_shapes, is_tied_lm_head, validate_update
+
+log = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "actors.engines.vllm_worker_ext.BgrpoWorkerExtension"
 RPC_TIMEOUT_S = 600.0  # one weight load (a 2B model from the staging file: about a second)
@@ -283,9 +286,12 @@ class VLLMEngine(InferenceEngine):
         prefix-cache reset while running requests hold blocks: in drained mode none run, in flight
         the stepper has aborted them before the load (its requests resume after it). An aborted
         request's blocks are freed by the engine core before the reset (its messages are handled
-        in order), so a refusal here is a bug: it is raised rather than training on stale KV."""
+        in order), so a refusal in flight is a bug: it is raised rather than resuming requests on
+        stale KV. Drained, nothing is resumed and a refusal is logged, as it always was ignored."""
         if self.llm.reset_prefix_cache() is False:
-            raise EngineError("vLLM refused to reset its prefix cache after a weight load (requests still running)")
+            if self._gate.mode == "in_flight":
+                raise EngineError("vLLM refused to reset its prefix cache after a weight load (requests still running)")
+            log.warning("vLLM refused to reset its prefix cache after loading weights v%s", self._version)
         if self.is_vision_language:
             self.llm.llm_engine.reset_encoder_cache()
 
