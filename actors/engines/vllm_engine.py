@@ -291,7 +291,7 @@ class VLLMEngine(InferenceEngine):
         if self.llm.reset_prefix_cache() is False:
             if self._gate.mode == "in_flight":
                 raise EngineError("vLLM refused to reset its prefix cache after a weight load (requests still running)")
-            log.warning("vLLM refused to reset its prefix cache after loading weights v%s", self._version)
+            log.warning("vLLM refused to reset its prefix cache after a weight load (from v%s)", self._version)
         if self.is_vision_language:
             self.llm.llm_engine.reset_encoder_cache()
 
