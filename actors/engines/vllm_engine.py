@@ -278,8 +278,8 @@ class VLLMEngine(InferenceEngine):
             # weights may be partly loaded (object store) or kept (NCCL). Say so; the version stays.
             raise EngineError(f"vLLM workers failed to load weights v{version}, engine stays at "
                               f"v{self._version}: {err!r}") from err
+        self._version = version  # first: tokens sampled from here on are this version's
         self._reset_caches()
-        self._version = version
 
     def _reset_caches(self) -> None:
         """Prefix and encoder caches hold KV / image embeddings of the old weights. vLLM refuses a
