@@ -11,7 +11,7 @@ because of the update), wait seconds per update (arrival to load), tokens prefil
 flight only) and how many updates landed mid-call.
 
     python bench/bench_inflight.py                                   # tiny text model, CPU
-    python bench/bench_inflight.py --shape qwen3-vl-2b --device cuda --batch 64 --max-new-tokens 64 --image
+    python bench/bench_inflight.py --shape qwen3-vl-2b --device cuda --image --batch 64 --interval 2
 
 `--shape` and the request builder are bench/bench_engines.py's (`qwen3-vl-2b`: random weights of
 Qwen3-VL-2B's exact shape, no download). Add `--out FILE.json` to keep the numbers.
