@@ -67,6 +67,7 @@ class Generation:
     finish_reason: str
     """"stop" (EOS or a stop string) or "length"."""
     policy_version: int
+    """The oldest version among the completion's tokens (the version the call started with)."""
     temperature: float | None = None
     """The sampling settings this completion was drawn with (what `logprobs` are of); engines
     fill them in, so they travel with the step to the learner, which scores with them."""
@@ -74,6 +75,17 @@ class Generation:
     """Top-k in effect (<= 0: off)."""
     top_p: float | None = None
     """Top-p in effect (1.0: off)."""
+    token_versions: list[int] = field(default_factory=list)
+    """The policy version that sampled each completion token (one per token). Equal to
+    `policy_version` throughout unless a weight update landed while this completion was being
+    generated (`engine.weight_update: in_flight`); engines that leave it empty mean "all
+    `policy_version`" and `__post_init__` fills it in."""
+
+    def __post_init__(self) -> None:
+        if not self.token_versions:
+            self.token_versions = [self.policy_version] * len(self.completion_ids)
+        if len(self.token_versions) != len(self.completion_ids):
+            raise ValueError(f"{len(self.token_versions)} token versions for {len(self.completion_ids)} tokens")
 
 
 class EngineError(RuntimeError):
@@ -125,6 +137,11 @@ class InferenceEngine(EngineTarget):
     def wake_up(self) -> None:
         """Undoes `sleep`: the engine generates again, with the weights it had (plus any update
         loaded while asleep, where the backend allows it)."""
+
+    def weight_update_stats(self) -> dict[str, float]:
+        """What weight updates cost this engine so far (see `actors.engines.update_timing`)."""
+        timing = getattr(self, "_update_timing", None)
+        return timing.stats() if timing is not None else {}
 
     def close(self) -> None:
         """Frees the engine's resources (processes, memory)."""

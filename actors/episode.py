@@ -165,6 +165,7 @@ def _step(
         completion_ids=list(gen.completion_ids),
         logprobs=[float(x) for x in gen.logprobs],
         policy_version=int(gen.policy_version),
+        token_versions=[int(v) for v in gen.token_versions],
         images=list(request.images),
         completion_text=gen.text,
         action=parsed.action,

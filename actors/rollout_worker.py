@@ -15,6 +15,7 @@ or failed (`stats()`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -211,8 +212,12 @@ class RolloutWorker:
 
         rollout_config = self.config
         self.engine = create_engine(engine_config)
-        # Weight loads take the engine lock (never mid-batch); an object-store fetch does not.
-        self._receivers = Receivers(self.engine, self._engine_lock)
+        # Drained: weight loads take the engine lock (never mid-batch); an object-store fetch
+        # does not. In flight: the engine applies an update between two of its steps itself
+        # (actors/engines/update_gate.py), so the worker must not hold the batch's lock around it.
+        self._in_flight = getattr(engine_config, "weight_update", "drained") == "in_flight"
+        self._update_lock = None if self._in_flight else self._engine_lock
+        self._receivers = Receivers(self.engine, self._update_lock)
         self._batcher = GenerationBatcher(
             self.engine, rollout_config.sampling, rollout_config.engine_timeout_s, self._engine_lock,
         )
@@ -269,8 +274,9 @@ class RolloutWorker:
         return GroupMeta.of(group), group
 
     def update_weights(self, version: int, weights: Mapping[str, Any]) -> int:
-        """Loads new weights into the engine (between batches) and returns the new version."""
-        with self._engine_lock:
+        """Loads new weights into the engine (between batches, or in flight: between two engine
+        steps) and returns the new version."""
+        with self._update_lock or contextlib.nullcontext():
             self.engine.update_weights(version, weights)
             return self.engine.policy_version
 
@@ -281,7 +287,7 @@ class RolloutWorker:
 
     def receive_weights(self, update: WeightUpdate) -> int:
         """Receives one version through the strategy the update names and loads it into the
-        engine (between batches); returns the new version."""
+        engine (between batches, or in flight between two engine steps); returns the new version."""
         return self._receivers.receive(update)
 
     def sleep_engine(self) -> None:
@@ -329,6 +335,9 @@ class RolloutWorker:
             engine_busy_s=b.busy_s if b else 0.0,
             engine_max_batch=b.max_batch if b else 0,
             engine_sleeps=self._engine_sleeps,
+            # weight_update_mode, weight_updates, weight_update_idle_s(_mean), ..._wait_s_mean,
+            # weight_update_reprefill_tokens (actors/engines/update_gate.py)
+            **(self.engine.weight_update_stats() if self.engine else {}),
             uptime_s=time.monotonic() - self._started,
             last_group_window=self._last_group_window,  # (start, end) wall-clock of the last run_group
         )

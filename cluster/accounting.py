@@ -302,7 +302,8 @@ class Ledger:
 
 
 WORKER_COUNTERS = ("episodes_started", "episodes_finished", "episodes_truncated", "episodes_failed", "steps",
-                   "env_restarts", "engine_calls", "engine_sleeps", "browser_recycles")
+                   "env_restarts", "engine_calls", "engine_sleeps", "browser_recycles",
+                   "weight_updates", "weight_update_idle_s", "weight_update_reprefill_tokens")
 
 
 class StepFigures:
@@ -342,6 +343,12 @@ class StepFigures:
             "actor_failures": 0.0,
             "engine_sleeps": delta["engine_sleeps"],  # cluster.colocate: engines put to sleep this step
             "browser_recycles": delta["browser_recycles"],  # env.browser_max_episodes / _memory_mb relaunches
+            # Engine time lost to weight updates this step, all workers (engine.weight_update:
+            # drained or in_flight; actors/engines/update_gate.py defines idle time).
+            "engine_update_idle_s": delta["weight_update_idle_s"],
+            "engine_update_idle_s_per_update": (delta["weight_update_idle_s"] / delta["weight_updates"]
+                                                if delta["weight_updates"] else 0.0),
+            "engine_reprefill_tokens": delta["weight_update_reprefill_tokens"],
             "groups_trained": float(len(metas)),
             "trained_tokens": tokens,
             "success_rate": (sum(e.success for e in trainable) / n) if n else 0.0,

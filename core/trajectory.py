@@ -2,8 +2,8 @@
 
 One module owns these types and their Parquet schema so that the rollout side (which writes
 them) and the learner (which trains on them) can never disagree. A `Step` records exactly what
-the engine sampled: the prompt and completion token ids, the per-token logprobs and the policy
-version, plus the images the prompt contained (PNG bytes). The learner trains on these ids and
+the engine sampled: the prompt and completion token ids, the per-token logprobs and policy
+versions, plus the images the prompt contained (PNG bytes). The learner trains on these ids and
 images as they are; nothing downstream re-tokenizes text.
 """
 
@@ -35,6 +35,8 @@ class Step:
     logprobs: list[float]
     """Per-token logprobs of the sampled completion tokens (processed: temperature/top-k applied)."""
     policy_version: int
+    """The oldest policy version among the completion's tokens (= the version the engine had
+    when it started the step; the staleness figures and the async staleness filter use it)."""
     images: list[bytes] = field(default_factory=list)
     """PNG bytes of the images in the prompt, in prompt order (what the engine saw)."""
     completion_text: str = ""
@@ -56,6 +58,11 @@ class Step:
     """Top-k the completion was drawn with (<= 0: off; None: not recorded)."""
     top_p: float | None = None
     """Top-p the completion was drawn with (1.0: off; None: not recorded)."""
+    token_versions: list[int] = field(default_factory=list)
+    """The policy version that sampled each completion token. They differ within a step only when
+    a weight update landed while the engine generated it (`engine.weight_update: in_flight`).
+    Empty when built (or read from a file written before this field): every token is
+    `policy_version`."""
 
     def __post_init__(self) -> None:
         if len(self.completion_ids) != len(self.logprobs):
@@ -63,6 +70,14 @@ class Step:
                 f"step {self.index}: {len(self.completion_ids)} completion ids but "
                 f"{len(self.logprobs)} logprobs"
             )
+        if not self.token_versions:
+            self.token_versions = [self.policy_version] * len(self.completion_ids)
+        if len(self.token_versions) != len(self.completion_ids):
+            raise ValueError(f"step {self.index}: {len(self.completion_ids)} completion ids but "
+                             f"{len(self.token_versions)} token versions")
+        if self.token_versions and min(self.token_versions) != self.policy_version:
+            raise ValueError(f"step {self.index}: policy_version {self.policy_version} is not the oldest "
+                             f"token version {min(self.token_versions)}")
 
 
 @dataclass
@@ -157,6 +172,7 @@ STEP_TYPE = pa.struct(
         ("temperature", pa.float64()),
         ("top_k", pa.int32()),
         ("top_p", pa.float64()),
+        ("token_versions", pa.list_(pa.int64())),
     ]
 )
 
@@ -194,7 +210,8 @@ def groups_to_table(groups: Iterable[TrajectoryGroup]) -> pa.Table:
 def table_to_groups(table: pa.Table) -> list[TrajectoryGroup]:
     groups: dict[str, TrajectoryGroup] = {}
     for row in table.to_pylist():
-        steps = [Step(**s) for s in row.pop("steps")]
+        # A file written before `token_versions` existed reads back as None: all policy_version.
+        steps = [Step(**{**s, "token_versions": s.get("token_versions") or []}) for s in row.pop("steps")]
         traj = Trajectory(steps=steps, **row)
         g = groups.get(traj.group_id)
         if g is None:

@@ -51,6 +51,15 @@ class TrainingSample:
     """Sampling settings the completion was drawn with (the step's record, else the config's)."""
     top_k: int = -1
     top_p: float = 1.0
+    token_versions: list[int] = field(default_factory=list)
+    """The policy version that sampled each completion token (the step's record; empty: all
+    `policy_version`). The engine's logprob of each token is that version's, so the importance
+    correction, which is per token, needs nothing more; the per-token lag figures use them."""
+
+    def token_lags(self, version: int) -> list[int]:
+        """`version` minus the version of each completion token."""
+        versions = self.token_versions or [self.policy_version] * len(self.completion_ids)
+        return [version - v for v in versions]
 
     @property
     def num_tokens(self) -> int:
@@ -92,6 +101,7 @@ def build_samples(
                     temperature=float(temperature),
                     top_k=int(cfg.top_k if s.top_k is None else s.top_k),
                     top_p=float(cfg.top_p if s.top_p is None else s.top_p),
+                    token_versions=list(s.token_versions),
                 )
             )
     return samples, stats

@@ -121,6 +121,7 @@ class _StepSums:
     KEYS = (
         "loss", "tokens", "kl", "entropy", "clip_low", "clip_high", "clip_region",
         "is_ratio", "is_masked", "prompt_tokens", "staleness", "outside_filter",
+        "token_lag", "lag_tokens",
     )
 
     def __init__(self, device: torch.device) -> None:
@@ -128,6 +129,7 @@ class _StepSums:
         self.sums = {k: torch.zeros((), dtype=f64, device=device) for k in self.KEYS}
         self.is_min = torch.tensor(math.inf, dtype=f64, device=device)
         self.is_max = torch.tensor(-math.inf, dtype=f64, device=device)
+        self.lag_max = 0.0  # a host number: the lags are known on the host
 
     def add(self, loss: torch.Tensor, stats: Any, entropies: torch.Tensor, mask: torch.Tensor,
             outside: torch.Tensor, completion_mask: torch.Tensor, mb: list, policy_version: int) -> None:
@@ -141,6 +143,11 @@ class _StepSums:
         sums["outside_filter"] += (outside * completion_mask).sum().to(f64)
         sums["prompt_tokens"] += float(sum(len(x.prompt_ids) for x in mb))
         sums["staleness"] += float(sum(policy_version - x.policy_version for x in mb))
+        # Per token: with in-flight weight updates the tokens of one sample can differ in version.
+        lags = [lag for x in mb for lag in x.token_lags(policy_version)]
+        sums["token_lag"] += float(sum(lags))
+        sums["lag_tokens"] += float(len(lags))
+        self.lag_max = max(self.lag_max, float(max(lags, default=0)))
         self.is_min = torch.minimum(self.is_min, stats.is_ratio_min.to(f64))
         self.is_max = torch.maximum(self.is_max, stats.is_ratio_max.to(f64))
 
@@ -151,8 +158,10 @@ class _StepSums:
         keys = list(self.sums)
         packed = D.all_reduce_(torch.stack([self.sums[k] for k in keys]), "sum")
         total = dict(zip(keys, packed.tolist()))
-        for k in ("loss", "prompt_tokens", "staleness", "outside_filter"):
+        for k in ("loss", "prompt_tokens", "staleness", "outside_filter", "token_lag", "lag_tokens"):
             total[k] /= passes
+        total["lag_max"] = D.all_reduce_(torch.tensor(self.lag_max, dtype=torch.float64, device=self.is_max.device),
+                                         "max").item()
         total["is_min"] = D.all_reduce_(self.is_min, "min").item()
         total["is_max"] = D.all_reduce_(self.is_max, "max").item()
         return total
@@ -601,6 +610,9 @@ class Learner:
             "prompt_tokens": total["prompt_tokens"],
             "samples": float(normalizer.num_sequences),
             "staleness_mean": total["staleness"] / n,
+            # Over completion tokens: each token's own version (in-flight updates).
+            "staleness_token_mean": total["token_lag"] / max(total["lag_tokens"], 1.0),
+            "staleness_token_max": total["lag_max"],
             "skipped": 0.0 if stepped else 1.0,
             "policy_version": float(self._policy_version),
             "step": float(self.step),

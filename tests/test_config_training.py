@@ -55,6 +55,23 @@ def test_derived_sampling_fields_cannot_be_set_apart(overrides, message):
         build(overrides)
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"engine.weight_update": "in_flight", "engine.backend": "vllm"},
+         r"engine.weight_update in_flight needs cluster.mode async"),
+        ({"engine.weight_update": "in_flight", "cluster.mode": "async", "engine.backend": "transformers"},
+         r"engine.weight_update in_flight needs engine.backend vllm"),
+        ({"engine.weight_update": "halfway"}, r"engine.weight_update must be drained or in_flight"),
+    ],
+)
+def test_in_flight_weight_updates_need_async_and_vllm(overrides, message):
+    with pytest.raises(C.ConfigError, match=message):
+        build(overrides)
+    ok = build({"engine.weight_update": "in_flight", "cluster.mode": "async", "engine.backend": "vllm"})
+    assert ok.engine.weight_update == "in_flight"
+
+
 def test_a_resolved_config_takes_new_source_values(tmp_path):
     # A run folder's config.yaml holds the derived copies; overriding their source (e.g. on
     # --resume) moves them along, and the learner's GRPO settings are the `grpo` section itself.

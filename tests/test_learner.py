@@ -190,6 +190,24 @@ def test_train_step_metrics_and_version(tiny_text_model, make_groups):
     assert m["tokens"] == 5 * 2 and m["grad_norm"] == 0.0
 
 
+def test_per_token_lag_uses_each_tokens_version(tiny_text_model, make_groups):
+    """With in-flight weight updates a step's tokens carry different versions: the learner's
+    per-token lag counts each token at its own version, the per-sample lag at the step's oldest."""
+    learner = _learner(tiny_text_model, lr=1e-3, micro_batch_size=3)
+    learner.train_step(make_groups(seed=0))  # now at version 1
+    groups = make_groups(seed=1)
+    old_tokens = total = 0
+    for step in (s for g in groups for t in g.trajectories for s in t.steps):
+        n = len(step.completion_ids)
+        step.policy_version, step.token_versions = 0, [0] * (n // 2) + [1] * (n - n // 2)
+        old_tokens, total = old_tokens + n // 2, total + n
+    m = learner.train_step(groups)
+    assert 0 < old_tokens < total
+    assert m["staleness_mean"] == pytest.approx(1.0)  # every sample's oldest token is version 0
+    assert m["staleness_token_mean"] == pytest.approx(old_tokens / total)
+    assert m["staleness_token_max"] == 1.0
+
+
 def test_published_versions_are_whole_and_immutable(tiny_text_model, make_groups, ray_cluster):
     learner = _learner(tiny_text_model, lr=1e-3)
     h0 = learner.send_weights("object_store")

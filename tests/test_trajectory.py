@@ -34,6 +34,25 @@ def test_parquet_round_trip(tmp_path):
     assert [t.trainable for t in back.trajectories] == [True, True, False]
 
 
+def test_token_versions_round_trip_and_checks(tmp_path):
+    # A step whose tokens came from two versions (an in-flight weight update) keeps them through
+    # Parquet; policy_version must be the oldest; a step built without them gets its version's.
+    mixed = Step(index=0, prompt_ids=[1], completion_ids=[4, 5, 6], logprobs=[-0.1, -0.2, -0.3],
+                 policy_version=3, token_versions=[3, 4, 4])
+    g = TrajectoryGroup("g2", "t", 1, [Trajectory("e", "g2", "t", 1, steps=[mixed])])
+    TrajectoryWriter(tmp_path).write(g)
+    (back,) = read_trajectories(tmp_path)
+    assert back.trajectories[0].steps[0].token_versions == [3, 4, 4]
+    assert Step(index=0, prompt_ids=[1], completion_ids=[4, 5], logprobs=[0.0, 0.0],
+                policy_version=2).token_versions == [2, 2]
+    with pytest.raises(ValueError, match="oldest"):
+        Step(index=0, prompt_ids=[1], completion_ids=[4, 5], logprobs=[0.0, 0.0], policy_version=4,
+             token_versions=[3, 4])
+    with pytest.raises(ValueError, match="token versions"):
+        Step(index=0, prompt_ids=[1], completion_ids=[4, 5], logprobs=[0.0, 0.0], policy_version=3,
+             token_versions=[3])
+
+
 def test_group_rejects_foreign_episode():
     g = _group()
     g.trajectories[0].seed = 8

@@ -46,6 +46,11 @@ class EngineConfig:
     """vLLM with CUDA graphs: largest batch a graph is captured for. None: max_num_seqs, the most
     sequences the engine ever runs at once (vLLM's own default is twice that, up to 512: graphs
     a worker never replays, each costing start-up time)."""
+    weight_update: str = "drained"
+    """How new weights reach a generating engine. "drained": the update waits until the running
+    engine call has finished all its requests. "in_flight" (vLLM, cluster.mode async): the update
+    lands between two engine steps; the requests running then are resumed under the new weights
+    (re-prefilled) and every completion token records the version that sampled it."""
 
     def validate(self) -> None:
         """Raises ValueError with a clear message for an unusable configuration."""
@@ -67,6 +72,11 @@ class EngineConfig:
             raise ValueError(f"engine.cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib}")
         if self.cudagraph_max_batch is not None and self.cudagraph_max_batch <= 0:
             raise ValueError(f"engine.cudagraph_max_batch must be > 0 or unset, got {self.cudagraph_max_batch}")
+        if self.weight_update not in ("drained", "in_flight"):
+            raise ValueError(f"engine.weight_update must be drained or in_flight, got {self.weight_update!r}")
+        if self.weight_update == "in_flight" and self.backend != "vllm":
+            raise ValueError("engine.weight_update in_flight needs engine.backend vllm (the transformers "
+                             "engine loads weights only between generate calls); use engine.weight_update drained")
         if self.max_images_per_prompt < 0:
             raise ValueError(f"engine.max_images_per_prompt must be >= 0, got {self.max_images_per_prompt}")
 

@@ -10,6 +10,7 @@ top-p applied; raw log-softmax when greedy), which is what vLLM reports with
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -23,6 +24,7 @@ from actors.engines.processing import (
     render_requests,
     tokenizer_of,
 )
+from actors.engines.update_gate import UpdateTiming
 from actors.engines.weights import hf_parameter_shapes, validate_update
 
 
@@ -80,6 +82,7 @@ class HFEngine(InferenceEngine):
         self._asleep = False
         # generate and update_weights never interleave, even from a threaded Ray actor.
         self._lock = threading.Lock()
+        self._update_timing = UpdateTiming("drained")
 
     @property
     def policy_version(self) -> int:
@@ -172,11 +175,15 @@ class HFEngine(InferenceEngine):
 
     def update_weights(self, version: int, weights: Mapping[str, torch.Tensor]) -> None:
         validate_update(version, weights, self._expected_shapes, self._tied)
+        arrived = time.monotonic()
         with self._lock, torch.no_grad():
+            started = time.monotonic()
             state = self.model.state_dict()  # shares storage with the parameters
             for name, tensor in weights.items():
                 state[name].copy_(tensor.to(device=self.device, dtype=state[name].dtype))
             self._version = version
+            # Always drained here: the load holds the engine between generate calls.
+            self._update_timing.record(time.monotonic() - started, started - arrived, mid_call=False)
 
     def sleep(self) -> None:
         """On a GPU: the model moves to CPU memory and the cached GPU memory is released (updates

@@ -18,11 +18,15 @@ vLLM's "processed" logprobs: those of the distribution actually sampled from.
 Weight updates (object-store path): validated against the HF parameter names and shapes, copied
 into the engine's shared-memory staging file (shm_staging.py: created once, reused) and loaded by
 every worker through `vllm_worker_ext` (collective_rpc's msgpack drops tensor data). Then the
-prefix and encoder caches are reset: their entries were computed with the old weights.
+prefix and encoder caches are reset: their entries were computed with the old weights. The load
+itself goes through an `UpdateGate` (update_gate.py): between generate calls ("drained", where
+`generate` is `LLM.generate`), or between two engine steps of the running call ("in_flight",
+where `generate` steps the engine itself: vllm_stepper.py says how and why).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from typing import Any, Mapping, Sequence
@@ -32,8 +36,12 @@ import torch
 from actors.engine import ChatRequest, EngineError, Generation, InferenceEngine, SamplingSettings
 from actors.engines.config import EngineConfig, resolve_max_model_len
 from actors.engines.shm_staging import StagingFile
+from actors.engines.update_gate import UpdateGate
+from actors.engines.vllm_stepper import SteppedGeneration, trim_stop
 from actors.engines.processing import load_processor, model_config, render_requests, tokenizer_of
 from actors.engines.weights import hf_parameter_shapes, is_tied_lm_head, validate_update
+
+log = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "actors.engines.vllm_worker_ext.BgrpoWorkerExtension"
 RPC_TIMEOUT_S = 600.0  # one weight load (a 2B model from the staging file: about a second)
@@ -125,6 +133,20 @@ class VLLMEngine(InferenceEngine):
         self._lock = threading.Lock()
         self._staging: StagingFile | None = None  # created by the first object-store update
         self._asleep = False
+        self._gate = UpdateGate(self._lock, config.weight_update)
+        self.current_call: SteppedGeneration | None = None
+        """The in-flight mode's running call, if any (tests and benchmarks watch its progress)."""
+        self._update_timing = self._gate.timing
+
+    @property
+    def weight_update(self) -> str:
+        """"drained" or "in_flight" (EngineConfig.weight_update); settable between calls."""
+        return self._gate.mode
+
+    @weight_update.setter
+    def weight_update(self, mode: str) -> None:
+        with self._lock:
+            self._gate.set_mode(mode)
 
     @property
     def policy_version(self) -> int:
@@ -143,6 +165,13 @@ class VLLMEngine(InferenceEngine):
             return []
 
         with self._lock:
+            if self._gate.mode == "in_flight":
+                self.current_call = SteppedGeneration(self.llm, self._gate, lambda: self._version)
+                try:
+                    done = self.current_call.run(prompts, params)
+                finally:
+                    self.current_call = None
+                return [self._stepped_generation(r, d, sampling) for r, d in zip(rendered, done)]
             version = self._version
             try:
                 outputs = self.llm.generate(prompts, params, use_tqdm=False)
@@ -150,6 +179,30 @@ class VLLMEngine(InferenceEngine):
                 raise EngineError(f"vLLM refused the batch: {err}") from err
         return [self._generation(i, r, out, sampling, version)
                 for i, (r, out) in enumerate(zip(rendered, outputs))]
+
+    def _stepped_generation(self, r: Any, done: Any, sampling: SamplingSettings) -> Generation:
+        """A `SteppedGeneration` request as a `Generation`, checked as `_generation` checks."""
+        if done.prompt_token_ids is not None and done.prompt_token_ids != r.prompt_ids:
+            raise EngineError(
+                f"request {done.index}: vLLM ran on {len(done.prompt_token_ids)} prompt tokens, the "
+                f"processor rendered {len(r.prompt_ids)}; its image processing disagrees with ours"
+            )
+        n, stopped = len(done.ids), False
+        if done.resumes:
+            n, stopped = trim_stop(done.ids, list(sampling.stop), self.tokenizer)
+        ids = done.ids[:n]
+        return Generation(
+            prompt_ids=r.prompt_ids,
+            completion_ids=ids,
+            logprobs=done.logprobs[:n],
+            text=self.tokenizer.decode(ids, skip_special_tokens=True),
+            finish_reason="stop" if stopped else done.finish_reason or "length",
+            policy_version=min(done.versions[:n], default=done.version),
+            temperature=sampling.temperature,
+            top_k=sampling.top_k if sampling.top_k > 0 and not sampling.greedy else -1,
+            top_p=sampling.top_p if not sampling.greedy else 1.0,
+            token_versions=done.versions[:n],
+        )
 
     def _vllm_inputs(self, rendered: list, sampling: SamplingSettings) -> tuple[list[dict[str, Any]], list[Any]]:
         """vLLM's prompt (exact ids, or placeholder ids + images) and SamplingParams per request."""
@@ -216,24 +269,47 @@ class VLLMEngine(InferenceEngine):
         tensors = {name: t.detach().cpu() for name, t in weights.items() if not is_tied_lm_head(name, self._tied)}
         if not tensors:
             raise EngineError("weight update holds only the tied lm_head.weight; send the input embedding")
-        with self._lock:
+        with self._gate.serial():
             try:
                 if self._staging is None or not self._staging.fits(tensors):
                     if self._staging is not None:
                         self._staging.close()
                         self._staging = None
                     self._staging = StagingFile(tensors, self.dtype)
+                # Outside the engine lock: generation goes on while the update is staged (only
+                # a load reads the file, and updates run one at a time).
                 self._staging.write(tensors)
-                self.llm.collective_rpc("bgrpo_load_weights_shm", timeout=RPC_TIMEOUT_S,
-                                        args=(self._staging.path, self._staging.layout_message()))
             except Exception as err:
-                # Validation passed, so this is an infrastructure failure inside vLLM: the
-                # weights may be partly loaded. Say so; the version stays.
-                raise EngineError(f"vLLM workers failed to load weights v{version}: {err!r}") from err
-            self.llm.reset_prefix_cache()
-            if self.is_vision_language:
-                self.llm.llm_engine.reset_encoder_cache()
-            self._version = version
+                raise EngineError(f"staging weights v{version} failed: {err!r}") from err
+            self._gate.apply(lambda: self._load(version, "bgrpo_load_weights_shm", RPC_TIMEOUT_S,
+                                                (self._staging.path, self._staging.layout_message())))
+
+    def _load(self, version: int, method: str, timeout_s: float, args: tuple) -> None:
+        """The update's job (no engine step runs meanwhile): every worker loads, the caches
+        computed with the old weights are dropped, the version moves."""
+        try:
+            self.llm.collective_rpc(method, timeout=timeout_s, args=args)
+        except Exception as err:
+            # Validation passed, so this is an infrastructure failure inside vLLM: the
+            # weights may be partly loaded (object store) or kept (NCCL). Say so; the version stays.
+            raise EngineError(f"vLLM workers failed to load weights v{version}, engine stays at "
+                              f"v{self._version}: {err!r}") from err
+        self._version = version  # first: tokens sampled from here on are this version's
+        self._reset_caches()
+
+    def _reset_caches(self) -> None:
+        """Prefix and encoder caches hold KV / image embeddings of the old weights. vLLM refuses a
+        prefix-cache reset while running requests hold blocks: in drained mode none run, in flight
+        the stepper has aborted them before the load (its requests resume after it). An aborted
+        request's blocks are freed by the engine core before the reset (its messages are handled
+        in order), so a refusal in flight is a bug: it is raised rather than resuming requests on
+        stale KV. Drained, nothing is resumed and a refusal is logged, as it always was ignored."""
+        if self.llm.reset_prefix_cache() is False:
+            if self._gate.mode == "in_flight":
+                raise EngineError("vLLM refused to reset its prefix cache after a weight load (requests still running)")
+            log.warning("vLLM refused to reset its prefix cache after a weight load (from v%s)", self._version)
+        if self.is_vision_language:
+            self.llm.llm_engine.reset_encoder_cache()
 
     # --- sleep / wake (a learner colocated on the same GPU) ------------------------------------
 
@@ -263,16 +339,8 @@ class VLLMEngine(InferenceEngine):
         """The workers receive and load `version` themselves (an NCCL broadcast); the version moves
         only when every worker has the whole update. On an error the weights the workers kept and
         the version stay as they were."""
-        with self._lock:
-            try:
-                self.llm.collective_rpc(method, timeout=timeout_s, args=args)
-            except Exception as err:
-                raise EngineError(f"weight sync to v{version} failed, engine stays at "
-                                  f"v{self._version}: {err}") from err
-            self.llm.reset_prefix_cache()
-            if self.is_vision_language:
-                self.llm.llm_engine.reset_encoder_cache()
-            self._version = version
+        with self._gate.serial():
+            self._gate.apply(lambda: self._load(version, method, timeout_s, args))
 
     def weight_digest(self) -> dict[str, str]:
         """sha256 of each parameter of the first worker (bitwise comparisons in GPU tests)."""

@@ -39,6 +39,7 @@ def validate_config(config: TrainConfig) -> None:
     """Every sub-config's own validate() and the cross-field checks. Raises ConfigError."""
     # First: these name the field to change, where a derived copy's own check would not.
     _check_training_semantics(config)
+    _check_weight_update(config)
     _check_sections(config)
     if not config.model:
         raise ConfigError("model is empty")
@@ -163,6 +164,18 @@ def _check_weight_sync(config: TrainConfig) -> None:
             f"(learner_num_gpus={c.learner_num_gpus}, rollout_num_gpus={c.rollout_num_gpus}); "
             "use object_store on CPU"
         )
+
+
+def _check_weight_update(config: TrainConfig) -> None:
+    """In-flight updates only make sense where weights arrive during collection (async) and only
+    the vLLM engine can take them between steps (actors/engines/update_gate.py)."""
+    if config.engine.weight_update != "in_flight":
+        return
+    if config.cluster.mode != "async":
+        raise ConfigError("engine.weight_update in_flight needs cluster.mode async (in sync mode no update "
+                          f"arrives while the engines generate); got cluster.mode {config.cluster.mode}")
+    if config.engine.backend != "vllm":
+        raise ConfigError(f"engine.weight_update in_flight needs engine.backend vllm, got {config.engine.backend!r}")
 
 
 def _check_colocation(config: TrainConfig) -> None:
