@@ -386,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         print(help_text())
         return 0
+    for note in cl.notes:  # on --resume: an ignored --config, the fields changed from the run's own
+        print(f"bgrpo train: {note}", file=sys.stderr, flush=True)
     if cl.dry_run:  # validated above; nothing starts
         from cluster.config import resolved_yaml
 
