@@ -8,6 +8,7 @@
     bgrpo demo                                           scripted MiniWoB episode through an env server
     bgrpo build-tiny-models                              build the offline tiny models into the cache
     bgrpo plot RUN_DIR                                   (re)draw the PNG plots of a run
+    bgrpo cleanup RUN_DIR                                stop what a killed run left running
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("run a scripted MiniWoB episode end to end through an env server", "envs.browsergym.demo:main"),
     "build-tiny-models": ("build the tiny offline test models", "actors.tiny_models:main"),
     "plot": ("draw the PNG plots of a run folder", "cluster.plots:main"),
+    "cleanup": ("stop the processes a killed run left running (Ray, env servers, Chromium)", "cluster.run_processes:main"),
 }
 
 

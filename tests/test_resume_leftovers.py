@@ -43,3 +43,60 @@ def test_bgrpo_train_prints_the_resume_notes(tmp_path, capsys):
     out = capsys.readouterr()
     assert "total_steps: 12" in out.out
     assert "--config local ignored" in out.err
+
+
+def _group_file(run_dir, gid, task, seed):
+    from core.trajectory import Trajectory, TrajectoryGroup, TrajectoryWriter
+
+    TrajectoryWriter(run_dir / "trajectories").write(
+        TrajectoryGroup(gid, task, seed, [Trajectory(f"{gid}-e0", gid, task, seed, episode_return=1.0)]))
+    (run_dir / "viewer").mkdir(exist_ok=True)
+    (run_dir / "viewer" / f"group-{gid}.html").write_text("page")
+
+
+def test_resume_marks_what_the_killed_attempt_did_after_the_checkpoint_superseded(tmp_path):
+    """A run killed after its step-2 checkpoint had logged step 3 and played groups for it: the
+    resumed run does step 3 again, so the old step-3 records are marked superseded (kept in the
+    file, left out by readers) and its groups move out of trajectories/ and viewer/."""
+    import json
+
+    from cluster import checkpoints
+    from cluster.metrics import read_metrics
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lines = [{"step": 1, "policy_version": 1}, {"step": 2, "policy_version": 2}, {"step": 2, "event": "checkpoint"},
+             {"step": 3, "policy_version": 3}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 4, "tor')
+    _group_file(run_dir, "trained1", "t", 11)     # trained at step 1
+    _group_file(run_dir, "dropped2", "t", 12)     # dropped (failed) before the checkpoint
+    _group_file(run_dir, "rerun2", "t", 12)       # a failed attempt of the same instance: part of the record
+    _group_file(run_dir, "after3", "t", 13)       # played after the checkpoint: played again on resume
+    cursor = {"step": 2, "trained_instances": [["t", 11, 0]], "dropped_instances": [["t", 12, 1, "failed_group"]]}
+
+    done = checkpoints.supersede_after(run_dir, cursor)
+    assert done["superseded_groups"] == ["after3"] and done["superseded_metrics_records"] == 1
+    assert sorted(f.name for f in (run_dir / "trajectories").glob("*.parquet")) == [
+        "group-dropped2.parquet", "group-rerun2.parquet", "group-trained1.parquet"]
+    assert (run_dir / "trajectories" / "superseded" / "group-after3.parquet").is_file()
+    assert (run_dir / "viewer" / "superseded" / "group-after3.html").is_file()
+    assert [r["step"] for r in read_metrics(run_dir) if "policy_version" in r] == [1, 2]
+    every = read_metrics(run_dir, superseded=True)
+    assert [r["step"] for r in every] == [1, 2, 2, 3] and every[-1]["superseded"] is True
+    # A second resume from the same checkpoint changes nothing more.
+    assert checkpoints.supersede_after(run_dir, cursor)["superseded_metrics_records"] == 0
+
+
+def test_books_of_a_resumed_run_add_up_over_its_attempts():
+    from cluster.accounting import Accounting, merge_books, settled_books
+
+    first = Accounting(started=30, trained=16, returned=24)
+    first.dropped.update({"failed_group": 4, "rerun_attempt": 6})
+    books = settled_books(first)  # at the checkpoint: only what was settled
+    assert (books["started"], books["trained"], books["dropped"]) == (20, 16, {"failed_group": 4})
+    second = Accounting(trained=8, returned=12)
+    second.dropped.update({"run_ended": 4})
+    second.finalize(worker_started=14)
+    whole = merge_books([books, second.as_dict()])
+    assert whole["started"] == 34 and whole["trained"] == 24 and whole["balanced"]
+    assert whole["dropped"] == {"failed_group": 4, "run_ended": 4, "rerun_attempt": 2}
