@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", metavar="command")
     for name, (help_text, _) in SUBCOMMANDS.items():
-        sub.add_parser(name, help=help_text, add_help=False)
+        sub.add_parser(name, help=help_text.replace("%", "%%"), add_help=False)  # argparse formats help with %
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0

@@ -100,3 +100,76 @@ def test_books_of_a_resumed_run_add_up_over_its_attempts():
     whole = merge_books([books, second.as_dict()])
     assert whole["started"] == 34 and whole["trained"] == 24 and whole["balanced"]
     assert whole["dropped"] == {"failed_group": 4, "run_ended": 4, "rerun_attempt": 2}
+
+
+_DRIVER = """
+import os, subprocess, sys, time
+sys.path.insert(0, {root!r})
+from cluster.run_processes import RunProcesses
+run = RunProcesses({run_dir!r})
+run.begin()  # the run tag, as the driver sets it before Ray starts
+# A browser-like leader in its own session (as Playwright starts Chromium), tagged by inheritance, and
+# a helper in its group that dropped the environment (as Chromium's zygote does).
+leader = subprocess.Popen([sys.executable, "-c",
+    "import os, subprocess, sys, time; env = dict(os.environ); env.pop('BGRPO_RUN_TAG');"
+    "h = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], env=env);"
+    "print(h.pid, flush=True); time.sleep(300)"], start_new_session=True, stdout=subprocess.PIPE, text=True)
+helper = int(leader.stdout.readline())
+run.snapshot()
+print("READY", leader.pid, helper, flush=True)
+time.sleep(300)
+"""
+
+
+def test_cleanup_stops_what_a_sigkilled_driver_left_and_only_that(tmp_path):
+    """Real processes, no Ray: a driver records its run and starts a tagged process group, then is
+    SIGKILLed; its group outlives it. `bgrpo cleanup` refuses while the driver runs, then stops the
+    recorded/tagged leader and the untagged helper in its group, and leaves other processes alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from cluster.cli import main as bgrpo
+    from cluster.run_processes import RunStillRunning, cleanup
+    from core.processes import start_time
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    root = str(Path(__file__).resolve().parents[1])
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    driver = subprocess.Popen([sys.executable, "-c", _DRIVER.format(root=root, run_dir=str(run_dir))],
+                              stdout=subprocess.PIPE, text=True)
+    leader = helper = 0
+    try:
+        ready = driver.stdout.readline().split()
+        assert ready and ready[0] == "READY", ready
+        leader, helper = int(ready[1]), int(ready[2])
+        with pytest.raises(RunStillRunning, match="still running"):
+            cleanup(run_dir)
+        driver.kill()
+        driver.wait(timeout=10)
+        assert start_time(leader) and start_time(helper)  # a SIGKILLed driver leaves them running
+        assert bgrpo(["cleanup", str(run_dir)]) == 0
+        deadline = time.monotonic() + 10
+        while (start_time(leader) or start_time(helper)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert start_time(leader) is None and start_time(helper) is None
+        assert bystander.poll() is None  # not the run's: untouched
+    finally:
+        for pid in (leader, helper):
+            if pid and start_time(pid):
+                os.kill(pid, signal.SIGKILL)
+        for p in (driver, bystander):
+            p.kill()
+            p.wait(timeout=10)
+
+
+def test_bgrpo_help_lists_cleanup(capsys):
+    from cluster.cli import main as bgrpo
+
+    assert bgrpo(["--help"]) == 0  # a "95 %" in a command's help made argparse fail here
+    assert "cleanup" in capsys.readouterr().out
+    assert bgrpo(["cleanup", "--help"]) == 0
