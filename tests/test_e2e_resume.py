@@ -1,5 +1,7 @@
-"""A run interrupted (Ctrl-C) right after a checkpoint, then resumed with `--resume RUN_DIR`: the
-step count and the data cursor continue, no task instance is trained twice, nothing is left running.
+"""A run interrupted (Ctrl-C) right after a checkpoint, or its driver SIGKILLed mid-checkpoint or
+after one, then resumed with `--resume RUN_DIR`: the step count and the data cursor continue from the
+last complete checkpoint, no task instance is trained twice, the run folder records each step once,
+and nothing is left running (after `bgrpo cleanup`, which a resume also does first).
 
 Both runs use the browser-free recorded env (real env servers, sessions, Ray workers and learner;
 no Chromium): what is checked here is the driver's checkpoint, cursor and shutdown, which do not
@@ -208,7 +210,10 @@ def test_driver_sigkilled_mid_checkpoint_and_after_one_resumes_and_leaves_nothin
     # --- attempt 3 (in-process, on the session's Ray): finishes; the run folder has every step once ---
     cl = C.parse_cli(["--resume", str(run_dir)], environ={})
     assert cl.config.cluster.total_steps == 3
-    summary = driver.train(cl.config, run_dir, resume=True)
+    _check_whole_run(driver.train(cl.config, run_dir, resume=True), run_dir)
+
+
+def _check_whole_run(summary, run_dir):
     assert summary["steps"] == 3 and summary["learner_version"] == 3
     assert [s["step"] for s in summary["trained_steps"]] == [1, 2, 3]  # the whole run, each step once
     assert [a["resumed_from_step"] for a in summary["attempts"]] == [None, 1, 2]
@@ -218,4 +223,4 @@ def test_driver_sigkilled_mid_checkpoint_and_after_one_resumes_and_leaves_nothin
     trained_groups = {g for s in summary["trained_steps"] for g in s["group_ids"]}
     on_disk = {f.name[len("group-"):-len(".parquet")] for f in (run_dir / "trajectories").glob("group-*.parquet")}
     assert trained_groups <= on_disk
-    assert not list(ckpts.glob(".tmp-*"))  # the torn save was removed by a later one
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))  # the torn save was removed by a later one
