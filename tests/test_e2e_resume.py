@@ -171,6 +171,7 @@ def test_driver_sigkilled_mid_checkpoint_and_after_one_resumes_and_leaves_nothin
     run_dir = tmp_path / "run"
     cfg = recorded_config(run_dir, **{"cluster.total_steps": 3, "checkpoint.every_steps": 1,
                                       "cluster.num_rollout_workers": 1, "cluster.groups_per_step": 1,
+                                      "grpo.num_generations": 2, "rollout.max_steps": 1,  # short steps
                                       "cluster.num_cpus": 4, "cluster.run_name": "sigkill-resume"})
     C.save_config(cfg, tmp_path / "config.yaml")
     ckpts = run_dir / "checkpoints"
