@@ -146,7 +146,7 @@ def _failed(traj: Trajectory, started: float, kind: str, detail: str) -> Traject
     """`traj` marked FAILED with reason "kind: detail" (the worker repairs by the kind)."""
     traj.status = FAILED
     traj.failure_reason = f"{kind}: {detail}"[:2000]
-    traj.episode_return = 0.0  # meaningless for a failed episode; it is never trained on
+    traj.episode_return = None  # no outcome of the policy: stored as null, never as a reward of 0
     traj.wall_s = time.monotonic() - started
     log.warning("episode %s (%s seed %s) failed: %s", traj.episode_id, traj.task, traj.seed,
                 traj.failure_reason)

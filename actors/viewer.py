@@ -30,6 +30,11 @@ def _e(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
+def _return_text(value: float | None) -> str:
+    """A failed episode has no return (None): shown as "none", never as 0."""
+    return "none" if value is None else f"{value:g}"
+
+
 def render_group_html(group: TrajectoryGroup, index_href: str | None = None) -> str:
     """The page for one group as a string; `index_href` links back to the run's index page."""
     out = [
@@ -39,12 +44,12 @@ def render_group_html(group: TrajectoryGroup, index_href: str | None = None) -> 
         f"<p><a id='run-index' href='{_e(index_href)}'>&larr; run index</a></p>" if index_href else "",
         f"<h1>{_e(group.task)} &middot; seed {group.seed} &middot; group {_e(group.group_id)}</h1>",
     ]
-    returns = ", ".join(f"{t.episode_return:g}" for t in group.trajectories)
+    returns = ", ".join(_return_text(t.episode_return) for t in group.trajectories)
     out.append(f"<p>{len(group.trajectories)} episodes; returns: {_e(returns)}</p>")
     for t in group.trajectories:
         out.append(
             f"<h2>episode {_e(t.episode_id)} &middot; <span class='{_e(t.status)}'>{_e(t.status)}</span>"
-            f" &middot; return {t.episode_return:g} &middot; {len(t.steps)} steps &middot; {t.wall_s:.1f}s"
+            f" &middot; return {_return_text(t.episode_return)} &middot; {len(t.steps)} steps &middot; {t.wall_s:.1f}s"
             f" &middot; worker {_e(t.worker_id)}</h2>"
         )
         out.append(f"<p><b>Goal:</b> {_e(t.goal)}</p>")

@@ -96,6 +96,32 @@ class Accounting:
         }
 
 
+def settled_books(acc: Accounting) -> dict[str, Any]:
+    """The books of the episodes settled so far (trained, or dropped with a reason), as a checkpoint
+    keeps them for the whole-run summary of a resumed run: episodes in flight and re-run attempts
+    are not settled (the resumed run plays unsettled groups again), so started = trained + dropped."""
+    dropped = {k: v for k, v in acc.dropped.items() if k != "rerun_attempt" and v}
+    trained = acc.trained
+    return {"started": trained + sum(dropped.values()), "trained": trained, "returned": acc.returned,
+            "dropped": dropped, "groups_trained": acc.groups_trained, "groups_dropped": dict(acc.groups_dropped),
+            "eval_episodes": acc.eval_episodes, "retired_started": acc.retired_started, "balanced": True}
+
+
+def merge_books(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The whole run's books from each attempt's (`Accounting.as_dict` or `settled_books`)."""
+    total: dict[str, Any] = {"dropped": Counter(), "groups_dropped": Counter()}
+    for part in parts:
+        for key, value in part.items():
+            if key in ("dropped", "groups_dropped"):
+                total[key].update(value)
+            elif key == "balanced":
+                total[key] = total.get(key, True) and bool(value)
+            else:
+                total[key] = total.get(key, 0) + value
+    total["dropped"], total["groups_dropped"] = dict(total["dropped"]), dict(total["groups_dropped"])
+    return total
+
+
 @dataclass
 class StepRecord:
     """What the learner trained at one step (kept for the run summary and the tests)."""

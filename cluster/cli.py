@@ -8,6 +8,7 @@
     bgrpo demo                                           scripted MiniWoB episode through an env server
     bgrpo build-tiny-models                              build the offline tiny models into the cache
     bgrpo plot RUN_DIR                                   (re)draw the PNG plots of a run
+    bgrpo cleanup RUN_DIR                                stop what a killed run left running
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("run a scripted MiniWoB episode end to end through an env server", "envs.browsergym.demo:main"),
     "build-tiny-models": ("build the tiny offline test models", "actors.tiny_models:main"),
     "plot": ("draw the PNG plots of a run folder", "cluster.plots:main"),
+    "cleanup": ("stop the processes a killed run left running (Ray, env servers, Chromium)", "cluster.run_processes:main"),
 }
 
 
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", metavar="command")
     for name, (help_text, _) in SUBCOMMANDS.items():
-        sub.add_parser(name, help=help_text, add_help=False)
+        sub.add_parser(name, help=help_text.replace("%", "%%"), add_help=False)  # argparse formats help with %
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0

@@ -31,8 +31,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from cluster import checkpoints
-from cluster.accounting import Accounting, LearnerLost, Ledger, StepFigures, StepRecord, TrainingError
+from cluster import checkpoints, run_processes
+from cluster.accounting import (
+    Accounting, LearnerLost, Ledger, StepFigures, StepRecord, TrainingError, merge_books, settled_books,
+)
 from cluster.checkpoints import CHECKPOINTS
 from cluster.config import (
     ConfigError,
@@ -75,6 +77,8 @@ class Trainer:
         self.on_step = on_step
         """Called after every learner step (and its checkpoint): tests use it to interrupt a run."""
         self.fleet = Fleet(config, self.run_dir)
+        self.processes = run_processes.RunProcesses(self.run_dir)
+        """processes.json: what this run starts, for `bgrpo cleanup` after a SIGKILL (cluster/run_processes.py)."""
         self.weights = WeightSyncWiring(self.fleet)
         self.sampler = TaskSampler(config.sampler, seed=config.cluster.seed)
         self.ledger = Ledger(self.sampler, config.cluster.max_actor_failures, self._log_event,
@@ -104,6 +108,10 @@ class Trainer:
         self.pbar: Any = None
         self.t_start = 0.0
         self.t_last_step = 0.0
+        self.before: dict[str, Any] = {}
+        """On resume: the run so far up to the checkpoint (its cursor's `run_so_far`), so that
+        summary.json describes the whole run, not only the resumed part."""
+        self.resumed_from: int | None = None
 
     # --- views the tests and hooks read ------------------------------------------------------------
 
@@ -141,11 +149,20 @@ class Trainer:
 
         cfg = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.resume:  # what a killed attempt left running goes first (`bgrpo cleanup`)
+            for p in run_processes.cleanup(self.run_dir):
+                log.warning("stopped pid %d, left running by an earlier attempt of this run: %s", p["pid"], p["cmdline"][:100])
+        self.processes.begin()
+        # Before the metrics file opens: what the killed attempt wrote after the checkpoint is superseded.
+        resumed = checkpoints.supersede_after(self.run_dir, checkpoints.last_cursor(self.run_dir)) if self.resume else None
         save_config(cfg, self.run_dir / "config.yaml")
         self.fleet.init_ray()
         self.metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.cluster.run_name or self.run_dir.name, to_dict(cfg))
+        if resumed is not None:
+            self.metrics.log(resumed, step=resumed["from_step"])
         self.run_index = RunIndex(self.run_dir)
         self.fleet.start()
+        self.processes.snapshot()
         self.weights.connect()
         if cfg.warm_start.enabled and not self.resume:
             # Supervised warm start: demonstrations -> SFT on the learner ranks -> every worker.
@@ -157,7 +174,8 @@ class Trainer:
         if self.resume:
             # Learner state, data cursor, and the workers at the learner's version.
             cursor = checkpoints.load(self.fleet.learners, self.run_dir)
-            self.progress.step = self.ledger.resume(cursor)
+            self.progress.step = self.resumed_from = self.ledger.resume(cursor)
+            self.before = cursor.get("run_so_far") or {}
             self.progress.version = self.weights.sync()
         self.t_start = time.monotonic()
 
@@ -194,12 +212,14 @@ class Trainer:
         cfg = self.config
         last = self.step >= cfg.cluster.total_steps
         with self._learner_calls():
+            # The evaluation first: a checkpoint of this step then carries it (`run_so_far`), and a
+            # run resumed from it neither redoes nor loses it.
+            if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and not last:
+                self.evaluate()
             if (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0) or (
                 last and cfg.checkpoint.save_final
             ):
                 self.save_checkpoint()
-            if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and not last:
-                self.evaluate()
         if self.on_step is not None:
             self.on_step(self, self.step)
 
@@ -235,8 +255,11 @@ class Trainer:
             )
 
     def save_checkpoint(self) -> str:
-        path = checkpoints.save(self.fleet.learners, self.run_dir, self.ledger.cursor(self.step, self.version))
+        cursor = self.ledger.cursor(self.step, self.version)
+        cursor["run_so_far"] = self._run_so_far(settled_books(self.accounting))
+        path = checkpoints.save(self.fleet.learners, self.run_dir, cursor)
         self.metrics.log({"event": "checkpoint", "path": path}, step=self.step)
+        self.processes.snapshot()  # browsers relaunched since start-up
         return path
 
     # --- evaluation -----------------------------------------------------------------------------
@@ -308,44 +331,58 @@ class Trainer:
         return summary
 
     def _summary(self, stats: list[dict[str, Any]], worker_versions: list[int], learner_version: int) -> dict[str, Any]:
+        """The whole run (every attempt, when resumed); `attempts` has each attempt's own books."""
+        run = self._run_so_far(self.accounting.as_dict())
         return {
             "steps": self.step,
             "learner_version": learner_version,
             "worker_versions": worker_versions,
-            "accounting": self.accounting.as_dict(),
-            "worker_restarts": self.ledger.worker_restarts,
-            "learner_restarts": self.ledger.learner_restarts,
-            "learner_recoveries": self.ledger.learner_recoveries,
-            "trained_steps": [dataclasses.asdict(r) for r in self.steps],
-            "trained_before_resume": [list(i) for i in self.ledger.trained_before],
-            "dropped_instances": [list(i) for i in self.accounting.dropped_instances],
-            "dropped_before_resume": [list(i) for i in self.ledger.dropped_before],
-            "eval": self.eval_results,
-            "eval_details": self.eval_details,
-            "warm_start": self.warm_start,
-            "learning": self._learning(),
-            "async_overlap": self.async_overlap,
+            "accounting": merge_books([a["accounting"] for a in run["attempts"]]),
+            **run,
+            "learning": self._learning(run["eval_details"]),
             "mode": self.config.cluster.mode,
             "max_staleness": self.config.cluster.max_staleness,
-            "wall_s": time.monotonic() - self.t_start,
-            # from the first dispatch to the last learner step: what throughput is measured over
-            # (the end-of-run drain of in-flight groups and the final eval are excluded)
-            "train_wall_s": (self.t_last_step or time.monotonic()) - self.t_start,
-            "learner_busy_s": self.progress.learner_busy_s,
-            "worker_stats": stats,
+            **{k: sum(a[k] for a in run["attempts"]) for k in ("wall_s", "train_wall_s", "learner_busy_s")},
+            "worker_stats": stats,  # this attempt's workers
         }
 
-    def _learning(self) -> dict[str, Any] | None:
+    def _run_so_far(self, books: dict[str, Any]) -> dict[str, Any]:
+        """The run up to now, earlier attempts (`self.before`) included: what a checkpoint keeps for
+        a resumed run's summary and what summary.json reports."""
+        before, now = self.before, time.monotonic()
+        attempt = {
+            "resumed_from_step": self.resumed_from, "last_step": self.step, "accounting": books,
+            "wall_s": now - self.t_start,
+            # from the first dispatch to the last learner step: what throughput is measured over
+            # (the end-of-run drain of in-flight groups and the final eval are excluded)
+            "train_wall_s": (self.t_last_step or now) - self.t_start,
+            "learner_busy_s": self.progress.learner_busy_s,
+        }
+        return {
+            "trained_steps": before.get("trained_steps", []) + [dataclasses.asdict(r) for r in self.steps],
+            "dropped_instances": [list(i) for i in self.ledger.dropped_before + self.accounting.dropped_instances],
+            "eval": before.get("eval", []) + self.eval_results,
+            "eval_details": before.get("eval_details", []) + self.eval_details,
+            "warm_start": self.warm_start if self.warm_start is not None else before.get("warm_start"),
+            "async_overlap": before.get("async_overlap", []) + self.async_overlap,
+            "worker_restarts": before.get("worker_restarts", 0) + self.ledger.worker_restarts,
+            "learner_restarts": before.get("learner_restarts", 0) + self.ledger.learner_restarts,
+            "learner_recoveries": before.get("learner_recoveries", []) + self.ledger.learner_recoveries,
+            "attempts": before.get("attempts", []) + [attempt],
+        }
+
+    def _learning(self, eval_details: list[dict[str, Any]]) -> dict[str, Any] | None:
         """Held-out success of the first evaluation (before training) vs the last, same seeds."""
-        if not (self.config.eval.before_training and len(self.eval_details) >= 2):
+        if not (self.config.eval.before_training and len(eval_details) >= 2):
             return None
         from cluster.eval import compare
 
-        return compare(self.eval_details[0], self.eval_details[-1])
+        return compare(eval_details[0], eval_details[-1])
 
     def close(self) -> None:
         """Stops every actor, server and browser (`Fleet.close`) and the metrics. Safe twice."""
         self.fleet.close()
+        self.processes.end()
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
@@ -415,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         print(help_text())
         return 0
+    for note in cl.notes:  # on --resume: an ignored --config, the fields changed from the run's own
+        print(f"bgrpo train: {note}", file=sys.stderr, flush=True)
     if cl.dry_run:  # validated above; nothing starts
         from cluster.config import resolved_yaml
 

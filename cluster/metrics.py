@@ -208,18 +208,48 @@ def per_task_figures(groups: Iterable[Any]) -> dict[str, float]:
     return out
 
 
-def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every record of a run's metrics.jsonl (a torn last line, from a killed run, is skipped)."""
+SUPERSEDED = "superseded"
+"""Set (true) on the records a killed attempt wrote after the checkpoint a resumed run continued
+from: the resumed run does those steps again, so the run folder describes each step once."""
+
+
+def read_metrics(run_dir: str | os.PathLike, superseded: bool = False) -> list[dict[str, Any]]:
+    """Every record of a run's metrics.jsonl (a torn last line, from a killed run, is skipped),
+    without the superseded ones unless asked for."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
     rows = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if superseded or not row.get(SUPERSEDED):
+            rows.append(row)
     return rows
+
+
+def mark_superseded(run_dir: str | os.PathLike, after_step: int) -> int:
+    """Marks the records of steps after `after_step` superseded (a resume from that step's checkpoint,
+    before its metrics logger opens the file); torn lines are dropped. Returns how many it marked."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return 0
+    lines, marked = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not row.get(SUPERSEDED) and _is_number(row.get("step")) and row["step"] > after_step:
+            row[SUPERSEDED] = True
+            marked += 1
+        lines.append(json.dumps(row) + "\n")
+    tmp = path.with_name(f".{METRICS_FILE}.tmp")
+    tmp.write_text("".join(lines), encoding="utf-8")
+    os.replace(tmp, path)
+    return marked
 
 
 def _open_tracker(name: str, project: str, run_name: str, run_dir: Path, run_config: Mapping[str, Any]) -> Any:

@@ -254,7 +254,7 @@ def _groups_section(rows: list[dict[str, Any]]) -> list[str]:
         out.append(
             f"<tr data-task='{_e(r['task'])}' data-outcome='{_e(r['outcome'])}' data-kind='{_e(r['kind'])}'>"
             f"<td>{'' if r['step'] is None else r['step']}</td><td>{_e(r['kind'])}</td><td>{_e(r['task'])}</td>"
-            f"<td>{r['seed']}</td><td>{_e(', '.join(f'{x:g}' for x in r['returns']))}</td>"
+            f"<td>{r['seed']}</td><td>{_e(', '.join('none' if x is None else f'{x:g}' for x in r['returns']))}</td>"
             f"<td class='{_e(r['outcome'])}'>{_e(r['outcome'])}</td><td>{versions}</td><td>{_e(failures)}</td>"
             f"<td><a href='{_e(r['viewer'])}'>{_e(r['group_id'])}</a></td></tr>"
         )

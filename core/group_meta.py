@@ -21,7 +21,8 @@ class EpisodeMeta:
 
     status: str
     success: bool
-    episode_return: float
+    episode_return: float | None
+    """None for a failed episode (`core.trajectory.Trajectory.episode_return`)."""
     trainable: bool
     policy_versions: tuple[int, ...]
     """One int per step (the policy lag figures are over every step of every trainable episode)."""
@@ -29,7 +30,7 @@ class EpisodeMeta:
 
     @classmethod
     def of(cls, t: Trajectory) -> "EpisodeMeta":
-        return cls(t.status, bool(t.success), float(t.episode_return), bool(t.trainable),
+        return cls(t.status, bool(t.success), None if t.episode_return is None else float(t.episode_return), bool(t.trainable),
                    tuple(int(v) for v in t.policy_versions), t.failure_reason)
 
 

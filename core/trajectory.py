@@ -91,7 +91,9 @@ class Trajectory:
     steps: list[Step] = field(default_factory=list)
     status: str = FINISHED
     failure_reason: str = ""
-    episode_return: float = 0.0
+    episode_return: float | None = 0.0
+    """The episode's return; None for a FAILED episode (no outcome of the policy: a reader must
+    never count it as a reward of 0)."""
     goal: str = ""
     worker_id: str = ""
     wall_s: float = 0.0
@@ -111,7 +113,7 @@ class Trajectory:
 
     @property
     def success(self) -> bool:
-        return self.status == FINISHED and self.episode_return > 0
+        return self.status == FINISHED and self.episode_return is not None and self.episode_return > 0
 
 
 @dataclass

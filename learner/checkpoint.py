@@ -83,6 +83,7 @@ def save_atomically(
     tmp.mkdir()
     write(tmp)
     fsync_tree(tmp)
+    _pause_for_tests(name)
 
     final = root / name
     if final.exists():  # re-saving the same step: move the old one aside first
@@ -101,6 +102,19 @@ def save_atomically(
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+WRITE_PAUSE_VAR = "BGRPO_TEST_CHECKPOINT_PAUSE"
+"""`<name>:<seconds>`, e.g. `step-000002:60`: a test hook that pauses the save of that checkpoint
+after its files are written and before it is published, so a test can kill the run mid-save."""
+
+
+def _pause_for_tests(name: str) -> None:
+    wanted, _, seconds = os.environ.get(WRITE_PAUSE_VAR, "").partition(":")
+    if wanted == name:
+        import time
+
+        time.sleep(float(seconds or 60))
 
 
 def resolve(path: str | os.PathLike) -> Path:

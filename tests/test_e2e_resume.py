@@ -1,5 +1,7 @@
-"""A run interrupted (Ctrl-C) right after a checkpoint, then resumed with `--resume RUN_DIR`: the
-step count and the data cursor continue, no task instance is trained twice, nothing is left running.
+"""A run interrupted (Ctrl-C) right after a checkpoint, or its driver SIGKILLed mid-checkpoint or
+after one, then resumed with `--resume RUN_DIR`: the step count and the data cursor continue from the
+last complete checkpoint, no task instance is trained twice, the run folder records each step once,
+and nothing is left running (after `bgrpo cleanup`, which a resume also does first).
 
 Both runs use the browser-free recorded env (real env servers, sessions, Ray workers and learner;
 no Chromium): what is checked here is the driver's checkpoint, cursor and shutdown, which do not
@@ -9,13 +11,23 @@ the session's no-orphan check (tests/fixtures/env.py) fails the suite if a brows
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from cluster import config as C
 from cluster import driver
 from cluster.metrics import read_metrics
+from cluster.run_processes import PROCESSES_FILE, RUN_TAG_VAR
+from core.processes import same_process
+from envs.browsergym.pool import find_tagged_processes
+from learner.checkpoint import WRITE_PAUSE_VAR
 
 pytestmark = pytest.mark.slow  # no browser: both runs are on the recorded env
 
@@ -50,16 +62,19 @@ def test_interrupt_after_checkpoint_then_resume(ray_cluster, tmp_path):
     print(f"\ninterrupt + resume: {time.monotonic() - t0:.0f} s")
 
     assert summary["steps"] == 4 and summary["learner_version"] == 4
-    assert [s["step"] for s in summary["trained_steps"]] == [3, 4]  # the step count continued
+    # summary.json describes the whole run: both attempts' steps, each once
+    assert [s["step"] for s in summary["trained_steps"]] == [1, 2, 3, 4]  # the step count continued
+    assert [a["resumed_from_step"] for a in summary["attempts"]] == [None, 2]
     assert summary["worker_versions"] == [4, 4]
-    assert summary["trained_steps"][0]["learner_version"] == 2  # resumed weights are version 2
-    before = [tuple(i) for i in summary["trained_before_resume"]]
-    after = [tuple(i) for s in summary["trained_steps"] for i in s["instances"]]
+    assert summary["trained_steps"][2]["learner_version"] == 2  # resumed weights are version 2
+    before = [tuple(i) for s in summary["trained_steps"][:2] for i in s["instances"]]
+    after = [tuple(i) for s in summary["trained_steps"][2:] for i in s["instances"]]
     assert len(before) == 4 and len(after) == 4
     # the data cursor continued: later sampler positions, and no instance trained twice
     assert min(i[2] for i in after) > max(i[2] for i in before)
     assert not {(t, s) for t, s, _ in before} & {(t, s) for t, s, _ in after}
     assert summary["accounting"]["balanced"]
+    assert summary["accounting"]["groups_trained"] == 8  # 2 groups a step, over both attempts
     steps_logged = [r["step"] for r in read_metrics(run_dir) if "policy_version" in r and "event" not in r]
     assert steps_logged == [1, 2, 3, 4]
 
@@ -95,9 +110,8 @@ def test_async_resume_reissues_the_groups_in_flight_at_the_checkpoint(ray_cluste
     summary = driver.train(cl.config, run_dir, resume=True)
     assert summary["steps"] == 2 and summary["accounting"]["balanced"]
 
-    trained = [tuple(i) for i in summary["trained_before_resume"]]
-    trained += [tuple(i) for s in summary["trained_steps"] for i in s["instances"]]
-    dropped = [tuple(i) for i in summary.get("dropped_before_resume", []) + summary.get("dropped_instances", [])]
+    trained = [tuple(i) for s in summary["trained_steps"] for i in s["instances"]]  # the whole run
+    dropped = [tuple(i) for i in summary["dropped_instances"]]
     assert all(reason for *_, reason in dropped)  # every drop has its counted reason
     indices = [i[2] for i in trained] + [d[2] for d in dropped]
     assert sorted(indices) == list(range(max(indices) + 1)), (trained, dropped)  # each index exactly once
@@ -106,3 +120,108 @@ def test_async_resume_reissues_the_groups_in_flight_at_the_checkpoint(ray_cluste
     for task, seed, index in cursor["unsettled_instances"]:
         assert instance_of[index] == (task, seed)
     assert {i for _, _, i in cursor["unsettled_instances"]} == unsettled
+
+
+# --- the driver SIGKILLed: mid-checkpoint, then after one; `--resume` and `bgrpo cleanup` ------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _start_driver(tmp_path, name, args, pause=""):
+    """`bgrpo train ARGS` in its own process (a SIGKILL must hit the driver alone), output to a file."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", RUN_TAG_VAR, WRITE_PAUSE_VAR)}
+    env.update({"PYTHONPATH": str(ROOT), WRITE_PAUSE_VAR: pause})
+    out = open(tmp_path / f"{name}.log", "w")
+    return subprocess.Popen([sys.executable, "-m", "cluster.cli", "train", *args], cwd=ROOT, env=env,
+                            stdout=out, stderr=subprocess.STDOUT)
+
+
+def _wait_for(what, proc, tmp_path, name, timeout_s=300):
+    deadline = time.monotonic() + timeout_s
+    while not what():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{name}: condition not met (exit {proc.poll()}):\n{(tmp_path / f'{name}.log').read_text()[-4000:]}")
+        time.sleep(0.2)
+
+
+def _kill(proc):
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def _survivors(run_dir):
+    """Processes of any attempt of the run still alive: tagged, or recorded and the same process."""
+    record = json.loads((run_dir / PROCESSES_FILE).read_text())
+    alive = []
+    for attempt in record["attempts"]:
+        alive += find_tagged_processes(RUN_TAG_VAR, attempt["tag"])
+        alive += [p["pid"] for p in attempt["processes"] if same_process(p["pid"], p["start"])]
+    return sorted(set(alive)), record
+
+
+def test_driver_sigkilled_mid_checkpoint_and_after_one_resumes_and_leaves_nothing(ray_cluster, tmp_path):
+    """Attempt 1 is SIGKILLed while the step-2 checkpoint is being written (a test hook pauses the save
+    between its files and its publication): `latest` stays on step 1 and the torn folder is never
+    picked. Attempt 2 (`--config local --resume DIR`, what `make run ARGS=...` runs) stops what attempt
+    1 left, continues from step 1, and is SIGKILLed after its step-2 checkpoint, while it plays step 3;
+    `bgrpo cleanup` then stops everything it left. Attempt 3 finishes: each step once in the records."""
+    from tests.test_recorded_env import recorded_config
+
+    run_dir = tmp_path / "run"
+    cfg = recorded_config(run_dir, **{"cluster.total_steps": 3, "checkpoint.every_steps": 1,
+                                      "cluster.num_rollout_workers": 1, "cluster.groups_per_step": 1,
+                                      "grpo.num_generations": 2, "rollout.max_steps": 1,  # short steps
+                                      "cluster.num_cpus": 4, "cluster.run_name": "sigkill-resume"})
+    C.save_config(cfg, tmp_path / "config.yaml")
+    ckpts = run_dir / "checkpoints"
+
+    def latest():
+        return (ckpts / "latest").read_text().strip() if (ckpts / "latest").exists() else ""
+
+    # --- attempt 1: killed in the middle of writing step 2's checkpoint ---
+    first = _start_driver(tmp_path, "first", ["--config", str(tmp_path / "config.yaml")], pause="step-000002:300")
+    _wait_for(lambda: latest() == "step-000001" and list(ckpts.glob(".tmp-step-000002-*")), first, tmp_path, "first")
+    _kill(first)
+    assert latest() == "step-000001" and list(ckpts.glob(".tmp-step-000002-*"))  # torn, not published
+    recorded = json.loads((run_dir / PROCESSES_FILE).read_text())["attempts"][0]["processes"]
+    commands = " ".join(p["cmdline"] for p in recorded)
+    assert "raylet" in commands and "envs.browsergym.server.app" in commands, commands  # what it started
+
+    # --- attempt 2: resumes from step 1 (cleaning up first), killed after its step-2 checkpoint ---
+    second = _start_driver(tmp_path, "second", ["--config", "local", "--resume", str(run_dir)])
+    _wait_for(lambda: latest() == "step-000002", second, tmp_path, "second")
+    _kill(second)
+    log = (tmp_path / "second.log").read_text()
+    assert "--config local ignored" in log
+    resumes = [r for r in read_metrics(run_dir) if r.get("event") == "resume"]
+    assert [r["from_step"] for r in resumes] == [1]  # the last complete checkpoint, not the torn one
+    survivors, record = _survivors(run_dir)
+    assert len(record["attempts"]) == 2
+    first_tag = record["attempts"][0]["tag"]
+    assert not find_tagged_processes(RUN_TAG_VAR, first_tag)  # attempt 2 started after attempt 1's were gone
+
+    # --- bgrpo cleanup: nothing of either attempt survives ---
+    from cluster.cli import main as bgrpo
+
+    assert bgrpo(["cleanup", str(run_dir)]) == 0
+    survivors, _ = _survivors(run_dir)
+    assert survivors == []
+
+    # --- attempt 3 (in-process, on the session's Ray): finishes; the run folder has every step once ---
+    cl = C.parse_cli(["--resume", str(run_dir)], environ={})
+    assert cl.config.cluster.total_steps == 3
+    _check_whole_run(driver.train(cl.config, run_dir, resume=True), run_dir)
+
+
+def _check_whole_run(summary, run_dir):
+    assert summary["steps"] == 3 and summary["learner_version"] == 3
+    assert [s["step"] for s in summary["trained_steps"]] == [1, 2, 3]  # the whole run, each step once
+    assert [a["resumed_from_step"] for a in summary["attempts"]] == [None, 1, 2]
+    assert summary["accounting"]["balanced"] and summary["accounting"]["groups_trained"] == 3
+    steps_logged = [r["step"] for r in read_metrics(run_dir) if "policy_version" in r and "event" not in r]
+    assert steps_logged == [1, 2, 3]
+    trained_groups = {g for s in summary["trained_steps"] for g in s["group_ids"]}
+    on_disk = {f.name[len("group-"):-len(".parquet")] for f in (run_dir / "trajectories").glob("group-*.parquet")}
+    assert trained_groups <= on_disk
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))  # the torn save was removed by a later one

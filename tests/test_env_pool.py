@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from envs.browsergym.client import BrowserGymEnvClient, EnvConnectionError, EnvTimeoutError
-from envs.browsergym.pool import POOL_TAG_VAR, SERVER_TAG_VAR, EnvServerPool, find_tagged_processes
+from envs.browsergym.pool import (
+    POOL_TAG_VAR, SERVER_TAG_VAR, EnvServerPool, find_tagged_processes, remove_dead_pool_dirs,
+)
 from tests.fixtures.env import fast_env_config
 
 pytestmark = pytest.mark.browser
@@ -113,7 +115,7 @@ _OWNER_SCRIPT = textwrap.dedent(
     pool = EnvServerPool(1, EnvConfig(task="miniwob.click-test", max_steps=8))
     client = BrowserGymEnvClient(pool.urls[0], message_timeout_s=60)
     client.reset(seed=1)
-    print("READY", pool.tag, flush=True)
+    print("READY", pool.tag, pool.work_dir, flush=True)
     time.sleep(300)
     """
 )
@@ -141,8 +143,10 @@ def test_owner_interrupted_or_killed_leaves_nothing_behind(how):
             if not line and owner.poll() is not None:
                 break
         assert line.startswith("READY"), f"owner did not start: {line!r} {owner.stdout.read()[-2000:]}"
-        tag = line.split()[1]
+        tag, work_dir = line.split()[1], Path(line.split()[2])
         assert find_tagged_processes(POOL_TAG_VAR, tag)
+        # The browser's profile is in the pool's own folder (the servers' TMPDIR), not loose in /tmp.
+        assert list((work_dir / "tmp").glob("playwright_chromiumdev_profile-*")), list(work_dir.rglob("*"))
         owner.send_signal({"ctrl-c": signal.SIGINT, "sigterm": signal.SIGTERM, "sigkill": signal.SIGKILL}[how])
         try:
             owner.wait(timeout=90)
@@ -154,6 +158,12 @@ def test_owner_interrupted_or_killed_leaves_nothing_behind(how):
             pytest.fail(f"owner still running 90 s after {how}; its threads:\n{owner.communicate(timeout=10)[0][-6000:]}")
         # ctrl-c / sigterm: the pool closes itself; sigkill: each server notices its parent is gone.
         assert _wait_until_gone(POOL_TAG_VAR, tag, timeout_s=30) == []
+        # Its folder (logs, browser profiles) goes with it: removed by close(), or, after a SIGKILL,
+        # by the next pool's start, which removes the folders of owners that are gone.
+        if how == "sigkill":
+            assert work_dir.is_dir()
+            assert work_dir in remove_dead_pool_dirs()
+        assert not work_dir.exists()
     finally:
         if owner.poll() is None:
             owner.kill()

@@ -42,6 +42,12 @@ def test_unreachable_env_fails_episodes_and_group_is_dropped(rollout_engine_conf
     # Every attempt is on disk with its reasons (nothing lost, nothing scored).
     on_disk = [t for g in read_trajectories(tmp_path / "trajectories") for t in g.trajectories]
     assert len(on_disk) == 3 * attempts and all(t.status == FAILED and t.failure_reason for t in on_disk)
+    # A failed episode has no return: null in the Parquet files, never a reward of 0.0 a reader could count.
+    import pyarrow.parquet as pq
+
+    assert all(t.episode_return is None for t in group.trajectories + on_disk)
+    column = [v for f in (tmp_path / "trajectories").glob("*.parquet") for v in pq.read_table(f)["episode_return"].to_pylist()]
+    assert column == [None] * (3 * attempts)
 
 
 def test_batcher_isolates_a_bad_request(rollout_engine_config):

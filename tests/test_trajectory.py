@@ -63,3 +63,22 @@ def test_group_rejects_foreign_episode():
 def test_step_rejects_mismatched_logprobs():
     with pytest.raises(ValueError, match="logprobs"):
         Step(index=0, prompt_ids=[1], completion_ids=[1, 2], logprobs=[0.0], policy_version=0)
+
+
+def test_failed_episode_without_return_reads_back_and_renders(tmp_path):
+    """A failed episode stores no return (None, null in Parquet): the metadata the driver schedules
+    on, the viewer page and the run index must take it as "none", never as a reward of 0."""
+    from actors.viewer import render_group_html
+    from cluster.run_index import group_row
+    from core.group_meta import GroupMeta
+
+    g = _group()
+    g.trajectories[2].episode_return = None
+    TrajectoryWriter(tmp_path).write(g)
+    (back,) = read_trajectories(tmp_path)
+    assert [t.episode_return for t in back.trajectories] == [0.0, 1.0, None]
+    meta = GroupMeta.of(back)
+    assert [e.episode_return for e in meta.episodes] == [0.0, 1.0, None]
+    assert not back.trajectories[2].success
+    assert "returns: 0, 1, none" in render_group_html(back)
+    assert group_row(back, "train", "viewer/x.html")["returns"] == [0.0, 1.0, None]

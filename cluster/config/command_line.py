@@ -91,13 +91,18 @@ class CommandLine:
     help: bool = False
     dry_run: bool = False
     """--dry-run: validate, print `resolved_yaml(config)` and exit without starting Ray."""
+    notes: list[str] = dataclasses.field(default_factory=list)
+    """What `bgrpo train` states before it starts (on --resume: an ignored --config, and every
+    field an override or environment variable changes from the run folder's config)."""
 
 
 def parse_cli(argv: list[str], environ: Mapping[str, str] | None = None) -> CommandLine:
     """`--config NAME|PATH [--resume RUN_DIR] [--dry-run] [--a.b VALUE | --a.b=VALUE ...] [--help]`.
 
-    With --resume and no --config, the run folder's resolved config is the base, so a resumed run
-    continues with exactly the settings it started with (overrides still apply on top).
+    With --resume, the run folder's resolved config is the base, so a resumed run continues with
+    exactly the settings it started with: a --config given too is ignored (`make run` always passes
+    `--config local`), and every field that an override or environment variable changes is stated
+    in `notes`.
     """
     preset: str | None = None
     resume: str | None = None
@@ -127,17 +132,54 @@ def parse_cli(argv: list[str], environ: Mapping[str, str] | None = None) -> Comm
             if key in overrides:
                 raise ConfigError(f"--{key} given twice")
             overrides[key] = value
+    notes: list[str] = []
     if resume is not None:
-        resolved = Path(resume) / "config.yaml"
-        if not resolved.is_file():
-            raise ConfigError(f"--resume {resume}: no config.yaml there (not a run folder?)")
-        base = preset or str(resolved)
-        config = build_config(base, {**overrides}, environ)
-        config.cluster.run_dir = str(Path(resume))
+        config, notes = _resumed_config(resume, preset, overrides, environ)
     else:
         config = build_config(preset or "local", overrides, environ)
     validate_config(config)
     return CommandLine(config=config, preset=preset or ("resume" if resume else "local"), resume=resume,
-                       dry_run=dry_run)
+                       dry_run=dry_run, notes=notes)
+
+
+def _resumed_config(resume: str, preset: str | None, overrides: dict[str, str],
+                    environ: Mapping[str, str] | None) -> tuple[TrainConfig, list[str]]:
+    """The run folder's config.yaml with the overrides on top, and the notes that state them."""
+    from cluster.config.loader import to_dict
+
+    resolved = Path(resume) / "config.yaml"
+    if not resolved.is_file():
+        raise ConfigError(f"--resume {resume}: no config.yaml there (not a run folder?)")
+    notes = []
+    if preset is not None:
+        notes.append(f"--config {preset} ignored: a resumed run continues with its own configuration "
+                     f"({resolved})")
+    saved = _flat(to_dict(build_config(str(resolved), {}, environ={})))
+    config = build_config(str(resolved), dict(overrides), environ)
+    config.cluster.run_dir = str(Path(resume))
+    for name, value in _flat(to_dict(config)).items():
+        if name == "cluster.run_dir" or _derived_source(name):  # derived fields follow their source
+            continue
+        if saved.get(name, MISSING_VALUE) != value:
+            notes.append(f"--resume: {name} changed from the run's {saved.get(name)!r} to {value!r} "
+                         "(a command-line override or environment variable)")
+    return config, notes
+
+
+MISSING_VALUE = object()
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted field -> value, down to the leaves of the config's sections (a mapping-valued field,
+    e.g. cluster.env_server_tasks, stays one value)."""
+    from cluster.config.tree import field_type_at
+
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if dataclasses.is_dataclass(field_type_at(f"{prefix}{key}")):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 

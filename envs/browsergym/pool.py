@@ -10,7 +10,13 @@ Each server runs in its own session / process group (`start_new_session`), and i
 driver and Chromium processes inherit that group, so stopping a server is one `killpg` that takes
 its browsers with it. Every process a pool starts also carries the environment variable
 `BGRPO_ENV_POOL_TAG=<tag>` (inherited by its browsers), so leftovers that left the group can still
-be found (`find_tagged_processes`). Pools are closed on `close()`, on leaving the `with` block
+be found (`find_tagged_processes`).
+
+A pool's files live in one folder of its own, `<tmp>/bgrpo-env-pool-*`: the servers' logs and port
+files, and (as the servers' TMPDIR) everything Playwright and Chromium put in a temporary folder,
+such as the `playwright_chromiumdev_profile-*` browser profiles (megabytes each). `close()` removes
+it; a pool whose owner was SIGKILLed cannot, so every new pool first removes the folders whose owner
+(`owner.json`: PID and start time) is no longer running. Pools are closed on `close()`, on leaving the `with` block
 (exceptions and Ctrl-C included), at interpreter exit (atexit) and on SIGTERM (converted to
 SystemExit when nobody else handles it). A server whose parent dies shuts itself down.
 """
@@ -18,8 +24,10 @@ SystemExit when nobody else handles it). A server whose parent dies shuts itself
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +42,7 @@ from typing import Optional
 
 import requests
 
+from core.processes import own_identity, same_process
 from envs.browsergym.config import EnvConfig
 
 logger = logging.getLogger(__name__)
@@ -42,6 +51,25 @@ POOL_TAG_VAR = "BGRPO_ENV_POOL_TAG"
 SERVER_TAG_VAR = "BGRPO_ENV_SERVER_TAG"
 _PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 _live_pools: "weakref.WeakSet[EnvServerPool]" = weakref.WeakSet()
+POOL_DIR_PREFIX = "bgrpo-env-pool-"
+OWNER_FILE = "owner.json"
+
+
+def remove_dead_pool_dirs(root: Optional[str] = None) -> list[Path]:
+    """Removes the pool folders under `root` (the temporary folder) whose owner process is gone
+    (killed before its `close()`); returns them. A folder without an owner record (being created,
+    or made by an older version) is left alone."""
+    removed = []
+    for folder in Path(root or tempfile.gettempdir()).glob(f"{POOL_DIR_PREFIX}*"):
+        try:
+            owner = json.loads((folder / OWNER_FILE).read_text())
+            if same_process(int(owner["pid"]), owner["start"]):
+                continue
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
 
 
 class EnvServerStartError(RuntimeError):
@@ -140,8 +168,14 @@ class EnvServerPool:
         self.startup_timeout_s = startup_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.tag = tag or f"pool-{uuid.uuid4().hex[:12]}"
-        self._owned_log_dir = log_dir is None
-        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="bgrpo-env-pool-"))
+        for folder in remove_dead_pool_dirs():  # what a killed owner left (it could not close)
+            logger.info("removed %s: its env pool's owner is gone", folder)
+        self.work_dir = Path(tempfile.mkdtemp(prefix=POOL_DIR_PREFIX))
+        (self.work_dir / OWNER_FILE).write_text(json.dumps(own_identity()))
+        self.tmp_dir = self.work_dir / "tmp"
+        """The servers' TMPDIR: Playwright's browser profiles land here, and go with the pool."""
+        self.tmp_dir.mkdir()
+        self.log_dir = Path(log_dir) if log_dir else self.work_dir
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._servers: list[Optional[_Server]] = [None] * num_servers
         self._lock = threading.RLock()
@@ -219,6 +253,9 @@ class EnvServerPool:
             if leftovers:
                 logger.info("killed %d leftover processes of env pool %s", len(leftovers), self.tag)
             _live_pools.discard(self)
+            # Logs, port files, browser profiles: nothing reads them once the servers are gone (a
+            # start failure's message carries the log's tail).
+            shutil.rmtree(self.work_dir, ignore_errors=True)
 
     def __enter__(self) -> "EnvServerPool":
         return self
@@ -243,6 +280,7 @@ class EnvServerPool:
         env = dict(os.environ)
         env[POOL_TAG_VAR] = self.tag
         env[SERVER_TAG_VAR] = f"{self.tag}/{name}"
+        env["TMPDIR"] = str(self.tmp_dir)  # Playwright's profiles and Chromium's temporary files
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PROJECT_ROOT, env.get("PYTHONPATH")) if p)
         env.setdefault("PYTHONUNBUFFERED", "1")
         command = [
