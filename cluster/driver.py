@@ -76,7 +76,8 @@ class Trainer:
         self.sampler = TaskSampler(config.sampler, seed=config.cluster.seed)
         self.ledger = Ledger(self.sampler, config.cluster.max_actor_failures, self._log_event,
                              restart_budget=config.cluster.worker_restart_budget,
-                             restart_window_s=config.cluster.worker_restart_window_s)
+                             restart_window_s=config.cluster.worker_restart_window_s,
+                             max_failed_in_a_row=config.cluster.max_failed_groups_in_a_row)
         self.restarts_logged = 0
         """Worker restarts already in a step's `worker_restarts` figure."""
         self.progress = Progress()
@@ -291,6 +292,9 @@ class Trainer:
             "worker_versions": worker_versions,
             "accounting": self.accounting.as_dict(),
             "worker_restarts": self.ledger.worker_restarts,
+            # env servers restarted / failed over / episodes failed for them, replaced workers' included
+            **{k: sum(int(s.get(k, 0)) for s in stats + self.fleet.retired_stats)
+               for k in ("env_restarts", "env_failovers", "env_failures")},
             "trained_steps": [dataclasses.asdict(r) for r in self.steps],
             "trained_before_resume": [list(i) for i in self.ledger.trained_before],
             "dropped_instances": [list(i) for i in self.accounting.dropped_instances],
