@@ -199,6 +199,10 @@ class EnvServers:
             log.warning("worker %s: env-server host died (%s); waiting for Ray to restart it", self.worker_id,
                         type(exc).__name__)
             urls, restarted = self._wait_for_host(deadline), True
+        # Repairs are serialized and only this worker uses the host, so a server URL that changed
+        # without a restart means Ray restarted the host meanwhile (a call to a restarting actor
+        # waits for the new one): all its servers are new.
+        restarted = restarted or [str(u) for u in urls] != self.urls
         self.urls = [str(u) for u in urls]
         return restarted
 
