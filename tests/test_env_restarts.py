@@ -201,3 +201,17 @@ def test_groups_failing_in_a_row_stop_the_run():
         ledger.receive(meta(status), None, sampler.next())
     with pytest.raises(TrainingError, match=r"3 groups in a row failed .*env_error: down"):
         ledger.receive(meta(FAILED), None, sampler.next())
+
+
+def test_env_hosts_ask_for_their_custom_resources_and_restarts(ray_cluster):
+    """cluster.env_host_resources pins the hosts to nodes that have them (a cluster without them
+    is refused before anything waits), and Ray restarts a host that died."""
+    from cluster.config import ClusterConfig
+    from cluster.placement import Placement, PlacementError, check_resources
+
+    cfg = ClusterConfig(env_placement="ray_actors", num_rollout_workers=1, env_host_resources={"browsers": 1})
+    with pytest.raises(PlacementError, match="resource 'browsers'"):
+        check_resources(cfg)
+    options = Placement(cfg, None, None).env_host_options()
+    assert options["resources"] == {"browsers": 1.0} and options["max_restarts"] == -1
+    assert "resources" not in Placement(ClusterConfig(), None, None).env_host_options()
