@@ -32,20 +32,20 @@ pytestmark = pytest.mark.slow  # three short training runs (Ray, workers, learne
 TASK = "recorded.click-button"
 
 
-def _config(run_dir, **overrides):
+def _config(run_dir, steps=2, **overrides):
     from tests.test_recorded_env import recorded_config
 
     # One worker, one session, groups of 2: the least that shows a kill, a failed episode and a re-run.
-    return recorded_config(run_dir, **{"cluster.total_steps": 3, "checkpoint.every_steps": 0, "logging.plots": "false",
+    return recorded_config(run_dir, **{"cluster.total_steps": steps, "checkpoint.every_steps": 0, "logging.plots": "false",
                                        "cluster.num_rollout_workers": 1, "cluster.groups_per_step": 1,
                                        "grpo.num_generations": 2, **overrides})
 
 
-def _check_failed_then_rerun(summary: dict, run_dir) -> None:
+def _check_failed_then_rerun(summary: dict, run_dir, steps: int = 2) -> None:
     """The run finished; every episode broken by a kill is FAILED with an env reason, has no
     reward, is not trainable and its group was never trained; its group was re-run (same task and
     seed) and that re-run trained; the books balance."""
-    assert summary["steps"] == 3 and summary["worker_versions"] == [3]
+    assert summary["steps"] == steps and summary["worker_versions"] == [steps]
     acc = summary["accounting"]
     assert acc["balanced"], acc
     groups = read_trajectories(run_dir / "trajectories")
@@ -84,7 +84,7 @@ def test_embedded_server_killed_is_restarted(ray_cluster, tmp_path):
             [pid] = ray.get(trainer.workers[0].env_server_pids.remote(), timeout=60)
             os.kill(pid, signal.SIGKILL)
             killed["pid"] = pid
-        if step == 3:
+        if step == 2:
             [killed["new_pid"]] = ray.get(trainer.workers[0].env_server_pids.remote(), timeout=60)
 
     summary = driver.train(_config(run_dir, **{"cluster.run_name": "env-embedded"}), run_dir, on_step=kill_server)
@@ -115,9 +115,9 @@ def test_ray_actor_server_and_host_killed_are_replaced(ray_cluster, tmp_path):
             seen["host_pid"] = _worker_pid(host)
             os.kill(seen["host_pid"], signal.SIGKILL)  # the host actor's process itself
 
-    cfg = _config(run_dir, **{"cluster.run_name": "env-ray-actors", "cluster.env_placement": "ray_actors"})
+    cfg = _config(run_dir, steps=3, **{"cluster.run_name": "env-ray-actors", "cluster.env_placement": "ray_actors"})
     summary = driver.train(cfg, run_dir, on_step=kill)
-    _check_failed_then_rerun(summary, run_dir)
+    _check_failed_then_rerun(summary, run_dir, steps=3)
     # the host restarted its server (new URL), then Ray restarted the host (new process, new servers)
     assert summary["env_restarts"] >= 2 and summary["worker_restarts"] == 0
     assert seen[1] != seen[2] != seen[3]
@@ -143,7 +143,7 @@ def test_remote_server_killed_fails_over_to_the_other(ray_cluster, tmp_path):
 
             if step == 1:
                 os.kill(victim, signal.SIGKILL)
-            if step == 3:
+            if step == 2:
                 urls["after"] = ray.get([w.env_urls.remote() for w in trainer.workers], timeout=60)
 
         cfg = _config(run_dir, **{"cluster.run_name": "env-remote", "cluster.env_placement": "remote",
@@ -157,29 +157,41 @@ def test_remote_server_killed_fails_over_to_the_other(ray_cluster, tmp_path):
 
 def test_a_server_that_keeps_dying_ends_the_run_with_a_clear_error(ray_cluster, rollout_engine_config, tmp_path):
     """rollout.env_restart_budget 0: the first restart is one too many. The worker's group raises
-    EnvServersGaveUp and the driver's collect turns it into the run's TrainingError (no retries)."""
+    EnvServersGaveUp (a real server killed under an in-process worker), and the driver's collect
+    turns that error, raised in a Ray task, into the run's TrainingError (no retries)."""
     import ray
 
-    from actors.rollout_worker import RolloutWorkerActor
+    from actors.env_servers import EnvServersGaveUp
+    from actors.rollout_worker import RolloutWorker
     from cluster.accounting import TrainingError
     from cluster.fleet import RayRollouts
     from envs.browsergym.config import EnvConfig
     from tests.fixtures.rollout import small_rollout_config
 
     cfg = small_rollout_config(num_sessions=1, env_restart_budget=0)
-    worker = RolloutWorkerActor.options(num_cpus=0).remote("w0", cfg, rollout_engine_config, EnvConfig(task=TASK),
-                                                           str(tmp_path))
-    try:
-        [pid] = ray.get(worker.env_server_pids.remote(), timeout=300)
+    with RolloutWorker("w0", cfg, rollout_engine_config, EnvConfig(task=TASK), tmp_path) as worker:
+        [pid] = worker.env_server_pids()
         os.kill(pid, signal.SIGKILL)
-        rollouts = RayRollouts(SimpleNamespace(workers=[worker]), None, group_timeout_s=300)
-        with pytest.raises(TrainingError, match=r"env servers failed 1 times .*env_restart_budget 0"):
-            rollouts.collect(rollouts.dispatch(0, TASK, 3, 2))
-        st = ray.get(worker.stats.remote(), timeout=60)
+        with pytest.raises(EnvServersGaveUp, match=r"env servers failed 1 times .*env_restart_budget 0") as caught:
+            worker.run_group(TASK, 3, 2)
+        st = worker.stats()
         assert st["env_restarts"] == 1 and st["balanced"] and st["groups_dropped"] == 1
-    finally:
-        ray.get(worker.close.remote(), timeout=120)
-        ray.kill(worker)
+        with pytest.raises(EnvServersGaveUp):  # and every later group, at once
+            worker.run_group(TASK, 4, 2)
+
+    message = str(caught.value)
+
+    @ray.remote(num_cpus=0)
+    def gave_up():
+        from actors.env_servers import EnvServersGaveUp
+
+        raise EnvServersGaveUp(message)  # what the worker's run_group raised, now in a Ray task
+
+    rollouts = RayRollouts(SimpleNamespace(workers=[None]), None, group_timeout_s=120)
+    ref = gave_up.remote()
+    rollouts._group_refs[ref], rollouts._worker_of[ref] = ref, 0  # as dispatch() records a group
+    with pytest.raises(TrainingError, match="env_restart_budget 0"):
+        rollouts.collect(ref)
 
 
 def test_groups_failing_in_a_row_stop_the_run():
