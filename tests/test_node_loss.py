@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # its own 2-node Ray cluster and a 2-step run (~90 s on 2 cores)
+pytestmark = pytest.mark.slow  # its own 2-node Ray cluster and a 2-step run (62 s measured on the shared 2 cores)
 
 ROOT = Path(__file__).resolve().parents[1]
 
