@@ -63,6 +63,15 @@ class RolloutConfig:
     """A group with a failed episode (env died/hung, timeout) is "rerun" or "drop"ped."""
     max_group_reruns: int = 1
     """How many times one group may be re-run before it is dropped."""
+    env_restart_budget: int = 10
+    """Env servers this worker may restart (dead or hung; an env-server host actor recreated
+    counts once) or fail over from (remote servers) within env_restart_window_s; one more ends
+    the run with an error naming the server and its last failure."""
+    env_restart_window_s: float = 3600.0
+    """The sliding time window, in seconds, over which env_restart_budget counts."""
+    env_restart_timeout_s: float = 300.0
+    """Longest a worker waits for an env-server host actor that died to be back (Ray restarts it,
+    on another node if its node is gone); past it the repair counts as failed."""
     allowed_actions: list[str] = field(default_factory=lambda: list(DEFAULT_ACTIONS))
     """Action names the parser accepts and the system prompt lists (BrowserGym high-level action
     names; keep them inside the env's `action_subsets`)."""
@@ -103,6 +112,10 @@ class RolloutConfig:
             raise ValueError(f"rollout.on_failure must be one of {ON_FAILURE}, got {self.on_failure!r}")
         if self.max_group_reruns < 0:
             raise ValueError(f"rollout.max_group_reruns must be >= 0, got {self.max_group_reruns}")
+        if self.env_restart_budget < 0:
+            raise ValueError(f"rollout.env_restart_budget must be >= 0, got {self.env_restart_budget}")
+        if not (self.env_restart_window_s > 0 and self.env_restart_timeout_s > 0):
+            raise ValueError("rollout.env_restart_window_s and rollout.env_restart_timeout_s must be > 0")
         if "noop" not in self.allowed_actions and self.fallback_action.startswith("noop"):
             raise ValueError("rollout.allowed_actions must include 'noop' when the fallback is noop()")
         self.prompt.validate()

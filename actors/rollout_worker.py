@@ -30,6 +30,7 @@ import ray
 
 from actors.action_parser import ActionParser
 from actors.config import RolloutConfig
+from actors.env_servers import EnvServers, Slot
 from actors.episode import (
     GenerationBatcher,
     is_env_failure,
@@ -95,13 +96,7 @@ def _is_timeout(exc: BaseException) -> bool:
     return "timeout" in type(exc).__name__.lower() or "timed out" in str(exc).lower()
 
 
-@dataclass
-class _Slot:
-    """One env session: which server it talks to and its current client (None = reconnect)."""
-
-    index: int
-    url: str
-    session: ClientEnvSession | None = None
+_Slot = Slot  # one env session (actors/env_servers.py)
 
 
 @dataclass
@@ -121,6 +116,12 @@ class RolloutStats:
     groups_rerun: int = 0
     groups_in_flight: int = 0
     env_restarts: int = 0
+    """Env servers restarted (embedded or on an env-server host; a host actor recreated by Ray
+    counts once)."""
+    env_failovers: int = 0
+    """Sessions moved off a remote server found down to another server."""
+    env_failures: int = 0
+    """Episodes failed for their env server (each repaired: restart, fail-over or reconnect)."""
     parse_fallbacks: int = 0
     steps: int = 0
     engine_s: float = 0.0
@@ -158,10 +159,17 @@ class RolloutWorker:
         env_urls: Sequence[str] | None = None,
         env_url_tasks: Mapping[str, Sequence[str]] | None = None,
         trust_unreported_seed: bool = False,
+        env_host: Any = None,
+        env_failover_urls: Sequence[str] | None = None,
     ) -> None:
         """`env_url_tasks`: remote servers that serve only some tasks, {url: [qualified task]};
-        each episode then runs on a session to a server of its task (unlisted URLs serve all)."""
+        each episode then runs on a session to a server of its task (unlisted URLs serve all).
+        `env_host`: the env-server host actor behind `env_urls` (placement ray_actors), asked to
+        restart a failed server. `env_failover_urls`: remote servers a session may fail over to
+        when its own are down (actors/env_servers.py)."""
         rollout_config.validate()
+        self._env_host = env_host
+        self._failover_urls = list(env_failover_urls or [])
         self._url_tasks = {str(u): set(ts) for u, ts in (env_url_tasks or {}).items()}
         self._trust_unreported_seed = trust_unreported_seed
         self.worker_id = str(worker_id)
@@ -175,8 +183,7 @@ class RolloutWorker:
         self._lock = threading.Lock()  # guards _stats
         self._engine_lock = threading.Lock()  # generate vs update_weights
         self._engine_sleeps = 0
-        self._repair_lock = threading.Lock()  # one server restart at a time
-        self._pool = None
+        self._env: EnvServers | None = None
         self.engine = None
         self._batcher: GenerationBatcher | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -190,18 +197,12 @@ class RolloutWorker:
             raise
 
     def _start_env_sessions(self, env_urls: Sequence[str] | None, env_config: Any) -> None:
-        """The env servers (an embedded pool by default, remote URLs by configuration) and K
-        session slots spread over them (sessions inside one server run one at a time)."""
-        rollout_config = self.config
-        if env_urls:
-            urls = [str(u) for u in env_urls]
-        else:
-            from envs.browsergym.pool import EnvServerPool
-
-            self._pool = EnvServerPool(num_servers=rollout_config.num_sessions, env_config=env_config)
-            urls = list(self._pool.urls)
-        self._urls = urls
-        self._slots = [_Slot(i, urls[i % len(urls)]) for i in range(rollout_config.num_sessions)]
+        """The env servers (an embedded pool by default, an env-server host's or remote URLs by
+        configuration) and K session slots spread over them (sessions inside one server run one at
+        a time)."""
+        self._env = EnvServers(self.worker_id, self.config, env_config, env_urls, self._env_host, self._url_tasks,
+                               self._failover_urls, self._count)
+        self._slots = self._env.slots(self.config.num_sessions)
         self._free: queue.Queue[_Slot] = queue.Queue()
         for slot in self._slots:
             self._free.put(slot)
@@ -234,15 +235,24 @@ class RolloutWorker:
         A group in which an episode failed (env died or hung, timeout) is re-run up to
         `max_group_reruns` times when `on_failure == "rerun"`; otherwise, or when the reruns are
         used up, it is dropped: returned with its failed episodes marked (see `group_failed`) and
-        counted in `groups_dropped`. Every attempt is written to Parquet and the viewer.
+        counted in `groups_dropped`. Every attempt is written to Parquet and the viewer. Raises
+        `EnvServersGaveUp` when the env servers keep failing (rollout.env_restart_budget).
         """
         if num_generations < 1:
             raise ValueError(f"num_generations must be >= 1, got {num_generations}")
+        if self._env.fatal is not None:
+            raise self._env.fatal
         reruns = 0
         started_at = time.time()
         while True:
             group = self._run_group_once(task, int(seed), int(num_generations))
             failed = group_failed(group)
+            if self._env.fatal is not None:  # env servers keep dying: the run must stop, not retry
+                with self._lock:
+                    self._stats.groups_in_flight -= 1
+                    self._stats.groups_dropped += 1
+                self._record(group)
+                raise self._env.fatal
             with self._lock:
                 self._stats.groups_in_flight -= 1
                 if not failed:
@@ -315,9 +325,7 @@ class RolloutWorker:
 
     def env_server_pids(self) -> list[int | None]:
         """PIDs of the embedded env server processes (None for remote servers)."""
-        if self._pool is None:
-            return [None] * len(self._slots)
-        return list(self._pool.pids)
+        return self._env.pids() if self._env is not None else []
 
     def stats(self) -> dict[str, Any]:
         """Counters (they always balance), timings and the engine's batching figures."""
@@ -360,11 +368,8 @@ class RolloutWorker:
                 self.engine.close()
             finally:
                 self.engine = None
-        if self._pool is not None:
-            try:
-                self._pool.close()
-            finally:
-                self._pool = None
+        if self._env is not None:
+            self._env.close()
 
     def __enter__(self) -> "RolloutWorker":
         return self
@@ -416,26 +421,9 @@ class RolloutWorker:
             s.env_s += sum(st.env_s for st in traj.steps)
         return traj
 
-    def _route(self, slot: _Slot, task: str) -> None:
-        """Points the slot at a server that serves `task` (remote servers with fixed tasks): kept
-        if its server does, else moved to the serving server with the fewest of our sessions."""
-        if not self._url_tasks:
-            return
-        serving = [u for u in self._urls if u not in self._url_tasks or task in self._url_tasks[u]]
-        if not serving:
-            raise ValueError(f"no env server serves task {task!r} (cluster.env_server_tasks: {self._url_tasks})")
-        if slot.url in serving:
-            return
-        with self._repair_lock:
-            load = {u: sum(s.url == u for s in self._slots) for u in serving}
-            if slot.session is not None:
-                slot.session.close()
-                slot.session = None
-            slot.url = min(serving, key=lambda u: load[u])
-
     def _episode_on_slot(self, slot: _Slot, task: str, seed: int, episode_id: str, group_id: str) -> Trajectory:
         cfg = self.config
-        self._route(slot, task)
+        self._env.route(slot, self._slots, task)
         if slot.session is None:
             try:
                 slot.session = ClientEnvSession(slot.url, cfg.connect_timeout_s, cfg.step_timeout_s,
@@ -464,22 +452,16 @@ class RolloutWorker:
         with self._lock:
             self._stats.browser_recycles += 1
 
-    def _repair(self, slot: _Slot, reason: str) -> None:
-        """Drops the session's client and replaces its env server (embedded pool) so the next
-        episode on this session starts on a healthy one."""
-        if slot.session is not None:
-            slot.session.close()
-            slot.session = None
-        if self._pool is None:
-            log.warning("worker %s: remote env %s failed (%s); will reconnect", self.worker_id, slot.url, reason)
-            return
-        server_index = slot.index % len(self._pool.urls)
-        log.warning("worker %s: restarting env server %d (%s): %s", self.worker_id, server_index, slot.url, reason)
-        with self._repair_lock:
-            self._pool.restart(server_index)
-            slot.url = self._pool.urls[server_index]
+    def _count(self, counter: str) -> None:
+        """One env failure, restart or fail-over (`EnvServers` tells it)."""
         with self._lock:
-            self._stats.env_restarts += 1
+            setattr(self._stats, counter, getattr(self._stats, counter) + 1)
+
+    def _repair(self, slot: _Slot, reason: str) -> None:
+        """Drops the session's client and replaces its env server (restart, or fail-over for
+        remote servers; actors/env_servers.py) so the next episode on this session starts on a
+        healthy one."""
+        self._env.repair(slot, reason)
 
     def _record(self, group: TrajectoryGroup) -> None:
         if self._writer is not None:

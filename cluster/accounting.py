@@ -181,9 +181,12 @@ class Ledger:
     def __init__(self, sampler: Any, max_actor_failures: int,
                  log_event: Callable[[dict[str, Any]], None] = lambda record: None,
                  restart_budget: int = 0, restart_window_s: float = 3600.0,
-                 clock: Callable[[], float] = time.monotonic,
+                 clock: Callable[[], float] = time.monotonic, max_failed_in_a_row: int = 0,
                  learner_restart_budget: int = 0, learner_restart_window_s: float = 3600.0) -> None:
         self.sampler = sampler
+        self.max_failed_in_a_row = max_failed_in_a_row
+        """Failed groups one after another before the run stops (0: no limit)."""
+        self.failed_in_a_row = 0
         self.max_actor_failures = max_actor_failures
         self.log_event = log_event
         self.worker_restarts = 0
@@ -208,7 +211,14 @@ class Ledger:
         finished = Finished(meta, ref, instance)
         if meta.failed:
             self.drop("failed_group", finished)
+            self.failed_in_a_row += 1
+            if self.max_failed_in_a_row and self.failed_in_a_row >= self.max_failed_in_a_row:
+                reason = next((e.failure_reason for e in meta.episodes if e.failure_reason), "")
+                raise TrainingError(
+                    f"{self.failed_in_a_row} groups in a row failed (cluster.max_failed_groups_in_a_row); nothing "
+                    f"is being trained. Last: {meta.task} seed {meta.seed}: {reason[:500]}")
             return None
+        self.failed_in_a_row = 0
         return finished
 
     def drop(self, reason: str, finished: Finished) -> None:
@@ -328,7 +338,7 @@ class Ledger:
 
 
 WORKER_COUNTERS = ("episodes_started", "episodes_finished", "episodes_truncated", "episodes_failed", "steps",
-                   "env_restarts", "engine_calls", "engine_sleeps", "browser_recycles",
+                   "env_restarts", "env_failovers", "env_failures", "engine_calls", "engine_sleeps", "browser_recycles",
                    "weight_updates", "weight_update_idle_s", "weight_update_reprefill_tokens")
 
 
@@ -365,7 +375,9 @@ class StepFigures:
             "episodes_trained": float(lm.get("episodes", n)),
             "episodes_dropped": 0.0,
             "env_steps": delta["steps"],
-            "env_failures": delta["env_restarts"],
+            "env_failures": delta["env_failures"],  # episodes failed for their env server
+            "env_restarts": delta["env_restarts"],  # env servers restarted (or their host recreated)
+            "env_failovers": delta["env_failovers"],  # remote sessions moved off a server found down
             "actor_failures": 0.0,
             "engine_sleeps": delta["engine_sleeps"],  # cluster.colocate: engines put to sleep this step
             "browser_recycles": delta["browser_recycles"],  # env.browser_max_episodes / _memory_mb relaunches

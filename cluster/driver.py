@@ -85,7 +85,8 @@ class Trainer:
                              restart_budget=config.cluster.worker_restart_budget,
                              restart_window_s=config.cluster.worker_restart_window_s,
                              learner_restart_budget=config.cluster.learner_restart_budget,
-                             learner_restart_window_s=config.cluster.learner_restart_window_s)
+                             learner_restart_window_s=config.cluster.learner_restart_window_s,
+                             max_failed_in_a_row=config.cluster.max_failed_groups_in_a_row)
         self.restarts_logged = 0
         """Worker restarts already in a step's `worker_restarts` figure."""
         self.learner_restarts_logged = 0
@@ -340,6 +341,9 @@ class Trainer:
             "accounting": merge_books([a["accounting"] for a in run["attempts"]]),
             **run,
             "learning": self._learning(run["eval_details"]),
+            # env servers restarted / failed over / episodes failed for them, replaced workers' included
+            **{k: sum(int(s.get(k, 0)) for s in stats + self.fleet.retired_stats)
+               for k in ("env_restarts", "env_failovers", "env_failures")},
             "mode": self.config.cluster.mode,
             "max_staleness": self.config.cluster.max_staleness,
             **{k: sum(a[k] for a in run["attempts"]) for k in ("wall_s", "train_wall_s", "learner_busy_s")},

@@ -165,7 +165,9 @@ class Fleet:
             from cluster.placement import remote_env_servers
 
             env_urls, url_tasks = remote_env_servers(cfg.cluster)
-            return env_urls, {"env_url_tasks": url_tasks, "trust_unreported_seed": cfg.cluster.env_server_trust_seed}
+            # Every configured server is a fail-over target of every worker (its own come first).
+            return env_urls, {"env_url_tasks": url_tasks, "trust_unreported_seed": cfg.cluster.env_server_trust_seed,
+                              "env_failover_urls": list(cfg.cluster.env_server_urls)}
         return env_urls, {}
 
     def start_workers(self) -> None:
@@ -179,12 +181,15 @@ class Fleet:
 
     def new_worker(self, i: int) -> Any:
         """Rollout worker i as built at start-up: same name, placement bundle, engine and env
-        servers (a restart builds the same one again)."""
+        servers (a restart builds the same one again). With env-server hosts it gets its host's
+        handle, to have a failed server restarted there."""
         from actors.rollout_worker import RolloutWorkerActor
 
         cfg = self.config
+        host = self.env_hosts[i] if cfg.cluster.env_placement == "ray_actors" else None
         return RolloutWorkerActor.options(**self.placement.rollout_options(i)).remote(
-            f"w{i}", cfg.rollout, self.engine_cfg, cfg.env, str(self.run_dir), self.env_urls[i], **self.env_routing
+            f"w{i}", cfg.rollout, self.engine_cfg, cfg.env, str(self.run_dir), self.env_urls[i], **self.env_routing,
+            env_host=host,
         )
 
     def restart_worker(self, i: int) -> dict[str, Any]:
@@ -199,9 +204,24 @@ class Fleet:
             pass
         retired = dict(self.last_stats.pop(i, {}))
         self.retired_stats.append(retired)
+        self.reclaim_env_sessions(i)
         self.workers[i] = self.new_worker(i)
         ray.get(self.workers[i].get_policy_version.remote(), timeout=600)
         return retired
+
+    def reclaim_env_sessions(self, i: int) -> None:
+        """Env-server hosts: worker i's servers are restarted before its replacement starts, so the
+        sessions its dead predecessor left open (a lost node never closes its connections) do not
+        fill them up (`env.max_sessions`). A host that cannot do it now is left to the new worker's
+        repairs (its first episodes fail, counted, and the server is restarted then)."""
+        import ray
+
+        if self.config.cluster.env_placement != "ray_actors":
+            return
+        try:
+            self.env_urls[i] = ray.get(self.env_hosts[i].restart_all.remote(), timeout=self.config.rollout.env_restart_timeout_s)
+        except Exception as e:  # noqa: BLE001
+            log.warning("env servers of w%d not restarted for its replacement: %s", i, e)
 
     def start_eval_worker(self, rollout: Any) -> Any:
         """The evaluation worker (built once): its own GPU share when engines use GPUs (a vLLM
@@ -210,9 +230,11 @@ class Fleet:
         from actors.rollout_worker import RolloutWorkerActor
 
         if self.eval_worker is None:
+            urls = self.eval_env_urls()
+            host = self.env_hosts[-1] if self.config.cluster.env_placement == "ray_actors" else None
             self.eval_worker = RolloutWorkerActor.options(num_cpus=0, num_gpus=self.config.cluster.rollout_num_gpus).remote(
-                "eval", rollout, self.engine_cfg, self.config.env, str(self.run_dir / "eval"), self.eval_env_urls(),
-                **self.env_routing,
+                "eval", rollout, self.engine_cfg, self.config.env, str(self.run_dir / "eval"), urls,
+                **self.env_routing, env_host=host,
             )
         return self.eval_worker
 
@@ -425,6 +447,12 @@ class RayRollouts:
             meta = ray.get(handle, timeout=self.group_timeout_s)
         except ray.exceptions.RayActorError as e:  # the actor is gone (ActorDiedError), not a failed group
             raise WorkerDied(str(e)) from e
+        except ray.exceptions.RayTaskError as e:
+            from actors.env_servers import EnvServersGaveUp
+
+            if isinstance(e.cause, EnvServersGaveUp):  # env servers keep dying: retrying cannot help
+                raise TrainingError(str(e.cause)) from e
+            raise GroupLost(str(e)) from e
         except (ray.exceptions.RayError, TimeoutError) as e:
             raise GroupLost(str(e)) from e
         self.returned_by[worker] += meta.num_episodes

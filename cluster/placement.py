@@ -8,7 +8,9 @@ Two placement groups:
 With `cluster.colocate` there is one group instead: bundle i holds learner rank i and rollout
 worker i together ({CPU and GPU of both}), so the two share one GPU.
 Env-server hosts (env_placement = ray_actors) are CPU-only actors outside the groups, scheduled
-with Ray's SPREAD strategy, so browsers land on whichever nodes have CPUs.
+with Ray's SPREAD strategy, so browsers land on whichever nodes have CPUs (and the custom resources
+of `cluster.env_host_resources`, to pin them to browser nodes). Ray restarts a host that died, on
+any node that has room (`max_restarts`); the workers bound how often (rollout.env_restart_budget).
 
 Actors never pick their own resources: the driver asks this module for `.options(...)`.
 """
@@ -114,14 +116,19 @@ class Placement:
         }
 
     def env_host_options(self, num_servers: int | None = None) -> dict[str, Any]:
-        """CPU-only, spread over the nodes (outside the GPU placement groups); `num_servers`
-        defaults to a rollout worker's `env_servers_per_worker`."""
+        """CPU-only, spread over the nodes (outside the GPU placement groups), restarted by Ray
+        when it dies (its rollout workers count and bound that); `num_servers` defaults to a rollout
+        worker's `env_servers_per_worker`."""
         servers = self.config.env_servers_per_worker if num_servers is None else num_servers
-        return {
+        options: dict[str, Any] = {
             "num_cpus": self.config.env_server_num_cpus * servers,
             "num_gpus": 0,
             "scheduling_strategy": "SPREAD",
+            "max_restarts": -1,
         }
+        if self.config.env_host_resources:
+            options["resources"] = {k: float(v) for k, v in self.config.env_host_resources.items()}
+        return options
 
     def remove(self) -> None:
         for pg in self._groups():
@@ -146,6 +153,14 @@ def check_resources(config: ClusterConfig, eval_gpus: float = 0.0, eval_cpus: fl
             f"but the cluster has {total.get('GPU', 0):g}; lower cluster.*_num_gpus (0 = CPU) or turn "
             "evaluation off (eval.every_steps 0, eval.at_end false)"
         )
+    if config.env_placement == "ray_actors":
+        hosts = config.num_rollout_workers + (1 if eval_cpus else 0)
+        for name, amount in config.env_host_resources.items():
+            if hosts * amount > total.get(name, 0):
+                raise PlacementError(
+                    f"the env-server hosts need {hosts * amount:g} of resource {name!r} "
+                    f"(cluster.env_host_resources, {hosts} hosts) but the cluster has {total.get(name, 0):g}; "
+                    f"start browser nodes with `ray start --resources '{{\"{name}\": N}}'`")
     if need_cpu > total.get("CPU", 0):
         raise PlacementError(
             f"the run needs {need_cpu:g} CPUs but the cluster has {total.get('CPU', 0):g}; lower "

@@ -61,6 +61,11 @@ class ClusterConfig:
     so parallelism comes from processes)."""
     env_server_num_cpus: float = 1.0
     """CPUs reserved per env-server Ray actor (env_placement = ray_actors)."""
+    env_host_resources: dict[str, float] = field(default_factory=dict)
+    """env_placement ray_actors: custom Ray resources each env-server host actor asks for, e.g.
+    {browsers: 1}: the hosts then run only on nodes started with that resource (`ray start
+    --resources '{"browsers": 8}'`), and a host lost with its node is recreated on another such
+    node (added later, if none is left). Empty: any node with CPUs."""
     env_server_urls: list[str] = field(default_factory=list)
     """Base URLs of existing env servers (env_placement = remote), dealt round-robin to workers."""
     env_server_tasks: dict[str, list[str]] = field(default_factory=dict)
@@ -112,6 +117,10 @@ class ClusterConfig:
     (the NCCL group would have to be re-formed): there a dead learner ends the run."""
     learner_restart_window_s: float = 3600.0
     """The sliding time window, in seconds, over which learner_restart_budget counts restarts."""
+    max_failed_groups_in_a_row: int = 20
+    """Groups returned failed (after their re-runs) one after another, with no good group in
+    between, before the run stops with an error: the env servers or engines fail every episode
+    (e.g. every remote server down), and the run would otherwise go on dropping groups forever."""
     shutdown_timeout_s: float = 30.0
     """How long shutdown waits for each actor to close its engine and browsers before killing it."""
     colocate: bool = False
@@ -161,6 +170,11 @@ class ClusterConfig:
             raise ConfigError(f"cluster.max_actor_failures must be >= 0, got {self.max_actor_failures}")
         if self.worker_restart_budget < 0:
             raise ConfigError(f"cluster.worker_restart_budget must be >= 0, got {self.worker_restart_budget}")
+        if self.max_failed_groups_in_a_row < 1:
+            raise ConfigError(f"cluster.max_failed_groups_in_a_row must be >= 1, got {self.max_failed_groups_in_a_row}")
+        for name, amount in self.env_host_resources.items():
+            if amount <= 0 or name in ("CPU", "GPU"):
+                raise ConfigError(f"cluster.env_host_resources: {name!r} must be a custom resource with an amount > 0")
         if self.worker_restart_window_s <= 0:
             raise ConfigError(f"cluster.worker_restart_window_s must be > 0, got {self.worker_restart_window_s}")
         if self.learner_restart_budget < 0:
