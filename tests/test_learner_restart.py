@@ -89,8 +89,9 @@ def test_a_learner_death_past_the_budget_prints_the_resume_line(ray_cluster, tmp
 
     # `bgrpo train` itself, with the kill hooked into its run (main has no hook of its own)
     monkeypatch.setattr(driver, "train", functools.partial(driver.train, on_step=kill_after_step_1))
-    monkeypatch.setattr(driver, "parse_cli", lambda argv: type("CL", (), {
-        "help": False, "dry_run": False, "config": cfg, "resume": None, "preset": "local"})())
+    from cluster.config.command_line import CommandLine
+
+    monkeypatch.setattr(driver, "parse_cli", lambda argv: CommandLine(config=cfg, preset="local"))
     assert driver.main([]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     line = err[-1]
