@@ -57,7 +57,7 @@ def _check_failed_then_rerun(summary: dict, run_dir, steps: int = 2) -> None:
         for t in g.trajectories:
             if t.status == FAILED:
                 assert t.failure_reason.startswith(("env_error", "env_timeout")), t.failure_reason
-                assert t.episode_return == 0.0 and not t.success and not t.trainable
+                assert t.episode_return is None and not t.success and not t.trainable
                 assert all(s.reward == 0.0 for s in t.steps)
         reruns = [r for r in groups if (r.task, r.seed) == (g.task, g.seed)
                   and all(t.status != FAILED for t in r.trajectories)]
