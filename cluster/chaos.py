@@ -4,17 +4,21 @@ table of what the run did about each.
     python -m cluster.chaos [--chaos-seed 0] [--chaos-kinds chromium,env_server,worker,learner] \
         [--chaos-out FILE.json] [bgrpo train arguments: --config local --cluster.total_steps 8 ...]
 
-Each kind is injected once, after a step chosen by the seed and a delay (0-2 s) into the next one,
-so the kill lands while groups are being collected or the learner trains:
-  - chromium:   SIGKILL of the top Chromium process of one env server (the server relaunches it);
-  - env_server: SIGKILL of one env server process (the rollout worker's pool restarts it);
+Each kind is injected once, one at a time, in a seeded order: the first after a seeded early step,
+each next one after the step in which the run booked its predecessor's recovery (the kind's
+counter in that step's metrics record: `env_restarts`/`env_failovers`, `worker_restarts`,
+`learner_restarts`), so no kill is absorbed by another's recovery. Each lands a seeded 0-2 s into
+a step, while groups are being collected or the learner trains:
+  - chromium:   SIGKILL of the top Chromium process of one env server;
+  - env_server: SIGKILL of one env server process;
   - worker:     SIGKILL of one rollout worker's process (the driver starts a replacement);
   - learner:    SIGKILL of learner rank 0's process (the driver recovers it from a checkpoint).
 The table has, per kind: how many were injected, the time to recover (from the kill to the end of
-the next training step that finished after it: training made progress again), the episodes that
-failed in that step (a failed episode is never trained: its group is collected again), and the
-episodes dropped under the reason the kind's recovery books. The run's own books (summary.json)
-must still balance: the caller checks them.
+the step that booked the recovery: the failure was handled and training made progress again),
+the episodes that failed in that step (a failed episode is never trained: its group is collected
+again), and the episodes dropped under the reason the kind's recovery books. A kill whose
+recovery is not booked within MAX_WAIT_STEPS steps is reported as not recovered and the next kind
+goes on. The run's own books (summary.json) must still balance: the caller checks them.
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ log = logging.getLogger(__name__)
 
 KINDS = ("chromium", "env_server", "worker", "learner")
 MAX_DELAY_S = 2.0
+MAX_WAIT_STEPS = 3
+# The step-record counters in which the run books each kind's recovery.
+BOOKED_IN = {"chromium": ("env_restarts", "env_failovers"), "env_server": ("env_restarts", "env_failovers"),
+             "worker": ("worker_restarts",), "learner": ("learner_restarts",)}
 
 
 @dataclass
@@ -47,18 +55,25 @@ class Injection:
     target: str = ""
     error: str = ""
     """Why nothing was killed (no such process at that moment), if so."""
+    booked_step: int | None = None
+    """The step whose metrics record booked the recovery (None: not within MAX_WAIT_STEPS)."""
+    recover_s: float | None = None
+    episodes_failed: int = 0
 
 
-def plan(kinds: list[str], total_steps: int, seed: int) -> list[Injection]:
-    """One injection per kind, after a seeded step in [1, total_steps - 2] (so that at least one
-    step follows the recovery), in a seeded order; two kinds never share a step when there is room."""
-    if total_steps < 3:
-        raise ValueError("a chaos run needs cluster.total_steps >= 3")
+def plan(kinds: list[str], seed: int) -> list[Injection]:
+    """The kinds in a seeded order, the first after step 1 or 2, each with a seeded delay."""
     rng = random.Random(seed)
-    steps = list(range(1, total_steps - 1))
-    rng.shuffle(steps)
-    return [Injection(kind, steps[i % len(steps)], round(rng.uniform(0.0, MAX_DELAY_S), 2))
-            for i, kind in enumerate(kinds)]
+    order = list(kinds)
+    rng.shuffle(order)
+    return [Injection(kind, rng.choice((1, 2)) if i == 0 else 0, round(rng.uniform(0.0, MAX_DELAY_S), 2))
+            for i, kind in enumerate(order)]
+
+
+def min_steps(kinds: list[str]) -> int:
+    """Steps a chaos run needs: the first kill after step 2 at the latest, each kill booked within
+    two steps usually, and a step after the last one."""
+    return 2 + 2 * len(kinds) + 1
 
 
 def _actor_pid(handle: Any) -> int:
@@ -112,21 +127,46 @@ def _target(kind: str, trainer: Any, rng: random.Random) -> tuple[int | None, st
 
 @dataclass
 class ChaosMonkey:
-    """The `on_step` hook of a run: schedules each planned kill, and records when steps end."""
+    """The `on_step` hook of a run: one kill at a time, the next once the last one's recovery is
+    booked in a step's metrics record."""
 
     injections: list[Injection]
     seed: int = 0
     step_ends: list[tuple[int, float]] = field(default_factory=list)
+    _next: int = 0
+    _waiting: Injection | None = None
+    _waited: int = 0
     _timers: list[threading.Timer] = field(default_factory=list)
 
     def __call__(self, trainer: Any, step: int) -> None:
-        self.step_ends.append((step, time.time()))
-        for inj in self.injections:
-            if inj.after_step == step and not inj.at:
+        now = time.time()
+        self.step_ends.append((step, now))
+        if self._waiting is not None:
+            self._check_booked(self._waiting, _step_record(trainer.run_dir, step), step, now)
+        if self._waiting is None and self._next < len(self.injections):
+            inj = self.injections[self._next]
+            if step >= inj.after_step:
+                inj.after_step = step
+                self._next += 1
+                self._waiting, self._waited = inj, 0
                 timer = threading.Timer(inj.delay_s, self._inject, (trainer, inj))
                 timer.daemon = True
                 self._timers.append(timer)
                 timer.start()
+
+    def _check_booked(self, inj: Injection, record: dict[str, Any], step: int, now: float) -> None:
+        if inj.error:  # nothing was killed: move on
+            self._waiting = None
+            return
+        if not inj.at:  # the kill has not happened yet (its delay runs into the next step)
+            return
+        self._waited += 1
+        if any(record.get(k, 0) for k in BOOKED_IN[inj.kind]):
+            inj.booked_step, inj.recover_s = step, round(now - inj.at, 1)
+            inj.episodes_failed = int(record.get("episodes_failed", 0))
+            self._waiting = None
+        elif self._waited >= MAX_WAIT_STEPS:
+            self._waiting = None
 
     def _inject(self, trainer: Any, inj: Injection) -> None:
         rng = random.Random(f"{self.seed}-{inj.kind}")
@@ -152,25 +192,29 @@ DROP_REASON = {"chromium": "rerun_attempt", "env_server": "rerun_attempt", "work
                "learner": "learner_recovered"}
 
 
-def fault_table(monkey: ChaosMonkey, records: list[dict[str, Any]], dropped: dict[str, int]) -> list[dict[str, Any]]:
-    """Per kind: count, seconds to recover, episodes failed in the step that recovered, and the
-    episodes dropped (to be collected again) under the kind's reason. Two kinds share the
+def fault_table(monkey: ChaosMonkey, dropped: dict[str, int]) -> list[dict[str, Any]]:
+    """Per kind: count, seconds to recover, episodes failed in the step that booked the recovery,
+    and the episodes dropped (to be collected again) under the kind's reason. Two kinds share the
     "rerun_attempt" reason, so for those the dropped figure is the run's total for both."""
-    failed_by_step = {int(r["step"]): float(r.get("episodes_failed", 0.0)) for r in records
-                      if "policy_version" in r and "event" not in r}
     rows: dict[str, dict[str, Any]] = {}
     for inj in monkey.injections:
         row = rows.setdefault(inj.kind, {"kind": inj.kind, "injected": 0, "recover_s": [], "episodes_failed": 0,
                                          "dropped_reason": DROP_REASON[inj.kind],
                                          "episodes_dropped": int(dropped.get(DROP_REASON[inj.kind], 0))})
-        if not inj.at:
-            continue
-        row["injected"] += 1
-        after = [(s, t) for s, t in monkey.step_ends if t > inj.at]
-        if after:
-            row["recover_s"].append(round(after[0][1] - inj.at, 1))
-            row["episodes_failed"] += int(failed_by_step.get(after[0][0], 0.0))
+        if inj.at:
+            row["injected"] += 1
+        if inj.recover_s is not None:
+            row["recover_s"].append(inj.recover_s)
+            row["episodes_failed"] += inj.episodes_failed
     return list(rows.values())
+
+
+def _step_record(run_dir: Any, step: int) -> dict[str, Any]:
+    """The metrics record of `step` (written before the step hook runs)."""
+    from cluster.metrics import read_metrics
+
+    rows = [r for r in read_metrics(run_dir) if r.get("step") == step and "policy_version" in r and "event" not in r]
+    return rows[-1] if rows else {}
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -187,17 +231,18 @@ def run(argv: list[str], kinds: list[str], seed: int) -> dict[str, Any]:
     """A whole chaos run: train with the monkey as the step hook; returns summary, injections, table."""
     from cluster import driver
     from cluster.config import parse_cli
-    from cluster.metrics import read_metrics
 
     cl = parse_cli(argv)
-    monkey = ChaosMonkey(plan(kinds, cl.config.cluster.total_steps, seed), seed)
+    if cl.config.cluster.total_steps < min_steps(kinds):
+        raise ValueError(f"a chaos run of {len(kinds)} kinds needs cluster.total_steps >= {min_steps(kinds)}")
+    monkey = ChaosMonkey(plan(kinds, seed), seed)
     try:
         summary = driver.train(cl.config, cl.resume or None, resume=cl.resume is not None, preset=cl.preset,
                                on_step=monkey)
     finally:
         monkey.cancel()
     run_dir = cl.config.cluster.run_dir
-    table = fault_table(monkey, read_metrics(run_dir), summary["accounting"]["dropped"])
+    table = fault_table(monkey, summary["accounting"]["dropped"])
     return {"run_dir": run_dir, "summary": summary, "injections": [asdict(i) for i in monkey.injections],
             "table": table}
 

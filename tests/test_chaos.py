@@ -14,9 +14,7 @@ import pytest
 
 from cluster import chaos
 
-pytestmark = [pytest.mark.slow, pytest.mark.browser]
-
-STEPS = 6
+STEPS = chaos.min_steps(list(chaos.KINDS))
 
 
 def _chaos_args(run_dir) -> list[str]:
@@ -41,6 +39,8 @@ def _env_processes() -> set[int]:
     return found
 
 
+@pytest.mark.slow
+@pytest.mark.browser
 def test_a_run_survives_chromium_env_server_worker_and_learner_kills(ray_cluster, tmp_path):
     import pyarrow.parquet as pq
 
@@ -49,6 +49,9 @@ def test_a_run_survives_chromium_env_server_worker_and_learner_kills(ray_cluster
     summary, injections = result["summary"], result["injections"]
 
     assert summary["steps"] == STEPS and summary["learner_version"] >= STEPS
+    # one at a time: each kill after the step that booked the previous one's recovery
+    kills = sorted(injections, key=lambda i: i["at"])
+    assert all(a["booked_step"] is not None and a["booked_step"] <= b["after_step"] for a, b in zip(kills, kills[1:]))
     done = {i["kind"]: i for i in injections}
     assert set(done) == set(chaos.KINDS)
     for kind, inj in done.items():
@@ -67,3 +70,40 @@ def test_a_run_survives_chromium_env_server_worker_and_learner_kills(ray_cluster
 
     leftovers = _env_processes() - before  # env servers and browsers of killed workers included
     assert not leftovers, {p: psutil.Process(p).cmdline()[:3] for p in leftovers if psutil.pid_exists(p)}
+
+
+def test_the_next_kill_waits_until_the_last_ones_recovery_is_booked(tmp_path, monkeypatch):
+    """The sequencing alone, on a written metrics file and no processes: a kill is booked by the
+    first step record with its kind's counter; until then no other kill is scheduled; a kill
+    never booked is given up after MAX_WAIT_STEPS steps."""
+    import json
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    trainer = type("T", (), {"run_dir": run_dir})()
+    injected: list[str] = []
+    monkeypatch.setattr(chaos.threading, "Timer", lambda delay, fn, args: type("Now", (), {
+        "daemon": False, "start": lambda self: fn(*args), "cancel": lambda self: None})())
+    monkeypatch.setattr(chaos, "_target", lambda kind, trainer, rng: (10 ** 7, kind))
+    monkeypatch.setattr(chaos.os, "kill", lambda pid, sig: injected.append(pid))
+    plan = [chaos.Injection("worker", 1, 0.0), chaos.Injection("learner", 0, 0.0), chaos.Injection("env_server", 0, 0.0)]
+    monkey = chaos.ChaosMonkey(plan)
+    counters = {2: {}, 3: {"worker_restarts": 1.0, "episodes_failed": 2.0}, 4: {}, 5: {}, 6: {}, 7: {}, 8: {}}
+
+    def end_step(step):
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "policy_version": step, **counters.get(step, {})}) + "\n")
+        monkey(trainer, step)
+
+    end_step(1)
+    assert [i.kind for i in plan if i.at] == ["worker"]
+    end_step(2)  # not booked yet: nothing new
+    assert [i.kind for i in plan if i.at] == ["worker"]
+    end_step(3)  # booked: the learner's kill goes
+    assert plan[0].booked_step == 3 and plan[0].episodes_failed == 2 and plan[1].at and not plan[2].at
+    for step in (4, 5, 6):  # the learner's kill is never booked: given up after MAX_WAIT_STEPS
+        end_step(step)
+    assert plan[1].booked_step is None and plan[2].at and plan[2].after_step == 6
+    rows = {r["kind"]: r for r in chaos.fault_table(monkey, {"worker_died": 4})}
+    assert rows["worker"]["injected"] == 1 and rows["worker"]["episodes_dropped"] == 4
+    assert rows["learner"]["injected"] == 1 and rows["learner"]["recover_s"] == []
