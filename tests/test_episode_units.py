@@ -90,10 +90,11 @@ def test_finished_episode_records_every_step_and_its_shaped_return():
     assert (s.temperature, s.top_k, s.top_p) == (0.7, 5, 0.9)
     # The screenshot goes with the prompt (include_screenshot is on by default) and is recorded.
     assert len(s.images) == 1 and s.images == engine.requests[2].images and s.images[0][:4] == b"\x89PNG"
-    # Each step's time is its own call's: the engine's includes the scripted delay, the env's not.
-    assert all(0.05 <= x.engine_s < 5 for x in traj.steps)
-    assert all(0 < x.env_s < 0.05 for x in traj.steps)
-    assert 0.15 <= traj.wall_s < 10
+    # Each step's time is its own call's: the engine's includes the scripted delay, and the parts
+    # fit inside the episode's wall time (lower bounds and sums only: no bound depends on how fast
+    # this machine is).
+    assert all(x.engine_s >= 0.05 and x.env_s > 0 for x in traj.steps)
+    assert traj.wall_s >= sum(x.engine_s + x.env_s for x in traj.steps) >= 0.15
     # Return: sum of (reward - step penalty - invalid penalty where the parser fell back).
     assert traj.episode_return == pytest.approx(-0.1 + (-0.1 - 0.5) + (1.0 - 0.1))
     # The third prompt numbers its step and carries the history of the first two.
@@ -185,9 +186,9 @@ class Broken(RecordedSession):
 def test_env_failures_fail_the_episode_with_their_kind(env, is_timeout, reason):
     kw = {"is_timeout": is_timeout} if is_timeout else {}
     traj = _run(env(), Scripted(["scroll(0, 1)"] * 4), **kw)
-    assert (traj.status, traj.failure_reason, traj.episode_return) == (FAILED, reason, 0.0)
+    assert (traj.status, traj.failure_reason, traj.episode_return) == (FAILED, reason, None)  # no return: never scored
     assert is_env_failure(traj)
-    assert 0 < traj.wall_s < 5
+    assert traj.wall_s > 0
 
 
 def test_engine_failure_and_episode_timeout_are_not_env_failures(caplog):
@@ -285,7 +286,7 @@ def test_prompts_arriving_while_engine_busy_share_the_next_call():
         assert [g.text for g in first + rest] == ["a", "b", "c", "d"]  # each caller gets its own answer
         assert engine.sampling == [sampling, sampling]
         assert (b.stats.calls, b.stats.requests, b.stats.max_batch) == (2, 4, 3)
-        assert 0 < b.stats.busy_s < 10 and b.waiting() == 0
+        assert b.stats.busy_s > 0 and b.waiting() == 0
     finally:
         b.close()
 
@@ -305,7 +306,7 @@ def test_a_refused_request_fails_only_its_own_episode():
         assert texts == {"ok1", "ok2", "error: refused bad"}
         assert len(engine.calls) == 4 and all(len(c) == 1 for c in engine.calls[1:])
         assert (b.stats.calls, b.stats.requests, b.stats.max_batch) == (4, 6, 3)
-        assert 4 * 0.03 <= b.stats.busy_s < 10  # the time of every call, the failed one included
+        assert b.stats.busy_s >= 4 * 0.03  # the time of every call, the failed one included
     finally:
         b.close()
 
