@@ -132,17 +132,14 @@ class ChaosMonkey:
 
     injections: list[Injection]
     seed: int = 0
-    step_ends: list[tuple[int, float]] = field(default_factory=list)
     _next: int = 0
     _waiting: Injection | None = None
     _waited: int = 0
     _timers: list[threading.Timer] = field(default_factory=list)
 
     def __call__(self, trainer: Any, step: int) -> None:
-        now = time.time()
-        self.step_ends.append((step, now))
         if self._waiting is not None:
-            self._check_booked(self._waiting, _step_record(trainer.run_dir, step), step, now)
+            self._check_booked(self._waiting, _step_record(trainer.run_dir, step), step, time.time())
         if self._waiting is None and self._next < len(self.injections):
             inj = self.injections[self._next]
             if step >= inj.after_step:
