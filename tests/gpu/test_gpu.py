@@ -68,6 +68,20 @@ def gpu_ray():
     ray.shutdown()
 
 
+def _reference_logprobs(model, processor, gen, temperature: float = 1.0) -> torch.Tensor:
+    """Transformers' teacher-forced logprobs of `gen`'s completion tokens (one screenshot prompt)."""
+    from actors.engines.processing import image_inputs, mm_token_type_ids
+
+    ids = torch.tensor([gen.prompt_ids + gen.completion_ids], device="cuda")
+    extra = {k: v.cuda() for k, v in image_inputs(processor, [SCREENSHOT.read_bytes()]).items()}
+    extra["mm_token_type_ids"] = mm_token_type_ids(ids, model.config.image_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=ids, **extra).logits[0].float()
+    P = len(gen.prompt_ids)
+    logp = torch.log_softmax(logits[P - 1 : -1] / temperature, dim=-1)
+    return logp.gather(1, torch.tensor(gen.completion_ids, device="cuda")[:, None])[:, 0].cpu()
+
+
 def test_vllm_cuda_logprobs_match_transformers(tiny_vl_model):
     """vLLM (bf16, CUDA) logprobs vs a transformers teacher-forced pass over the same ids.
 
@@ -79,7 +93,7 @@ def test_vllm_cuda_logprobs_match_transformers(tiny_vl_model):
     """
     from actors.engine import SamplingSettings
     from actors.engines.config import EngineConfig
-    from actors.engines.processing import image_inputs, load_processor, mm_token_type_ids
+    from actors.engines.processing import load_processor
     from actors.engines.vllm_engine import VLLMEngine
     from transformers import AutoModelForImageTextToText
 
@@ -94,15 +108,7 @@ def test_vllm_cuda_logprobs_match_transformers(tiny_vl_model):
     model = AutoModelForImageTextToText.from_pretrained(str(tiny_vl_model), dtype=torch.bfloat16).cuda().eval()
     diffs = []
     for g in gens:
-        ids = torch.tensor([g.prompt_ids + g.completion_ids], device="cuda")
-        extra = {k: v.cuda() for k, v in image_inputs(processor, [SCREENSHOT.read_bytes()]).items()}
-        extra["mm_token_type_ids"] = mm_token_type_ids(ids, model.config.image_token_id)
-        with torch.no_grad():
-            logits = model(input_ids=ids, **extra).logits[0].float()
-        P = len(g.prompt_ids)
-        logp = torch.log_softmax(logits[P - 1 : -1] / temperature, dim=-1)
-        ref = logp.gather(1, torch.tensor(g.completion_ids, device="cuda")[:, None])[:, 0]
-        diffs.append((ref - torch.tensor(g.logprobs, device="cuda")).abs())
+        diffs.append((_reference_logprobs(model, processor, g, temperature) - torch.tensor(g.logprobs)).abs())
     d = torch.cat(diffs)
     print(f"vLLM vs transformers logprobs on CUDA: mean {d.mean():.4f} max {d.max():.4f} over {d.numel()} tokens")
     assert d.numel() > 0
@@ -284,7 +290,7 @@ def test_inflight_update_on_cuda_stamps_every_token(tiny_vl_model):
 
     from actors.engine import SamplingSettings
     from actors.engines.config import EngineConfig
-    from actors.engines.processing import image_inputs, load_processor, mm_token_type_ids
+    from actors.engines.processing import load_processor
     from actors.engines.vllm_engine import VLLMEngine
     from tests.test_engines import _perturbed
 
@@ -332,17 +338,7 @@ def test_inflight_update_on_cuda_stamps_every_token(tiny_vl_model):
     refs = {}
     for name, weights in (("old", state), ("new", new_state)):
         model.load_state_dict(weights, strict=False)
-        rows = []
-        for g in gens:
-            ids = torch.tensor([g.prompt_ids + g.completion_ids], device="cuda")
-            extra = {k: v.cuda() for k, v in image_inputs(processor, [SCREENSHOT.read_bytes()]).items()}
-            extra["mm_token_type_ids"] = mm_token_type_ids(ids, model.config.image_token_id)
-            with torch.no_grad():
-                logits = model(input_ids=ids, **extra).logits[0].float()
-            P = len(g.prompt_ids)
-            logp = torch.log_softmax(logits[P - 1 : -1], dim=-1)
-            rows.append(logp.gather(1, torch.tensor(g.completion_ids, device="cuda")[:, None])[:, 0].cpu())
-        refs[name] = rows
+        refs[name] = [_reference_logprobs(model, processor, g) for g in gens]
     d_new, d_old = [], []
     for i, g in enumerate(gens):
         n_old = g.token_versions.count(0)
