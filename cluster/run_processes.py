@@ -102,6 +102,8 @@ class RunProcesses:
 def cleanup(run_dir: str | os.PathLike, timeout_s: float = 15.0) -> list[dict[str, Any]]:
     """Stops what the run's earlier attempts left running (see the module docstring); returns the
     processes it stopped. Raises RunStillRunning while a recorded driver (not this process) runs."""
+    from actors.engines.config import RPC_DIR_PREFIX
+    from core.processes import remove_dead_owned_dirs
     from envs.browsergym.pool import remove_dead_pool_dirs
 
     record = _read(Path(run_dir))
@@ -121,6 +123,7 @@ def cleanup(run_dir: str | os.PathLike, timeout_s: float = 15.0) -> list[dict[st
         _kill(alive)
         time.sleep(0.2)
     remove_dead_pool_dirs()
+    remove_dead_owned_dirs(RPC_DIR_PREFIX)  # the killed engines' IPC sockets
     return list(stopped.values())
 
 

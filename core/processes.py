@@ -4,7 +4,11 @@ the PID still names the same process by its start time (Linux /proc). No role im
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 
 def start_time(pid: int) -> int | None:
@@ -37,3 +41,32 @@ def describe(pid: int) -> dict:
 
 def own_identity() -> dict:
     return describe(os.getpid())
+
+
+OWNER_FILE = "owner.json"
+
+
+def make_owned_dir(prefix: str) -> Path:
+    """A new folder `<tmp>/<prefix>*` recording its owner (this process: PID and start time) in
+    `owner.json`, so a later `remove_dead_owned_dirs(prefix)` can tell when a SIGKILLed owner
+    left it behind."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    (folder / OWNER_FILE).write_text(json.dumps(own_identity()))
+    return folder
+
+
+def remove_dead_owned_dirs(prefix: str, root: str | None = None) -> list[Path]:
+    """Removes the folders `<root or tmp>/<prefix>*` whose owner process is gone (killed before it
+    could remove them); returns them. A folder without an owner record (being created, or made by
+    an older version) is left alone."""
+    removed = []
+    for folder in Path(root or tempfile.gettempdir()).glob(f"{prefix}*"):
+        try:
+            owner = json.loads((folder / OWNER_FILE).read_text())
+            if same_process(int(owner["pid"]), owner["start"]):
+                continue
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed

@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+RPC_DIR_PREFIX = "bgrpo-vllm-ipc-"
+"""`<tmp>/bgrpo-vllm-ipc-*`: a process's vLLM IPC sockets (vllm_engine._use_private_rpc_dir); `bgrpo
+cleanup` and the next engine start remove those whose owner is gone."""
+
+
 @dataclass
 class EngineConfig:
     """How to build an inference engine (`actors.engines.create_engine`)."""

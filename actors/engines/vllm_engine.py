@@ -26,15 +26,18 @@ where `generate` steps the engine itself: vllm_stepper.py says how and why).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import threading
 from typing import Any, Mapping, Sequence
 
 import torch
 
+from core.processes import make_owned_dir, remove_dead_owned_dirs
 from actors.engine import ChatRequest, EngineError, Generation, InferenceEngine, SamplingSettings
-from actors.engines.config import EngineConfig, resolve_max_model_len
+from actors.engines.config import RPC_DIR_PREFIX, EngineConfig, resolve_max_model_len
 from actors.engines.shm_staging import StagingFile
 from actors.engines.update_gate import UpdateGate
 from actors.engines.vllm_stepper import SteppedGeneration, trim_stop
@@ -63,6 +66,21 @@ def _use_compile_cache(folder: str) -> None:
     root = os.path.expanduser(folder)
     for var, sub in (("VLLM_CACHE_ROOT", "vllm"), ("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton")):
         os.environ.setdefault(var, os.path.join(root, sub))
+
+
+def _use_private_rpc_dir() -> None:
+    """vLLM's processes talk over ZeroMQ IPC sockets it creates as `<tmp>/<uuid4>` and leaves behind
+    when an engine is killed (hundreds a day in /tmp on a test machine). This process's engines put
+    them into a folder of their own (`VLLM_RPC_BASE_PATH`, set once per process, before the first
+    engine, so every engine of the process agrees on it), removed at exit or, after a SIGKILL, by
+    the next engine start on the machine. A path the user set wins."""
+    if "VLLM_RPC_BASE_PATH" in os.environ:
+        return
+    for folder in remove_dead_owned_dirs(RPC_DIR_PREFIX):
+        log.info("removed %s: its vLLM engine process is gone", folder)
+    folder = make_owned_dir(RPC_DIR_PREFIX)
+    os.environ["VLLM_RPC_BASE_PATH"] = str(folder)
+    atexit.register(shutil.rmtree, folder, True)
 
 
 def _llm_kwargs(config: EngineConfig, vision_language: bool, on_cpu: bool, max_model_len: int) -> dict[str, Any]:
@@ -112,6 +130,7 @@ class VLLMEngine(InferenceEngine):
         self.config = config
         # Read by vLLM's CPU worker at start; must be set before the engine process is spawned.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.cpu_kv_cache_gib))
+        _use_private_rpc_dir()
         from vllm import LLM
 
         self.processor = load_processor(config.model)

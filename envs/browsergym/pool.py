@@ -24,14 +24,12 @@ SystemExit when nobody else handles it). A server whose parent dies shuts itself
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -42,7 +40,7 @@ from typing import Optional
 
 import requests
 
-from core.processes import own_identity, same_process
+from core.processes import make_owned_dir, remove_dead_owned_dirs
 from envs.browsergym.config import EnvConfig
 
 logger = logging.getLogger(__name__)
@@ -52,24 +50,12 @@ SERVER_TAG_VAR = "BGRPO_ENV_SERVER_TAG"
 _PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 _live_pools: "weakref.WeakSet[EnvServerPool]" = weakref.WeakSet()
 POOL_DIR_PREFIX = "bgrpo-env-pool-"
-OWNER_FILE = "owner.json"
 
 
 def remove_dead_pool_dirs(root: Optional[str] = None) -> list[Path]:
     """Removes the pool folders under `root` (the temporary folder) whose owner process is gone
-    (killed before its `close()`); returns them. A folder without an owner record (being created,
-    or made by an older version) is left alone."""
-    removed = []
-    for folder in Path(root or tempfile.gettempdir()).glob(f"{POOL_DIR_PREFIX}*"):
-        try:
-            owner = json.loads((folder / OWNER_FILE).read_text())
-            if same_process(int(owner["pid"]), owner["start"]):
-                continue
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        shutil.rmtree(folder, ignore_errors=True)
-        removed.append(folder)
-    return removed
+    (killed before its `close()`); returns them."""
+    return remove_dead_owned_dirs(POOL_DIR_PREFIX, root)
 
 
 class EnvServerStartError(RuntimeError):
@@ -170,8 +156,7 @@ class EnvServerPool:
         self.tag = tag or f"pool-{uuid.uuid4().hex[:12]}"
         for folder in remove_dead_pool_dirs():  # what a killed owner left (it could not close)
             logger.info("removed %s: its env pool's owner is gone", folder)
-        self.work_dir = Path(tempfile.mkdtemp(prefix=POOL_DIR_PREFIX))
-        (self.work_dir / OWNER_FILE).write_text(json.dumps(own_identity()))
+        self.work_dir = make_owned_dir(POOL_DIR_PREFIX)
         self.tmp_dir = self.work_dir / "tmp"
         """The servers' TMPDIR: Playwright's browser profiles land here, and go with the pool."""
         self.tmp_dir.mkdir()
