@@ -49,16 +49,17 @@ def test_stepped_call_equals_llm_generate(case: Case) -> None:
         assert s.token_versions == [version] * len(s.completion_ids) and s.policy_version == version
 
 
-def _post_update_after_first_tokens(case: Case, version: int, weights: dict, errors: list) -> threading.Thread:
-    """A thread that waits until every request of the running call has 3 tokens, then loads
-    `weights` as `version` (it returns once the load is done, mid-call)."""
+def post_update_mid_call(engine, version: int, weights: dict, errors: list) -> threading.Thread:
+    """A started thread that waits until every request of `engine`'s running call has 3 tokens,
+    then loads `weights` as `version` (it returns once the load is done, mid-call; errors go to
+    `errors`). tests/gpu uses it too."""
     def post() -> None:
         try:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
-                call = case.engine.current_call
+                call = engine.current_call
                 if call is not None and call.requests and min(call.tokens_so_far()) >= 3:
-                    case.engine.update_weights(version, weights)
+                    engine.update_weights(version, weights)
                     return
                 time.sleep(0.001)
             errors.append("the call never reached 3 tokens per request")
@@ -99,7 +100,7 @@ def test_update_lands_mid_call_with_exact_versions(case: Case) -> None:
     errors: list = []
     case.engine.weight_update = "in_flight"
     try:
-        thread = _post_update_after_first_tokens(case, new, new_state, errors)
+        thread = post_update_mid_call(case.engine, new, new_state, errors)
         gens = case.engine.generate(requests, SamplingSettings(temperature=1.0, max_new_tokens=MAX_NEW_TOKENS))
         thread.join(timeout=120)
         assert not errors, errors

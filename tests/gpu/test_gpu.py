@@ -276,23 +276,41 @@ def test_nccl_sync_timeout_keeps_previous_version(gpu_ray, tiny_vl_model, reques
     assert all(g.policy_version == 0 for g in gens)
 
 
+def _version_logprob_gaps(model_path, gens, old_state: dict, new_state: dict):
+    """|engine logprob - reference| of every token against the weights its version names (v0: old,
+    v1: new), and of the v1 tokens against the old weights (what a wrong stamp would match)."""
+    from transformers import AutoModelForImageTextToText
+
+    from actors.engines.processing import load_processor
+
+    processor = load_processor(model_path)
+    model = AutoModelForImageTextToText.from_pretrained(str(model_path), dtype=torch.bfloat16).cuda().eval()
+    refs = {}
+    for name, weights in (("old", old_state), ("new", new_state)):
+        model.load_state_dict(weights, strict=False)
+        refs[name] = [_reference_logprobs(model, processor, g) for g in gens]
+    own, other = [], []
+    for i, g in enumerate(gens):
+        n_old = g.token_versions.count(0)
+        got = torch.tensor(g.logprobs)
+        own += [(got[:n_old] - refs["old"][i][:n_old]).abs(), (got[n_old:] - refs["new"][i][n_old:]).abs()]
+        other.append((got[n_old:] - refs["old"][i][n_old:]).abs())
+    return torch.cat(own), torch.cat(other)
+
+
 def test_inflight_update_on_cuda_stamps_every_token(tiny_vl_model):
     """`engine.weight_update: in_flight` on vLLM's CUDA engine (eager, the config's default): an update posted
     while a screenshot batch generates lands mid-call; every request's tokens are its old version
     then its new one, none lost, and the tokens after the switch have the new weights' logprobs
     (transformers, bf16, teacher-forced on the whole context) within the bf16 bound of
     test_vllm_cuda_logprobs_match_transformers, and clearly not the old weights'."""
-    import threading
-    import time
-
     from safetensors.torch import load_file
-    from transformers import AutoModelForImageTextToText
 
     from actors.engine import SamplingSettings
     from actors.engines.config import EngineConfig
-    from actors.engines.processing import load_processor
     from actors.engines.vllm_engine import VLLMEngine
     from tests.test_engines import _perturbed
+    from tests.test_inflight_updates import post_update_mid_call
 
     state = {}
     for f in sorted(Path(tiny_vl_model).glob("*.safetensors")):
@@ -301,24 +319,9 @@ def test_inflight_update_on_cuda_stamps_every_token(tiny_vl_model):
     engine = VLLMEngine(EngineConfig(model=str(tiny_vl_model), backend="vllm", dtype="bfloat16",
                                      gpu_memory_utilization=0.3, max_model_len=1024, weight_update="in_flight"))
     errors: list = []
-
-    def post() -> None:  # waits for every request to have 3 tokens, then loads version 1
-        try:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                call = engine.current_call
-                if call is not None and call.requests and min(call.tokens_so_far()) >= 3:
-                    engine.update_weights(1, new_state)
-                    return
-                time.sleep(0.0005)
-            errors.append("the call never reached 3 tokens per request")
-        except Exception as exc:  # noqa: BLE001 - reported by the test
-            errors.append(exc)
-
     max_new = 200  # long enough on an H200 for the poster to catch the call mid-way
     try:
-        thread = threading.Thread(target=post)
-        thread.start()
+        thread = post_update_mid_call(engine, 1, new_state, errors)
         gens = engine.generate(_requests(8), SamplingSettings(temperature=1.0, max_new_tokens=max_new))
         thread.join(timeout=120)
         stats = engine.weight_update_stats()
@@ -333,20 +336,7 @@ def test_inflight_update_on_cuda_stamps_every_token(tiny_vl_model):
         assert g.finish_reason == "stop" or len(g.completion_ids) == max_new
         assert g.policy_version == 0
 
-    processor = load_processor(tiny_vl_model)
-    model = AutoModelForImageTextToText.from_pretrained(str(tiny_vl_model), dtype=torch.bfloat16).cuda().eval()
-    refs = {}
-    for name, weights in (("old", state), ("new", new_state)):
-        model.load_state_dict(weights, strict=False)
-        refs[name] = [_reference_logprobs(model, processor, g) for g in gens]
-    d_new, d_old = [], []
-    for i, g in enumerate(gens):
-        n_old = g.token_versions.count(0)
-        got = torch.tensor(g.logprobs)
-        d_new.append((got[n_old:] - refs["new"][i][n_old:]).abs())
-        d_old.append((got[n_old:] - refs["old"][i][n_old:]).abs())
-        d_new.append((got[:n_old] - refs["old"][i][:n_old]).abs())  # the old tokens: the old weights
-    dn, do = torch.cat(d_new), torch.cat(d_old)
+    dn, do = _version_logprob_gaps(tiny_vl_model, gens, state, new_state)
     print(f"in-flight on CUDA: {sum(len(g.completion_ids) for g in gens)} tokens, idle "
           f"{stats['weight_update_idle_s']:.3f} s, re-prefilled {stats['weight_update_reprefill_tokens']}; "
           f"|logprob - own version's| mean {dn.mean():.4f} max {dn.max():.4f}, "
