@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ MODELS: dict[str, dict[str, Any]] = {
         "warm_start.lr": 1.0e-4,
         "warm_start.epochs": 1,
         "warm_start.batch_episodes": 8,
-        "learner.lr": 1.0e-5,
+        "learner.lr": 3.0e-5,
         "learner.micro_batch_size": 4,
     },
     "tiny-vlm": {
@@ -83,6 +84,13 @@ def run_model(name: str, args: argparse.Namespace, out_dir: Path) -> dict[str, A
         "cluster.total_steps": args.grpo_steps,
         "cluster.groups_per_step": args.groups_per_step,
         "rollout.max_steps": args.max_steps,
+        "rollout.sampling.max_new_tokens": args.max_new_tokens,
+        # One rollout worker with --sessions browsers: one engine batching the G episodes of a group
+        # (on 2 cores a second engine only competes for the same CPU).
+        "cluster.num_rollout_workers": 1,
+        "rollout.num_sessions": args.sessions,
+        # All-equal groups carry no policy gradient; dropping them saves learner time.
+        "grpo.drop_zero_variance_groups": True,
         "rollout.allowed_actions": ["noop", "click", "fill"],
         "logging.progress_bar": False,
         **MODELS[name],
@@ -119,10 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-episodes", type=int, default=100, help="held-out episodes per task and cell")
     ap.add_argument("--demos", type=int, default=24, help="demonstration episodes per task")
     ap.add_argument("--epsilon", type=float, default=0.5, help="teacher's random-action probability")
-    ap.add_argument("--grpo-steps", type=int, default=12)
+    ap.add_argument("--grpo-steps", type=int, default=8)
     ap.add_argument("--groups-per-step", type=int, default=4)
-    ap.add_argument("--max-steps", type=int, default=2)
-    ap.add_argument("--sessions", type=int, default=2, help="browsers for demonstrations and evaluation")
+    # One action solves each of the default tasks; a second step doubled the cost of every failed
+    # episode (prefill of a ~400-token prompt dominates on CPU).
+    ap.add_argument("--max-steps", type=int, default=1)
+    ap.add_argument("--max-new-tokens", type=int, default=10, help="an action such as click('13') is 6-7 tokens")
+    ap.add_argument("--sessions", type=int, default=4, help="browsers for demonstrations, rollouts and evaluation")
     ap.add_argument("--greedy", action="store_true", help="greedy evaluation (default: sampled, temperature 1)")
     ap.add_argument("--engine", default="", help="engine backend override (transformers, vllm)")
     ap.add_argument("--tiny", action="store_true", help="smoke scale: 2 tasks, 4 eval episodes, 1 GRPO step")
@@ -134,9 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     runs = out.parent / (out.stem + "-runs") / time.strftime("%Y%m%d-%H%M%S")
     t0 = time.monotonic()
+    load_start = os.getloadavg()
     results = [run_model(m, args, runs) for m in args.models.split(",")]
     report = {"command": " ".join(["python", "bench/bench_learning.py", *(argv if argv is not None else sys.argv[1:])]),
-              "args": vars(args), "results": results, "wall_s": time.monotonic() - t0}
+              "args": vars(args), "results": results, "wall_s": time.monotonic() - t0,
+              "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "cpus": os.cpu_count()}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, default=str))
     print(f"\n| model | task | zero-shot | SFT | SFT + GRPO |\n|---|---|---|---|---|")
