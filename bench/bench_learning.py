@@ -67,6 +67,25 @@ def _fmt(row: dict[str, Any] | None) -> str:
     return f"{row['success_rate']:.2f} [{lo:.2f}, {hi:.2f}] n={row['episodes']}"
 
 
+def _gain(before: dict[str, Any] | None, after: dict[str, Any] | None) -> str:
+    """SFT + GRPO minus SFT on the same seeds, with its 95 % interval (Newcombe)."""
+    from cluster.eval import difference_interval
+
+    if not before or not after or not before.get("episodes") or not after.get("episodes"):
+        return "n/a"
+    lo, hi = difference_interval(before["successes"], before["episodes"], after["successes"], after["episodes"])
+    return f"{after['success_rate'] - before['success_rate']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+
+
+def print_table(report: dict[str, Any]) -> None:
+    print("\n| model | task | zero-shot | SFT | SFT + GRPO | GRPO - SFT |\n|---|---|---|---|---|---|")
+    for r in report["results"]:
+        rows = [(task, r["zero_shot"].get(task), r["sft"].get(task), r["sft_grpo"].get(task)) for task in r["sft"]]
+        o = r["overall"]
+        for task, zero, sft, grpo in [*rows, ("all", o["zero_shot"], o["sft"], o["sft_grpo"])]:
+            print(f"| {r['model']} | {task} | {_fmt(zero)} | {_fmt(sft)} | {_fmt(grpo)} | {_gain(sft, grpo)} |")
+
+
 def run_model(name: str, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     from cluster.config import build_config, validate_config
     from cluster.driver import train
@@ -138,7 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine", default="", help="engine backend override (transformers, vllm)")
     ap.add_argument("--tiny", action="store_true", help="smoke scale: 2 tasks, 4 eval episodes, 1 GRPO step")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "learning.json"))
+    ap.add_argument("--table", default="", help="only print the table of a results JSON written earlier")
     args = ap.parse_args(argv)
+    if args.table:
+        print_table(json.loads(Path(args.table).read_text()))
+        return 0
     if args.tiny:
         args.tasks = ",".join(args.tasks.split(",")[:2])
         args.eval_episodes, args.demos, args.grpo_steps, args.groups_per_step = 4, 4, 1, 2
@@ -152,13 +175,7 @@ def main(argv: list[str] | None = None) -> int:
               "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "cpus": os.cpu_count()}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, default=str))
-    print(f"\n| model | task | zero-shot | SFT | SFT + GRPO |\n|---|---|---|---|---|")
-    for r in results:
-        for task in r["sft"]:
-            print(f"| {r['model']} | {task} | {_fmt(r['zero_shot'].get(task))} | {_fmt(r['sft'].get(task))} "
-                  f"| {_fmt(r['sft_grpo'].get(task))} |")
-        o = r["overall"]
-        print(f"| {r['model']} | all | {_fmt(o['zero_shot'])} | {_fmt(o['sft'])} | {_fmt(o['sft_grpo'])} |")
+    print_table(report)
     print(f"\nwall time {report['wall_s']:.0f} s; {out}")
     return 0
 
