@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ MODELS: dict[str, dict[str, Any]] = {
         "warm_start.lr": 1.0e-4,
         "warm_start.epochs": 1,
         "warm_start.batch_episodes": 8,
-        "learner.lr": 1.0e-5,
+        "learner.lr": 3.0e-5,
         "learner.micro_batch_size": 4,
     },
     "tiny-vlm": {
@@ -66,6 +67,25 @@ def _fmt(row: dict[str, Any] | None) -> str:
     return f"{row['success_rate']:.2f} [{lo:.2f}, {hi:.2f}] n={row['episodes']}"
 
 
+def _gain(before: dict[str, Any] | None, after: dict[str, Any] | None) -> str:
+    """SFT + GRPO minus SFT on the same seeds, with its 95 % interval (Newcombe)."""
+    from cluster.eval import difference_interval
+
+    if not before or not after or not before.get("episodes") or not after.get("episodes"):
+        return "n/a"
+    lo, hi = difference_interval(before["successes"], before["episodes"], after["successes"], after["episodes"])
+    return f"{after['success_rate'] - before['success_rate']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+
+
+def print_table(report: dict[str, Any]) -> None:
+    print("\n| model | task | zero-shot | SFT | SFT + GRPO | GRPO - SFT |\n|---|---|---|---|---|---|")
+    for r in report["results"]:
+        rows = [(task, r["zero_shot"].get(task), r["sft"].get(task), r["sft_grpo"].get(task)) for task in r["sft"]]
+        o = r["overall"]
+        for task, zero, sft, grpo in [*rows, ("all", o["zero_shot"], o["sft"], o["sft_grpo"])]:
+            print(f"| {r['model']} | {task} | {_fmt(zero)} | {_fmt(sft)} | {_fmt(grpo)} | {_gain(sft, grpo)} |")
+
+
 def run_model(name: str, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     from cluster.config import build_config, validate_config
     from cluster.driver import train
@@ -83,6 +103,13 @@ def run_model(name: str, args: argparse.Namespace, out_dir: Path) -> dict[str, A
         "cluster.total_steps": args.grpo_steps,
         "cluster.groups_per_step": args.groups_per_step,
         "rollout.max_steps": args.max_steps,
+        "rollout.sampling.max_new_tokens": args.max_new_tokens,
+        # One rollout worker with --sessions browsers: one engine batching the G episodes of a group
+        # (on 2 cores a second engine only competes for the same CPU).
+        "cluster.num_rollout_workers": 1,
+        "rollout.num_sessions": args.sessions,
+        # All-equal groups carry no policy gradient; dropping them saves learner time.
+        "grpo.drop_zero_variance_groups": True,
         "rollout.allowed_actions": ["noop", "click", "fill"],
         "logging.progress_bar": False,
         **MODELS[name],
@@ -119,33 +146,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-episodes", type=int, default=100, help="held-out episodes per task and cell")
     ap.add_argument("--demos", type=int, default=24, help="demonstration episodes per task")
     ap.add_argument("--epsilon", type=float, default=0.5, help="teacher's random-action probability")
-    ap.add_argument("--grpo-steps", type=int, default=12)
+    ap.add_argument("--grpo-steps", type=int, default=8)
     ap.add_argument("--groups-per-step", type=int, default=4)
-    ap.add_argument("--max-steps", type=int, default=2)
-    ap.add_argument("--sessions", type=int, default=2, help="browsers for demonstrations and evaluation")
+    # One action solves each of the default tasks; a second step doubled the cost of every failed
+    # episode (prefill of a ~400-token prompt dominates on CPU).
+    ap.add_argument("--max-steps", type=int, default=1)
+    ap.add_argument("--max-new-tokens", type=int, default=10, help="an action such as click('13') is 6-7 tokens")
+    ap.add_argument("--sessions", type=int, default=4, help="browsers for demonstrations, rollouts and evaluation")
     ap.add_argument("--greedy", action="store_true", help="greedy evaluation (default: sampled, temperature 1)")
     ap.add_argument("--engine", default="", help="engine backend override (transformers, vllm)")
     ap.add_argument("--tiny", action="store_true", help="smoke scale: 2 tasks, 4 eval episodes, 1 GRPO step")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "learning.json"))
+    ap.add_argument("--table", default="", help="only print the table of a results JSON written earlier")
     args = ap.parse_args(argv)
+    if args.table:
+        print_table(json.loads(Path(args.table).read_text()))
+        return 0
     if args.tiny:
         args.tasks = ",".join(args.tasks.split(",")[:2])
         args.eval_episodes, args.demos, args.grpo_steps, args.groups_per_step = 4, 4, 1, 2
     out = Path(args.out)
     runs = out.parent / (out.stem + "-runs") / time.strftime("%Y%m%d-%H%M%S")
     t0 = time.monotonic()
+    load_start = os.getloadavg()
     results = [run_model(m, args, runs) for m in args.models.split(",")]
     report = {"command": " ".join(["python", "bench/bench_learning.py", *(argv if argv is not None else sys.argv[1:])]),
-              "args": vars(args), "results": results, "wall_s": time.monotonic() - t0}
+              "args": vars(args), "results": results, "wall_s": time.monotonic() - t0,
+              "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "cpus": os.cpu_count()}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, default=str))
-    print(f"\n| model | task | zero-shot | SFT | SFT + GRPO |\n|---|---|---|---|---|")
-    for r in results:
-        for task in r["sft"]:
-            print(f"| {r['model']} | {task} | {_fmt(r['zero_shot'].get(task))} | {_fmt(r['sft'].get(task))} "
-                  f"| {_fmt(r['sft_grpo'].get(task))} |")
-        o = r["overall"]
-        print(f"| {r['model']} | all | {_fmt(o['zero_shot'])} | {_fmt(o['sft'])} | {_fmt(o['sft_grpo'])} |")
+    print_table(report)
     print(f"\nwall time {report['wall_s']:.0f} s; {out}")
     return 0
 
