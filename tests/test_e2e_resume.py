@@ -3,7 +3,7 @@ after one, then resumed with `--resume RUN_DIR`: the step count and the data cur
 last complete checkpoint, no task instance is trained twice, the run folder records each step once,
 and nothing is left running (after `bgrpo cleanup`, which a resume also does first).
 
-Two scenarios, each one run and its resumes: Ctrl-C in an async run (in flight groups at the
+Two scenarios, each one run and its resumes: Ctrl-C in an async run (groups in flight at the
 checkpoint, Ray's resources all freed by the interrupt), and the driver SIGKILLed twice in a sync
 run (a torn checkpoint, `bgrpo cleanup`, the step count, cursor and weights' version continuing
 over three attempts). A separate sync Ctrl-C + resume run (75 s of the suite) checked nothing these
