@@ -70,12 +70,17 @@ def _pids_mentioning(text: str) -> list[int]:
     return found
 
 
+# At the teardown's SIGTERM, `ray start` would ask the GCS (SIGTERMed too, by the same killpg) to
+# drain the node and wait up to 30 s for it (a 30 s teardown, --durations); no job runs by then.
+NO_DRAIN = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+
+
 @pytest.fixture
 def ray_head(tmp_path):
     """A Ray head on 127.0.0.1 with its own temp dir; yields (dashboard URL, env for the CLI)."""
     temp_dir = tempfile.mkdtemp(prefix="bgrpo-ray-", dir="/tmp")  # short: unix socket paths
     gcs, dash, client, metrics, agent, agent_grpc, rt_agent, om, nm = _free_ports(9)
-    env = dict(os.environ)
+    env = {**os.environ, **NO_DRAIN}
     env.update(
         PATH=f"{VENV_BIN}:{env.get('PATH', '')}",  # the job's shell finds `bgrpo` in the venv
         RAY_AUTH_MODE="token",
