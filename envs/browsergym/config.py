@@ -73,8 +73,7 @@ class EnvConfig:
     episode after one of the same task restarts in the same page (MiniWoB's `core.startEpisodeReal`
     with the same seed draw; storage and cookies cleared, a fresh context every 100 episodes):
     no new renderer or page load per episode, but the page's JavaScript state is shared between
-    episodes; a MiniWoB episode of another task loads that task's page into the same page (no new
-    context or renderer; its history stays). `relaunch`: BrowserGym's own reset,
+    episodes. `relaunch`: BrowserGym's own reset,
     which closes and relaunches Chromium plus a chat-window Chromium every episode (the seed's
     pattern; bench/bench_rollout.py compares the three)."""
 

@@ -12,9 +12,7 @@ same page URL, same init script), so a seed gives the same task instance as the 
 MiniWoB's in-page restart (`core.endEpisode(0)` then `core.startEpisodeReal()` on the same page)
 is opt-in (`reset_mode="page"`): it keeps the page's JavaScript globals and history from the last
 episode (storage and cookies are cleared), the leak a fresh context prevents, but it skips the new
-renderer and page load. In that mode an episode of another MiniWoB task loads its page into the
-same page (the task's own setup, after clearing storage and cookies) rather than a fresh context.
-bench/bench_env.py --reset-phases times each part of a reset.
+renderer and page load. bench/bench_env.py --reset-phases times each part of a reset.
 
 The chat window is replaced by `ChatLog`, the same message list without a browser: MiniWoB tasks
 never read the chat, and `send_msg_to_user` / `report_infeasible` still record their messages.
@@ -310,9 +308,8 @@ class PersistentBrowserEnv(BrowserEnv):
         self.in_page_restart = in_page_restart
         self.launched_browser = False  # whether the last reset (re)launched Chromium
         self.page_episodes = 0  # episodes served by the current page
-        # How the last reset started its episode: "context" (fresh context and page), "switch"
-        # (reset_mode="page": another MiniWoB task loaded into the last episode's page) or
-        # "restart" (reset_mode="page": MiniWoB's restart in the page, same task).
+        # How the last reset started its episode: "context" (fresh context and page) or "restart"
+        # (reset_mode="page": MiniWoB's restart in the page of the last episode).
         self.last_reset = ""
 
     def reset(self, seed: Optional[int] = None, *args: Any, **kwargs: Any) -> tuple[dict, dict]:
@@ -339,10 +336,6 @@ class PersistentBrowserEnv(BrowserEnv):
             # --- reset_mode="page": MiniWoB's own restart on the page of the last episode ---
             task_goal, task_info = self._restart_in_page()
             self.last_reset = "restart"
-        elif self._can_switch_in_page():
-            # --- reset_mode="page", another MiniWoB task: its page loaded into the last page ---
-            task_goal, task_info = self._switch_in_page()
-            self.last_reset = "switch"
         else:
             # --- a fresh context and page (the last episode's storage and history go away) ---
             self._new_context_and_page(viewport, locale, timezone_id, timeout)
@@ -373,12 +366,8 @@ class PersistentBrowserEnv(BrowserEnv):
             viewport=viewport, locale=locale, timezone_id=timezone_id, **self.pw_context_kwargs
         )
         self.context.set_default_timeout(timeout)
-        # The binding asks the context which env owns it now: in reset_mode="page" the context and
-        # page pass to the env of the next task (adopt_page).
-        context = self.context
-        context._bgrpo_owner = self
-        context.expose_binding(
-            "browsergym_page_activated", lambda source: context._bgrpo_owner._activate_page_from_js(source["page"])
+        self.context.expose_binding(
+            "browsergym_page_activated", lambda source: self._activate_page_from_js(source["page"])
         )
         self.context.add_init_script(_PAGE_ACTIVATION_SCRIPT)
         self.page_history = {}
@@ -416,17 +405,6 @@ class PersistentBrowserEnv(BrowserEnv):
         with _fast_marking():
             return super()._get_obs()
 
-    def adopt_page(self, other: "PersistentBrowserEnv") -> None:
-        """reset_mode="page", on a task change: take over `other`'s context and page (the env of
-        the last task, about to be closed), so that the next reset can load the new task into that
-        page (`_switch_in_page`) instead of opening a fresh context and renderer."""
-        if other.context is None or other.page is None:
-            return
-        self.context, self.page, self.page_episodes = other.context, other.page, other.page_episodes
-        self.page_history = {self.page: None}
-        self.context._bgrpo_owner = self
-        other.context, other.page = None, None
-
     def close(self) -> None:
         """Ends the episode; the kept browser stays (its owner closes it)."""
         if self.task is not None:
@@ -452,36 +430,6 @@ class PersistentBrowserEnv(BrowserEnv):
             and self.page.url == self.task.url
             and self.page_episodes < PAGE_MAX_EPISODES
         )
-
-    def _can_switch_in_page(self) -> bool:
-        """reset_mode="page", first episode of a MiniWoB task in this env: the page adopted from
-        the last task's env (adopt_page) can take the new task when it is the context's only page,
-        still on a MiniWoB page of the same folder, on this (still connected) browser, and has
-        served fewer than PAGE_MAX_EPISODES episodes."""
-        from browsergym.miniwob.base import AbstractMiniwobTask
-
-        return (
-            self.in_page_restart
-            and not self.launched_browser
-            and isinstance(self.task, AbstractMiniwobTask)
-            and self.context is not None
-            and self.page is not None
-            and len(self.context.pages) == 1
-            and not self.page.is_closed()
-            and self.page.url.rsplit("/", 1)[0] == self.task.url.rsplit("/", 1)[0]
-            and self.page_episodes < PAGE_MAX_EPISODES
-        )
-
-    def _switch_in_page(self) -> tuple[str, dict]:
-        """The new task's own setup (`AbstractMiniwobTask.setup`: navigate to its page, seed,
-        start) in the last episode's page, after clearing storage and cookies. The new document
-        brings fresh JavaScript globals and element ids; what stays is the renderer, the page's
-        history and the context's cache."""
-        self.context.clear_cookies()
-        self.page.evaluate("() => { localStorage.clear(); sessionStorage.clear(); }")
-        task_goal, task_info = self.task.setup(page=self.page)
-        self.page_history = {self.page: None}
-        return task_goal, task_info
 
     def _restart_in_page(self) -> tuple[str, dict]:
         """What AbstractMiniwobTask.setup does after loading the page, on the loaded page: the same

@@ -180,15 +180,9 @@ class BrowserGymEnvironment(Environment[BrowserGymAction, BrowserGymObservation,
 
         # --- (re)build the BrowserGym env when the task changes ---
         if qualified != self._gym_task:
-            previous, self._gym_env, self._gym_task = self._gym_env, None, None
-            self._started, self._episode_done = False, True
-            try:
-                gym_env = self._make_gym_env(qualified)
-                if self.config.reset_mode == "page" and hasattr(previous, "adopt_page"):
-                    gym_env.adopt_page(previous)  # the new task loads into the last task's page
-            finally:
-                self._close_env(previous)
-            self._gym_env, self._gym_task = gym_env, qualified
+            self._close_gym_env()
+            self._gym_env = self._make_gym_env(qualified)
+            self._gym_task = qualified
 
         # --- start the episode (a fresh context on the kept browser, or BrowserGym's relaunch) ---
         self._episode_done = True  # stays so if the reset fails
@@ -337,12 +331,6 @@ class BrowserGymEnvironment(Environment[BrowserGymAction, BrowserGymObservation,
             return
         env, self._gym_env, self._gym_task = self._gym_env, None, None
         self._started, self._episode_done = False, True
-        self._close_env(env)
-
-    @staticmethod
-    def _close_env(env: Any) -> None:
-        if env is None:
-            return
         try:
             env.close()
         except Exception as e:  # a dead browser must not stop us from closing the rest
