@@ -104,7 +104,6 @@ def soak(episodes: int, every: int, max_episodes: int) -> int:
 # Phases of a reset: (module, attribute, label). Timed by wrapping each for the run.
 _RESET_PHASES = (
     ("envs.browsergym.server.browser", "PersistentBrowserEnv._restart_in_page", "MiniWoB restart (storage, seed, startEpisodeReal)"),
-    ("envs.browsergym.server.browser", "PersistentBrowserEnv._switch_in_page", "task switch: load the task page"),
     ("envs.browsergym.server.browser", "PersistentBrowserEnv._wait_dom_loaded", "wait: domcontentloaded"),
     ("envs.browsergym.server.browser", "PersistentBrowserEnv._wait_next_frame", "wait: two animation frames"),
     ("envs.browsergym.server.browser", "PersistentBrowserEnv._get_obs", "BrowserGym observation, of which:"),
