@@ -4,17 +4,23 @@ machine, and printed as ratios against the in-process baseline.
 
     python bench/bench_env.py [--steps 20] [--task miniwob.enter-text]
     python bench/bench_env.py --soak 600 [--soak-every 50] [--soak-max-episodes 500]
+    python bench/bench_env.py --reset-phases 15 [--task miniwob.click-button]
 
 The soak runs many episodes through one session and prints the server's memory and process
 counts as it goes: flat memory and a constant number of Chromium processes mean no leak.
 
 Steps are `fill(<textbox>, ...)` on enter-text: they change the page but never end the episode, so
 every sample is a plain step (no reset). At most two browsers run at once (one env at a time).
+
+--reset-phases N times N resets of `reset_mode="page"` in-process, phase by phase (MiniWoB's
+in-page restart, the post-reset waits, each part of BrowserGym's observation, our encoding), then
+the same resets over the WebSocket of one server, and task switches (a fresh context and page).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -95,6 +101,108 @@ def soak(episodes: int, every: int, max_episodes: int) -> int:
     return 0
 
 
+# Phases of a reset: (module, attribute, label). Timed by wrapping each for the run.
+_RESET_PHASES = (
+    ("envs.browsergym.server.browser", "PersistentBrowserEnv._restart_in_page", "MiniWoB restart (storage, seed, startEpisodeReal)"),
+    ("envs.browsergym.server.browser", "PersistentBrowserEnv._wait_dom_loaded", "wait: domcontentloaded"),
+    ("envs.browsergym.server.browser", "PersistentBrowserEnv._wait_next_frame", "wait: two animation frames"),
+    ("envs.browsergym.server.browser", "PersistentBrowserEnv._get_obs", "BrowserGym observation, of which:"),
+    ("browsergym.core.env", "_pre_extract", "  mark elements (bids, visibility)"),
+    ("envs.browsergym.server.browser", "_pre_extract_fast", "  mark elements (bids, visibility)"),
+    ("browsergym.core.env", "extract_dom_snapshot", "  DOM snapshot"),
+    ("browsergym.core.env", "extract_merged_axtree", "  accessibility tree"),
+    ("browsergym.core.env", "extract_focused_element_bid", "  focused element"),
+    ("browsergym.core.env", "extract_screenshot", "  screenshot"),
+    ("browsergym.core.env", "_post_extract", "  unmark"),
+    ("envs.browsergym.server.environment", "BrowserGymEnvironment._observation", "our observation (axtree text, PNG, elements)"),
+)
+
+
+def _wrap_phases(samples: dict[str, list[float]]) -> None:
+    """Wrap every phase of _RESET_PHASES so that each call appends its seconds to samples[label]."""
+    import importlib
+
+    def timed(function, label):
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                samples.setdefault(label, []).append(time.perf_counter() - started)
+        return wrapper
+
+    for module_name, attribute, label in _RESET_PHASES:
+        owner = importlib.import_module(module_name)
+        *path, name = attribute.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        setattr(owner, name, timed(getattr(owner, name), label))
+
+
+def reset_phases(n: int, task: str) -> int:
+    """Where an in-page reset's time goes (in-process, phase by phase), the same resets over the
+    WebSocket, and task switches (a fresh context and page, as in reset_mode=context)."""
+    import os
+
+    from envs.browsergym.client import BrowserGymEnvClient
+    from envs.browsergym.config import EnvConfig
+    from envs.browsergym.pool import EnvServerPool
+    from envs.browsergym.server.environment import BrowserGymEnvironment
+
+    other = "miniwob.click-test" if task != "miniwob.click-test" else "miniwob.click-button"
+    samples: dict[str, list[float]] = {}
+    _wrap_phases(samples)
+    config = EnvConfig(task=task, reset_mode="page", max_sessions=1)
+    print(f"reset phases: {n} in-page resets of {task}, reset_mode=page, load average {os.getloadavg()[0]:.1f}")
+    env = BrowserGymEnvironment(config)
+    try:
+        env.reset(seed=1), env.reset(seed=2)  # page loaded, code warm
+        samples.clear()
+        total = [_timed(lambda s=seed: env.reset(seed=s)) for seed in range(100, 100 + n)]
+        print(f"  {'in-process reset, total':52s} median {statistics.median(total) * 1000:6.1f} ms")
+        for _, _, label in _RESET_PHASES:
+            if label in samples:
+                print(f"  {label:52s} median {statistics.median(samples[label]) * 1000:6.1f} ms")
+        _compare_marking(env._gym_env.page, n)
+    finally:
+        env.close()
+    fresh = BrowserGymEnvironment(dataclasses.replace(config, reset_mode="context"))
+    try:
+        fresh.reset(seed=1)
+        contexts = [_timed(lambda s=seed: fresh.reset(seed=s, task=(other, task)[s % 2])) for seed in range(n)]
+        print(f"  {'task switch: fresh context and page':52s} median {statistics.median(contexts) * 1000:6.1f} ms")
+    finally:
+        fresh.close()
+    with EnvServerPool(1, config) as pool, BrowserGymEnvClient(pool.urls[0], message_timeout_s=120) as client:
+        client.reset(seed=1, task=task), client.reset(seed=2, task=task)
+        remote = [_timed(lambda s=seed: client.reset(seed=s, task=task)) for seed in range(100, 100 + n)]
+        state = [_timed(client.state) for _ in range(n)]
+    print(f"  {'over the WebSocket: reset round trip':52s} median {statistics.median(remote) * 1000:6.1f} ms")
+    print(f"  {'over the WebSocket: state() round trip (no browser)':52s} median {statistics.median(state) * 1000:6.1f} ms")
+    return 0
+
+
+def _compare_marking(page, n: int) -> None:
+    """BrowserGym's element marking against ours (the short poll) on the same page, alternating."""
+    import browsergym.core.observation as observation
+
+    from envs.browsergym.server import browser
+
+    times: dict[str, list[float]] = {"stock": [], "ours": []}
+    for _ in range(n):
+        for label, mark in (("stock", observation._pre_extract), ("ours", browser._pre_extract_fast)):
+            times[label].append(_timed(lambda: mark(page)))
+            observation._post_extract(page)
+    print(f"  {'  mark elements: BrowserGym stock (40 ms poll) / ours':52s} median "
+          f"{statistics.median(times['stock']) * 1000:6.1f} / {statistics.median(times['ours']) * 1000:.1f} ms")
+
+
+def _timed(call) -> float:
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20, help="timed steps per setting")
@@ -103,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--soak", type=int, default=0, help="instead: run this many episodes through one session")
     parser.add_argument("--soak-every", type=int, default=50, help="soak: report every N episodes")
     parser.add_argument("--soak-max-episodes", type=int, default=500, help="soak: browser_max_episodes")
+    parser.add_argument("--reset-phases", type=int, default=0, help="instead: time N in-page resets phase by phase")
     args = parser.parse_args(argv)
+    if args.reset_phases:
+        return reset_phases(args.reset_phases, args.task if args.task != "miniwob.enter-text" else "miniwob.click-button")
     if args.soak:
         return soak(args.soak, args.soak_every, args.soak_max_episodes)
 

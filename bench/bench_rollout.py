@@ -290,14 +290,16 @@ def print_scripted(results: list[dict]) -> None:
     base = len(results[0]["rewards"]) / results[0]["wall_s"]
     print()
     print("env throughput with the scripted policy (no engine): episodes of the scripted tasks, success = reward 1.0")
+    print("reset share = the sessions' time in reset (round trips; a session does nothing else meanwhile) over "
+          "their episode time")
     print(f"{'configuration':38s} {'episodes':>8s} {'success':>7s} {'wall s':>7s} {'eps/s':>6s} {'x seed':>6s} "
-          f"{'reset med':>9s} {'step med':>8s} {'reset share':>11s}")
+          f"{'reset med':>9s} {'reset mean':>10s} {'step med':>8s} {'reset share':>11s}")
     for r in results:
         n = len(r["rewards"])
         eps = n / r["wall_s"]
         share = sum(r["reset_s"]) / max(sum(r["episode_s"]), 1e-9)
         print(f"{r['name']:38s} {n:8d} {sum(x == 1.0 for x in r['rewards']) / max(n, 1):7.2f} {r['wall_s']:7.1f} "
-              f"{eps:6.2f} {eps / base:6.2f} {statistics.median(r['reset_s']):8.3f}s "
+              f"{eps:6.2f} {eps / base:6.2f} {statistics.median(r['reset_s']):8.3f}s {statistics.mean(r['reset_s']):9.3f}s "
               f"{statistics.median(r['step_s']):7.3f}s {100 * share:10.1f}%")
         for error in r["errors"][:5]:
             print(f"    error: {error}")

@@ -128,10 +128,10 @@ def _play(config: EnvConfig) -> dict[str, dict]:
                 results[task] = {"error": f"{type(exc).__name__}: {exc}"}
                 continue
             results[task] = {
-                "page_episodes": getattr(env._gym_env, "page_episodes", None),
+                "how": getattr(env._gym_env, "last_reset", None),
                 "goal": first.goal,
                 "axtree": first.axtree_txt,
-                "boxes": [(e["bid"], e["text"], e["bbox"]) for e in first.clickable_elements],
+                "boxes": _boxes(first),
                 "reward": observation.reward,
                 "done": observation.done,
                 "actions": actions,
@@ -140,6 +140,10 @@ def _play(config: EnvConfig) -> dict[str, dict]:
     finally:
         env.close()
     return results
+
+
+def _boxes(observation: BrowserGymObservation) -> list[tuple]:
+    return [(e["bid"], e["text"], e["bbox"]) for e in observation.clickable_elements]
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +164,7 @@ def test_fast_reset_gives_the_stock_task_instance_for_the_seed(runs, task, mode)
     assert fast["axtree"] == stock["axtree"]  # layout, texts and bids
     assert fast["boxes"] == stock["boxes"]  # positions on the page
     if mode == "page":
-        assert fast["page_episodes"] == 2  # it really was an in-page restart
+        assert fast["how"] == "restart"  # it really was an in-page restart
 
 
 @pytest.mark.parametrize("mode", ["context", "page"])
@@ -197,6 +201,7 @@ def test_episodes_share_one_browser_but_no_storage_or_history(mode):
         seen = page.evaluate("() => [localStorage.getItem('leak'), sessionStorage.getItem('leak'), history.length]")
         assert seen == [None, None, fresh_history + (mode == "page")]
         assert env._gym_env.page_episodes == (2 if mode == "page" else 1)
+        assert env._gym_env.last_reset == ("restart" if mode == "page" else "context")
         assert env._kept_browser.pid == pid  # same browser process: isolation came from the context
         assert env.browser_stats()["browser_launches"] == 1
         assert env._gym_env.chat.messages[-1]["message"] == env.state.goal  # chat log without a window

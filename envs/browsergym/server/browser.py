@@ -9,10 +9,10 @@ next, and the task is set up exactly as BrowserGym does it (same task object fro
 same page URL, same init script), so a seed gives the same task instance as the stock reset
 (tests/test_env_fast_reset.py checks goal and layout against it).
 
-Why not MiniWoB's in-page restart (`core.endEpisode(0)` then `core.startEpisodeReal()` on the same
-page)? It keeps the page's JavaScript globals, DOM leftovers and storage from the last episode,
-i.e. exactly the leak a fresh context prevents, and it saved little: bench/bench_env.py --resets
-measures both (see the env README).
+MiniWoB's in-page restart (`core.endEpisode(0)` then `core.startEpisodeReal()` on the same page)
+is opt-in (`reset_mode="page"`): it keeps the page's JavaScript globals and history from the last
+episode (storage and cookies are cleared), the leak a fresh context prevents, but it skips the new
+renderer and page load. bench/bench_env.py --reset-phases times each part of a reset.
 
 The chat window is replaced by `ChatLog`, the same message list without a browser: MiniWoB tasks
 never read the chat, and `send_msg_to_user` / `report_infeasible` still record their messages.
@@ -24,10 +24,14 @@ checked between episodes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import pkgutil
+import re
 import time
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
+import browsergym.core.env as browsergym_env
 from browsergym.core import _get_global_playwright
 from browsergym.core.constants import BROWSERGYM_ID_ATTRIBUTE
 from browsergym.core.env import BrowserEnv
@@ -84,6 +88,74 @@ _NEXT_FRAME_SCRIPT = """() => new Promise(done => {
     requestAnimationFrame(() => requestAnimationFrame(done));
     setTimeout(done, 200);
 })"""
+
+
+# BrowserGym's element marking (javascript/frame_mark_elements.js) ends by waiting until an
+# IntersectionObserver has reported every marked element's visibility, polling every 40 ms. The
+# reports arrive with the next rendered frame, so most of that poll is idle: 46 ms of the 152 ms an
+# observation took (bench/bench_env.py --reset-phases). Polling every 2 ms gives the same marks and
+# visibility ratios (the same callback fills them) about 30 ms sooner, on every reset and step.
+_MARK_POLL_STOCK = "async function until(f, timeout, interval=40)"
+_MARK_POLL_FAST = "async function until(f, timeout, interval=2)"
+
+
+def _fast_mark_script() -> Optional[str]:
+    """BrowserGym's marking script with the short poll, or None if this BrowserGym's script does
+    not have the expected poll (then the stock marking runs)."""
+    stock = pkgutil.get_data("browsergym.core", "javascript/frame_mark_elements.js").decode("utf-8")
+    if _MARK_POLL_STOCK not in stock:
+        logger.warning("BrowserGym's marking script changed; using it unmodified")
+        return None
+    return stock.replace(_MARK_POLL_STOCK, _MARK_POLL_FAST)
+
+
+_FAST_MARK_SCRIPT = _fast_mark_script()
+
+
+def _pre_extract_fast(page: Any, tags_to_mark: str = "standard_html", lenient: bool = False) -> None:
+    """browsergym 0.14.3's `observation._pre_extract`, step for step, with `_FAST_MARK_SCRIPT`."""
+    from browsergym.core.constants import BROWSERGYM_ID_ATTRIBUTE as bid_attr
+    from browsergym.core.observation import MarkingError
+
+    def mark_frames_recursive(frame: Any, frame_bid: str) -> None:
+        assert frame_bid == "" or re.match(r"^[a-z][a-zA-Z]*$", frame_bid)
+        for message in frame.evaluate(_FAST_MARK_SCRIPT, [frame_bid, bid_attr, tags_to_mark]):
+            logger.warning(message)
+        for child_frame in frame.child_frames:
+            if child_frame.is_detached():
+                continue
+            child_frame_elem = child_frame.frame_element()
+            if not child_frame_elem.content_frame() == child_frame:  # e.g. a pdf viewer in <embed>
+                logger.warning(f"Skipping frame '{child_frame.name}' for marking, seems problematic.")
+                continue
+            sandbox_attr = child_frame_elem.get_attribute("sandbox")
+            if sandbox_attr is not None and "allow-scripts" not in sandbox_attr.split():
+                continue
+            child_frame_bid = child_frame_elem.get_attribute(bid_attr)
+            if child_frame_bid is None:
+                if lenient:
+                    logger.warning("Cannot mark a child frame without a bid. Skipping frame.")
+                    continue
+                raise MarkingError("Cannot mark a child frame without a bid.")
+            mark_frames_recursive(child_frame, frame_bid=child_frame_bid)
+
+    mark_frames_recursive(page.main_frame, frame_bid="")
+
+
+@contextlib.contextmanager
+def _fast_marking() -> Iterator[None]:
+    """BrowserGym's `_get_obs` with `_pre_extract_fast` in place of `_pre_extract`. The swap of the
+    module global is safe: every env of a process runs on its one Playwright thread, so no other
+    observation (a stock env's included) is taken while it is in place."""
+    if _FAST_MARK_SCRIPT is None:
+        yield
+        return
+    stock = browsergym_env._pre_extract
+    browsergym_env._pre_extract = _pre_extract_fast
+    try:
+        yield
+    finally:
+        browsergym_env._pre_extract = stock
 
 
 class ChatLog:
@@ -236,6 +308,9 @@ class PersistentBrowserEnv(BrowserEnv):
         self.in_page_restart = in_page_restart
         self.launched_browser = False  # whether the last reset (re)launched Chromium
         self.page_episodes = 0  # episodes served by the current page
+        # How the last reset started its episode: "context" (fresh context and page) or "restart"
+        # (reset_mode="page": MiniWoB's restart in the page of the last episode).
+        self.last_reset = ""
 
     def reset(self, seed: Optional[int] = None, *args: Any, **kwargs: Any) -> tuple[dict, dict]:
         super(BrowserEnv, self).reset(seed=seed, *args, **kwargs)  # gym.Env.reset: seeds nothing we use
@@ -260,10 +335,12 @@ class PersistentBrowserEnv(BrowserEnv):
         if self._can_restart_in_page(previous_task):
             # --- reset_mode="page": MiniWoB's own restart on the page of the last episode ---
             task_goal, task_info = self._restart_in_page()
+            self.last_reset = "restart"
         else:
             # --- a fresh context and page (the last episode's storage and history go away) ---
             self._new_context_and_page(viewport, locale, timezone_id, timeout)
             task_goal, task_info = self.task.setup(page=self.page)
+            self.last_reset = "context"
         self.page_episodes += 1
         self._set_goal(task_goal)
 
@@ -272,7 +349,7 @@ class PersistentBrowserEnv(BrowserEnv):
         # gives it that time by accident (it sets up the chat window between the task's setup and
         # the observation); without it, under heavy load, a first observation of
         # click-collapsible once lacked the accordion header among the clickable elements.
-        self.page.evaluate(_NEXT_FRAME_SCRIPT)
+        self._wait_next_frame()
         self._active_page_check()
         self.start_time = time.time()
         self.last_action = ""
@@ -319,6 +396,14 @@ class PersistentBrowserEnv(BrowserEnv):
                 self.chat.add_message(role="user_image", msg=image_src["url"] if isinstance(image_src, dict) else image_src)
             else:
                 raise ValueError(f"Unknown message type {message['type']!r} in the task goal.")
+
+    def _wait_next_frame(self) -> None:
+        self.page.evaluate(_NEXT_FRAME_SCRIPT)
+
+    def _get_obs(self) -> dict:
+        # BrowserGym's observation, with its element marking's idle poll shortened (_fast_marking).
+        with _fast_marking():
+            return super()._get_obs()
 
     def close(self) -> None:
         """Ends the episode; the kept browser stays (its owner closes it)."""
