@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -78,6 +79,15 @@ def _worker_pid(worker) -> int:
     return ray.get(worker.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
 
 
+def _wait_gone(pids: list[int], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    from core.processes import start_time  # None once a process is gone (or a zombie)
+
+    while any(start_time(p) is not None for p in pids):
+        assert time.monotonic() < deadline, f"processes {pids} still alive {timeout_s:g} s after their parent died"
+        time.sleep(0.1)
+
+
 def test_ray_actor_server_and_host_killed_are_replaced(ray_cluster, tmp_path):
     import ray
 
@@ -91,8 +101,13 @@ def test_ray_actor_server_and_host_killed_are_replaced(ray_cluster, tmp_path):
             [server] = ray.get(host.pids.remote(), timeout=60)
             os.kill(server, signal.SIGKILL)  # a server process inside the host
         if step == 2:
+            servers = ray.get(host.pids.remote(), timeout=60)
             seen["host_pid"] = _worker_pid(host)
             os.kill(seen["host_pid"], signal.SIGKILL)  # the host actor's process itself
+            # Its orphaned servers exit on their own (their parent watch polls every 0.5 s); wait
+            # for that, or step 3's short recorded episodes may still finish on them (a race that
+            # once left the host's death unnoticed in CI).
+            _wait_gone(servers)
 
     cfg = _config(run_dir, steps=3, **{"cluster.run_name": "env-ray-actors", "cluster.env_placement": "ray_actors"})
     summary = driver.train(cfg, run_dir, on_step=kill)
