@@ -27,11 +27,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import pkgutil
-import re
 import time
 from typing import Any, Iterator, Literal, Optional
 
-import browsergym.core.env as browsergym_env
+import browsergym.core.observation as browsergym_observation
 from browsergym.core import _get_global_playwright
 from browsergym.core.constants import BROWSERGYM_ID_ATTRIBUTE
 from browsergym.core.env import BrowserEnv
@@ -95,6 +94,7 @@ _NEXT_FRAME_SCRIPT = """() => new Promise(done => {
 # reports arrive with the next rendered frame, so most of that poll is idle: 46 ms of the 152 ms an
 # observation took (bench/bench_env.py --reset-phases). Polling every 2 ms gives the same marks and
 # visibility ratios (the same callback fills them) about 30 ms sooner, on every reset and step.
+_MARK_SCRIPT = "javascript/frame_mark_elements.js"
 _MARK_POLL_STOCK = "async function until(f, timeout, interval=40)"
 _MARK_POLL_FAST = "async function until(f, timeout, interval=2)"
 
@@ -102,7 +102,7 @@ _MARK_POLL_FAST = "async function until(f, timeout, interval=2)"
 def _fast_mark_script() -> Optional[str]:
     """BrowserGym's marking script with the short poll, or None if this BrowserGym's script does
     not have the expected poll (then the stock marking runs)."""
-    stock = pkgutil.get_data("browsergym.core", "javascript/frame_mark_elements.js").decode("utf-8")
+    stock = pkgutil.get_data("browsergym.core", _MARK_SCRIPT).decode("utf-8")
     if _MARK_POLL_STOCK not in stock:
         logger.warning("BrowserGym's marking script changed; using it unmodified")
         return None
@@ -112,50 +112,32 @@ def _fast_mark_script() -> Optional[str]:
 _FAST_MARK_SCRIPT = _fast_mark_script()
 
 
-def _pre_extract_fast(page: Any, tags_to_mark: str = "standard_html", lenient: bool = False) -> None:
-    """browsergym 0.14.3's `observation._pre_extract`, step for step, with `_FAST_MARK_SCRIPT`."""
-    from browsergym.core.constants import BROWSERGYM_ID_ATTRIBUTE as bid_attr
-    from browsergym.core.observation import MarkingError
+class _FastMarkScript:
+    """Stands in for `pkgutil` in browsergym.core.observation while `_fast_marking` is on: its
+    `_pre_extract` reads the marking script through `pkgutil.get_data` on every call, and gets the
+    short-poll version; every other resource (the unmarking script) is read as stored. So the stock
+    marking code runs unchanged, with only its script's poll interval different."""
 
-    def mark_frames_recursive(frame: Any, frame_bid: str) -> None:
-        assert frame_bid == "" or re.match(r"^[a-z][a-zA-Z]*$", frame_bid)
-        for message in frame.evaluate(_FAST_MARK_SCRIPT, [frame_bid, bid_attr, tags_to_mark]):
-            logger.warning(message)
-        for child_frame in frame.child_frames:
-            if child_frame.is_detached():
-                continue
-            child_frame_elem = child_frame.frame_element()
-            if not child_frame_elem.content_frame() == child_frame:  # e.g. a pdf viewer in <embed>
-                logger.warning(f"Skipping frame '{child_frame.name}' for marking, seems problematic.")
-                continue
-            sandbox_attr = child_frame_elem.get_attribute("sandbox")
-            if sandbox_attr is not None and "allow-scripts" not in sandbox_attr.split():
-                continue
-            child_frame_bid = child_frame_elem.get_attribute(bid_attr)
-            if child_frame_bid is None:
-                if lenient:
-                    logger.warning("Cannot mark a child frame without a bid. Skipping frame.")
-                    continue
-                raise MarkingError("Cannot mark a child frame without a bid.")
-            mark_frames_recursive(child_frame, frame_bid=child_frame_bid)
-
-    mark_frames_recursive(page.main_frame, frame_bid="")
+    @staticmethod
+    def get_data(package: str, resource: str) -> Optional[bytes]:
+        if resource == _MARK_SCRIPT:
+            return _FAST_MARK_SCRIPT.encode("utf-8")
+        return pkgutil.get_data(package, resource)
 
 
 @contextlib.contextmanager
 def _fast_marking() -> Iterator[None]:
-    """BrowserGym's `_get_obs` with `_pre_extract_fast` in place of `_pre_extract`. The swap of the
-    module global is safe: every env of a process runs on its one Playwright thread, so no other
-    observation (a stock env's included) is taken while it is in place."""
+    """BrowserGym's `_get_obs` with `_FastMarkScript` in place of the observation module's `pkgutil`.
+    The swap of the module global is safe: every env of a process runs on its one Playwright thread,
+    so no other observation (a stock env's included) is taken while it is in place."""
     if _FAST_MARK_SCRIPT is None:
         yield
         return
-    stock = browsergym_env._pre_extract
-    browsergym_env._pre_extract = _pre_extract_fast
+    browsergym_observation.pkgutil = _FastMarkScript
     try:
         yield
     finally:
-        browsergym_env._pre_extract = stock
+        browsergym_observation.pkgutil = pkgutil
 
 
 class ChatLog:
