@@ -11,9 +11,10 @@ run: setup
 	$(VENV)/bin/bgrpo train --config local $(ARGS)
 
 # The test suite (what CI runs through .ci/run): every test, the `slow` ones included (pyproject's
-# addopts deselects them from a plain `pytest`; the whole suite fits CI's time).
+# addopts deselects them from a plain `pytest`; the whole suite fits CI's time). The 20 slowest
+# tests are listed at the end, so every CI log says where the suite's time goes.
 test: setup
-	$(VENV)/bin/python -m pytest -q -m "slow or not slow" $(ARGS)
+	$(VENV)/bin/python -m pytest -q -m "slow or not slow" --durations=20 $(ARGS)
 
 # The suite without the tests marked `slow` (what a plain `pytest` runs).
 test-fast: setup

@@ -18,7 +18,8 @@ the step that booked the recovery: the failure was handled and training made pro
 the episodes that failed in that step (a failed episode is never trained: its group is collected
 again), and the episodes dropped under the reason the kind's recovery books. A kill whose
 recovery is not booked within MAX_WAIT_STEPS steps is reported as not recovered and the next kind
-goes on. The run's own books (summary.json) must still balance: the caller checks them.
+goes on. A run whose last kill is not booked by its last step gets one more step at a time (at
+most MAX_WAIT_STEPS per kind), so the run given is a minimum. The run's own books (summary.json) must still balance: the caller checks them.
 """
 
 from __future__ import annotations
@@ -71,8 +72,9 @@ def plan(kinds: list[str], seed: int) -> list[Injection]:
 
 
 def min_steps(kinds: list[str]) -> int:
-    """Steps a chaos run needs: the first kill after step 2 at the latest, each kill booked within
-    two steps usually, and a step after the last one."""
+    """Steps a chaos run is given: the first kill after step 2 at the latest, each kill booked
+    within two steps usually, and a step after the last one. A run whose kills take longer to book
+    is extended by the monkey (`ChaosMonkey._extend_if_last`)."""
     return 2 + 2 * len(kinds) + 1
 
 
@@ -136,6 +138,8 @@ class ChaosMonkey:
     _waiting: Injection | None = None
     _waited: int = 0
     _timers: list[threading.Timer] = field(default_factory=list)
+    extended: int = 0
+    """Steps added to the run so that its last kill's recovery could be booked."""
 
     def __call__(self, trainer: Any, step: int) -> None:
         if self._waiting is not None:
@@ -150,6 +154,17 @@ class ChaosMonkey:
                 timer.daemon = True
                 self._timers.append(timer)
                 timer.start()
+        self._extend_if_last(trainer, step)
+
+    def _extend_if_last(self, trainer: Any, step: int) -> None:
+        """The last step with a kill not yet made or booked: one more step (at most MAX_WAIT_STEPS
+        per kind in all). Bookings take 1-3 steps each, so a fixed length either wastes steps or,
+        as once in CI, ends the run right after the last kill, with nothing left to book it."""
+        pending = self._waiting is not None or self._next < len(self.injections)
+        if (pending and hasattr(trainer, "extend_run") and step >= trainer.config.cluster.total_steps
+                and self.extended < MAX_WAIT_STEPS * len(self.injections)):
+            self.extended += 1
+            trainer.extend_run(1)
 
     def _check_booked(self, inj: Injection, record: dict[str, Any], step: int, now: float) -> None:
         if inj.error:  # nothing was killed: move on
@@ -241,7 +256,7 @@ def run(argv: list[str], kinds: list[str], seed: int) -> dict[str, Any]:
     run_dir = cl.config.cluster.run_dir
     table = fault_table(monkey, summary["accounting"]["dropped"])
     return {"run_dir": run_dir, "summary": summary, "injections": [asdict(i) for i in monkey.injections],
-            "table": table}
+            "table": table, "extended": monkey.extended}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -113,6 +113,8 @@ class Trainer:
         """On resume: the run so far up to the checkpoint (its cursor's `run_so_far`), so that
         summary.json describes the whole run, not only the resumed part."""
         self.resumed_from: int | None = None
+        self.loop: Loop | None = None
+        """The running scheduler's loop (its `total_steps` is what `extend_run` raises)."""
 
     # --- views the tests and hooks read ------------------------------------------------------------
 
@@ -187,8 +189,8 @@ class Trainer:
 
     def scheduler(self) -> SyncScheduler | AsyncScheduler:
         cfg = self.config.cluster
-        loop = Loop(RayRollouts(self.fleet, self.weights, cfg.group_timeout_s), self.ledger, self.progress,
-                    cfg.total_steps, cfg.groups_per_step, self.group_size, self._on_step)
+        self.loop = loop = Loop(RayRollouts(self.fleet, self.weights, cfg.group_timeout_s), self.ledger,
+                                self.progress, cfg.total_steps, cfg.groups_per_step, self.group_size, self._on_step)
         if cfg.mode == "sync":
             return SyncScheduler(loop, self.engines_sleep)
         return AsyncScheduler(loop, cfg.max_staleness)
@@ -223,6 +225,16 @@ class Trainer:
                 self.save_checkpoint()
         if self.on_step is not None:
             self.on_step(self, self.step)
+
+    def extend_run(self, steps: int) -> None:
+        """Raises the run's length by `steps`, from an `on_step` hook: the chaos run uses it when
+        its last kill lands in the last step, so that a step books the recovery (cluster/chaos.py)."""
+        self.config.cluster.total_steps += steps
+        if self.loop is not None:
+            self.loop.total_steps = self.config.cluster.total_steps
+        if self.pbar is not None:
+            self.pbar.total = self.config.cluster.total_steps
+            self.pbar.refresh()
 
     @contextlib.contextmanager
     def _learner_calls(self) -> Iterator[None]:

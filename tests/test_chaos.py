@@ -48,7 +48,8 @@ def test_a_run_survives_chromium_env_server_worker_and_learner_kills(ray_cluster
     result = chaos.run(_chaos_args(tmp_path / "run"), list(chaos.KINDS), seed=0)
     summary, injections = result["summary"], result["injections"]
 
-    assert summary["steps"] == STEPS and summary["learner_version"] >= STEPS
+    # STEPS is a minimum: the monkey adds steps while its last kill is not yet booked
+    assert summary["steps"] == STEPS + result["extended"] and summary["learner_version"] >= summary["steps"]
     # one at a time: each kill after the step that booked the previous one's recovery
     kills = sorted(injections, key=lambda i: i["at"])
     assert all(a["booked_step"] is not None and a["booked_step"] <= b["after_step"] for a, b in zip(kills, kills[1:]))
@@ -107,3 +108,42 @@ def test_the_next_kill_waits_until_the_last_ones_recovery_is_booked(tmp_path, mo
     rows = {r["kind"]: r for r in chaos.fault_table(monkey, {"worker_died": 4})}
     assert rows["worker"]["injected"] == 1 and rows["worker"]["episodes_dropped"] == 4
     assert rows["learner"]["injected"] == 1 and rows["learner"]["recover_s"] == []
+
+
+def test_a_kill_in_the_last_step_extends_the_run_until_it_is_booked(tmp_path, monkeypatch):
+    """The run's length is a minimum: the last kill made in the last step gets more steps, one at a
+    time, until a step books it (CI once ended a run right after its learner kill), and never more
+    than MAX_WAIT_STEPS per kind."""
+    import json
+    from types import SimpleNamespace
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    trainer = SimpleNamespace(run_dir=run_dir, config=SimpleNamespace(cluster=SimpleNamespace(total_steps=2)))
+    trainer.extend_run = lambda n: setattr(trainer.config.cluster, "total_steps", trainer.config.cluster.total_steps + n)
+    monkeypatch.setattr(chaos.threading, "Timer", lambda delay, fn, args: type("Now", (), {
+        "daemon": False, "start": lambda self: fn(*args), "cancel": lambda self: None})())
+    monkeypatch.setattr(chaos, "_target", lambda kind, trainer, rng: (10 ** 7, kind))
+    monkeypatch.setattr(chaos.os, "kill", lambda pid, sig: None)
+    monkey = chaos.ChaosMonkey([chaos.Injection("learner", 2, 0.0)])
+
+    def end_step(step, **counters):
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "policy_version": step, **counters}) + "\n")
+        monkey(trainer, step)
+
+    end_step(1)
+    assert trainer.config.cluster.total_steps == 2
+    end_step(2)  # the kill goes after the last step: one more step
+    assert monkey.injections[0].at and trainer.config.cluster.total_steps == 3
+    end_step(3)  # not booked yet: another
+    assert trainer.config.cluster.total_steps == 4
+    end_step(4, learner_restarts=1.0)  # booked: the run ends here
+    assert monkey.injections[0].booked_step == 4 and trainer.config.cluster.total_steps == 4 and monkey.extended == 2
+
+    never = chaos.ChaosMonkey([chaos.Injection("worker", 1, 0.0)])
+    trainer.config.cluster.total_steps = 1
+    monkey = never
+    for step in range(1, 10):
+        end_step(step)
+    assert never.extended == chaos.MAX_WAIT_STEPS and trainer.config.cluster.total_steps == 1 + chaos.MAX_WAIT_STEPS
