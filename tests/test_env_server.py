@@ -174,3 +174,21 @@ def test_two_sessions_interleave_on_one_server_and_a_third_is_refused(client, en
         rb = second.step(scripted_action(b))
         ra = client.step(scripted_action(a))
         assert ra.reward == 1.0 and rb.reward == 1.0
+
+
+def test_a_session_closed_by_the_idle_timeout_says_so_on_its_next_call():
+    """env.session_timeout_s (off by default) lets openenv close a session idle that long; the
+    client's next call then gets an error naming the setting, not a bare thread error. openenv's
+    idle check runs every max(timeout / 4, 5) s, so 2 s of timeout and 8 s of idling."""
+    import time
+
+    from envs.browsergym.pool import EnvServerPool
+    from tests.fixtures.env import fast_env_config
+
+    assert fast_env_config().session_timeout_s is None  # the default keeps idle sessions
+    with EnvServerPool(1, fast_env_config(session_timeout_s=2.0)) as pool:
+        with BrowserGymEnvClient(pool.urls[0], connect_timeout_s=10, message_timeout_s=60) as client:
+            assert client.reset(seed=1, task="miniwob.click-test").observation.goal
+            time.sleep(8)
+            with pytest.raises(EnvServerError, match="session_timeout_s"):
+                client.reset(seed=2, task="miniwob.click-test")

@@ -132,8 +132,14 @@ class EnvConfig:
     """WebSocket sessions one server process accepts at once (each has its own browsers; all run
     on the server's single Playwright thread, so scale with processes, not sessions)."""
 
-    session_timeout_s: Optional[float] = 600.0
-    """Close a WebSocket session (and its browsers) idle this long; None = never."""
+    session_timeout_s: Optional[float] = None
+    """Close a WebSocket session (and its browsers) idle this long; None = never (the default).
+    A session ends when its WebSocket closes, and the WebSocket's pings find a client that is gone,
+    so the idle timeout only frees sessions of clients that keep their socket open and stop using
+    it. Off by default: a rollout worker's sessions sit idle while the learner trains, and once a
+    15-minute GRPO phase outlasted the old 600 s default, so every session was closed under its
+    worker and the next evaluation's resets failed (openenv then runs a closed session's calls on
+    another thread), costing 4 env-server restarts."""
 
     def validate(self) -> "EnvConfig":
         """Raise ValueError with a clear message on a bad value; return self."""

@@ -276,7 +276,9 @@ class BrowserGymEnvironment(Environment[BrowserGymAction, BrowserGymObservation,
         elif self._thread_id != current:
             raise RuntimeError(
                 "BrowserGymEnvironment used from two threads; BrowserGym's sync Playwright is bound "
-                "to the thread that created it"
+                "to the thread that created it. The usual cause: the session sat idle longer than the "
+                f"server's env.session_timeout_s ({self.config.session_timeout_s} s), openenv closed it, "
+                "and runs later calls on another thread; reconnect, or raise or unset the timeout"
             )
 
     def _make_gym_env(self, task: str) -> Any:
