@@ -19,7 +19,8 @@ the episodes that failed in that step (a failed episode is never trained: its gr
 again), and the episodes dropped under the reason the kind's recovery books. A kill whose
 recovery is not booked within MAX_WAIT_STEPS steps is reported as not recovered and the next kind
 goes on. A run whose last kill is not booked by its last step gets one more step at a time (at
-most MAX_WAIT_STEPS per kind), so the run given is a minimum. The run's own books (summary.json) must still balance: the caller checks them.
+most MAX_WAIT_STEPS per kind), so the run given is a minimum. The run's own books (summary.json)
+must still balance: the caller checks them.
 """
 
 from __future__ import annotations
