@@ -7,8 +7,9 @@ Part 1, the env side with a scripted policy (no engine; envs/browsergym/scripted
 tasks in turn): the seed's pattern (one env session, episodes one after another, BrowserGym's
 stock reset that relaunches Chromium and a chat-window Chromium every episode) against K sessions
 that never wait for each other, each keeping one Chromium with a fresh context per episode
-(EnvConfig.reset_mode="context"), and the same with MiniWoB's in-page restart ("page"). Prints episodes/s and its ratio, the success rate (must not
-change), reset and step medians (WebSocket round trips) and the share of episode time in reset.
+(EnvConfig.reset_mode="context"), the same with MiniWoB's in-page restart ("page"), and the in-page
+restart text-only (no screenshot captured: what a text-only model's run gets). Prints episodes/s
+and its ratio, the success rate (must not change), reset and step medians (WebSocket round trips) and the share of episode time in reset.
 
 Part 2, with an engine. Same tiny VLM (built offline), same task (MiniWoB click-test), same prompts
 and parser, same number of episodes everywhere:
@@ -273,10 +274,14 @@ def bench_scripted(episodes: int, sessions: int, max_steps: int) -> list[dict]:
     plan = [(SCRIPTED_TASKS[(i // 6) % len(SCRIPTED_TASKS)], 5000 + i) for i in range(episodes)]
     warmup = [(task, 1) for task in SCRIPTED_TASKS[:2]]
     results = []
-    for name, reset_mode, k in (("seed pattern: 1 env, stock reset", "relaunch", 1),
-                                (f"this project: K={sessions}, context reset", "context", sessions),
-                                (f"this project: K={sessions}, in-page reset", "page", sessions)):
-        config = EnvConfig(task=TASK, reset_mode=reset_mode, max_steps=max_steps, max_sessions=1)
+    # The last row is what a text-only model's run gets (`bgrpo train` turns the env's screenshot
+    # off when the prompt does not show it): no screenshot captured.
+    for name, reset_mode, k, screenshot in (("seed pattern: 1 env, stock reset", "relaunch", 1, True),
+                                            (f"this project: K={sessions}, context reset", "context", sessions, True),
+                                            (f"this project: K={sessions}, in-page reset", "page", sessions, True),
+                                            (f"K={sessions}, in-page, text-only", "page", sessions, False)):
+        config = EnvConfig(task=TASK, reset_mode=reset_mode, max_steps=max_steps, max_sessions=1,
+                           include_screenshot=screenshot)
         with EnvServerPool(k, config) as pool:
             _scripted_sessions(list(pool.urls), warmup * k, max_steps)  # browsers up, code warm
             run = _scripted_sessions(list(pool.urls), plan, max_steps)

@@ -77,6 +77,14 @@ def test_dotted_overrides_are_typed():
     assert cfg.rollout.sampling.top_k == 5 and cfg.rollout.sampling.max_new_tokens == 16
 
 
+def test_env_captures_screenshots_only_when_the_prompt_shows_them():
+    # The env server's capture follows the prompt: a text-only model's env skips it (~70 ms a step).
+    assert build({"rollout.prompt.include_screenshot": "true"}).env.include_screenshot is True
+    assert build({"rollout.prompt.include_screenshot": "false"}).env.include_screenshot is False
+    with pytest.raises(C.ConfigError, match="env.include_screenshot is derived from rollout.prompt.include_screenshot"):
+        build({"rollout.prompt.include_screenshot": "false", "env.include_screenshot": "true"})
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

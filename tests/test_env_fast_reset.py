@@ -7,7 +7,9 @@ kept Chromium per session, a fresh context per episode, no slow-motion, no pre-o
 For each of 14 MiniWoB tasks and one seed per task, both must produce the same goal text and the
 same page (accessibility tree with bids, and the clickable elements' boxes), and a scripted
 solution must earn the same reward (1.0) in both. The same holds for `reset_mode="page"` (MiniWoB's
-in-page restart), checked on a page that has already served an episode of the task.
+in-page restart), checked on a page that has already served an episode of the task, and run
+text-only (`include_screenshot=False`: no screenshot is captured, as for a text-only model), so the
+observation without the capture is checked against the stock one too.
 
 At most two browsers run at once: the stock env (page + chat) first, then the fast one.
 """
@@ -132,6 +134,7 @@ def _play(config: EnvConfig) -> dict[str, dict]:
                 "goal": first.goal,
                 "axtree": first.axtree_txt,
                 "boxes": _boxes(first),
+                "has_screenshot": bool(first.screenshot_png_b64),
                 "reward": observation.reward,
                 "done": observation.done,
                 "actions": actions,
@@ -151,7 +154,7 @@ def runs() -> dict[str, dict]:
     return {
         "stock": _play(EnvConfig(task="miniwob.click-test", max_steps=8, **STOCK)),
         "context": _play(EnvConfig(task="miniwob.click-test", max_steps=8)),
-        "page": _play(EnvConfig(task="miniwob.click-test", max_steps=8, reset_mode="page")),
+        "page": _play(EnvConfig(task="miniwob.click-test", max_steps=8, reset_mode="page", include_screenshot=False)),
     }
 
 
@@ -163,6 +166,7 @@ def test_fast_reset_gives_the_stock_task_instance_for_the_seed(runs, task, mode)
     assert fast["goal"] == stock["goal"]
     assert fast["axtree"] == stock["axtree"]  # layout, texts and bids
     assert fast["boxes"] == stock["boxes"]  # positions on the page
+    assert stock["has_screenshot"] and fast["has_screenshot"] == (mode == "context")  # "page" runs text-only
     if mode == "page":
         assert fast["how"] == "restart"  # it really was an in-page restart
 

@@ -119,7 +119,10 @@ class EnvConfig:
     package's `html/miniwob/` folder: no HTTP server needed."""
 
     include_screenshot: bool = True
-    """Send the screenshot as base64 PNG (`screenshot_png_b64`)."""
+    """Send the screenshot as base64 PNG (`screenshot_png_b64`). With this and
+    `include_screenshot_array` both off, the `context`/`page` modes do not capture it at all
+    (Chromium's capture is ~70 ms of a ~150 ms MiniWoB observation); `bgrpo train` sets it from
+    `rollout.prompt.include_screenshot`."""
 
     include_screenshot_array: bool = False
     """Also fill upstream OpenEnv's `screenshot` field (nested integer lists, ~2.4 MB and ~1 s CPU

@@ -30,6 +30,7 @@ import pkgutil
 import time
 from typing import Any, Iterator, Literal, Optional
 
+import browsergym.core.env as browsergym_env
 import browsergym.core.observation as browsergym_observation
 from browsergym.core import _get_global_playwright
 from browsergym.core.constants import BROWSERGYM_ID_ATTRIBUTE
@@ -138,6 +139,29 @@ def _fast_marking() -> Iterator[None]:
         yield
     finally:
         browsergym_observation.pkgutil = pkgutil
+
+
+def _no_screenshot(page: Any) -> None:
+    return None
+
+
+@contextlib.contextmanager
+def _without_screenshot(skip: bool) -> Iterator[None]:
+    """BrowserGym's `_get_obs` with its screenshot capture left out (the observation's `screenshot`
+    is None) when `skip`. The same module-global swap as `_fast_marking`, safe for the same reason
+    (one Playwright thread per process); the capture is ~70 ms of a MiniWoB observation, and a
+    text-only model never sees it (bench/bench_env.py --reset-phases)."""
+    if not skip:
+        yield
+        return
+    browsergym_env.extract_screenshot = _no_screenshot
+    try:
+        yield
+    finally:
+        browsergym_env.extract_screenshot = _STOCK_EXTRACT_SCREENSHOT
+
+
+_STOCK_EXTRACT_SCREENSHOT = browsergym_env.extract_screenshot
 
 
 class ChatLog:
@@ -283,13 +307,14 @@ class PersistentBrowserEnv(BrowserEnv):
     """
 
     def __init__(self, task_entrypoint: Any, kept_browser: KeptBrowser, in_page_restart: bool = False,
-                 **kwargs: Any) -> None:
+                 capture_screenshot: bool = True, **kwargs: Any) -> None:
         super().__init__(task_entrypoint, **kwargs)
         if self.resizeable_window or self.record_video_dir or self.wait_for_user_message:
             raise ValueError("PersistentBrowserEnv supports neither resizeable windows, video nor "
                              "waiting for user messages: use reset_mode='relaunch'")
         self.kept_browser = kept_browser
         self.in_page_restart = in_page_restart
+        self.capture_screenshot = capture_screenshot  # False: observations carry screenshot None
         self.launched_browser = False  # whether the last reset (re)launched Chromium
         self.page_episodes = 0  # episodes served by the current page
         # How the last reset started its episode: "context" (fresh context and page) or "restart"
@@ -391,8 +416,9 @@ class PersistentBrowserEnv(BrowserEnv):
         self.page.evaluate(_NEXT_FRAME_SCRIPT)
 
     def _get_obs(self) -> dict:
-        # BrowserGym's observation, with its element marking's idle poll shortened (_fast_marking).
-        with _fast_marking():
+        # BrowserGym's observation, with its element marking's idle poll shortened (_fast_marking)
+        # and, for text-only consumers, without the screenshot capture.
+        with _fast_marking(), _without_screenshot(not self.capture_screenshot):
             return super()._get_obs()
 
     def close(self) -> None:

@@ -322,7 +322,10 @@ class BrowserGymEnvironment(Environment[BrowserGymAction, BrowserGymObservation,
             )
         # The registered env only holds the task's entry point (gym.make launches nothing).
         return PersistentBrowserEnv(env.task_entrypoint, self._kept_browser,
-                                    in_page_restart=self.config.reset_mode == "page", **env_kwargs)
+                                    in_page_restart=self.config.reset_mode == "page",
+                                    capture_screenshot=self.config.include_screenshot
+                                    or self.config.include_screenshot_array,
+                                    **env_kwargs)
 
     def _close_kept_browser(self) -> None:
         if self._kept_browser is not None:
