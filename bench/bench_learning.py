@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2,tiny-vlm")
     ap.add_argument("--tasks", default=DEFAULT_TASKS)
-    ap.add_argument("--eval-episodes", type=int, default=50, help="held-out episodes per task and cell")
+    # 100: the floor per task and cell (each cell's interval is about +-0.1 at that size).
+    ap.add_argument("--eval-episodes", type=int, default=100, help="held-out episodes per task and cell")
     ap.add_argument("--demos", type=int, default=24, help="demonstration episodes per task")
     ap.add_argument("--epsilon", type=float, default=None,
                     help="teacher's random-action probability (default: the model's; 0.8 SmolLM2, 0.5 tiny VLM)")
