@@ -56,6 +56,7 @@ MODELS: dict[str, dict[str, Any]] = {
         "rollout.prompt.include_screenshot": True,
         "rollout.prompt.include_axtree": False,
         "rollout.prompt.max_clickable_elements": 40,
+        "warm_start.epsilon": 0.5,
     },
 }
 
@@ -102,7 +103,6 @@ def bench_overrides(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "eval.greedy": args.greedy,
         "eval.num_sessions": args.sessions,
         "warm_start.episodes_per_task": args.demos,
-        "warm_start.epsilon": 0.5,  # the model's own (MODELS) or --epsilon replace it
         "warm_start.num_sessions": args.sessions,
         "cluster.total_steps": args.grpo_steps,
         "cluster.groups_per_step": args.groups_per_step,

@@ -9,7 +9,8 @@ stock reset that relaunches Chromium and a chat-window Chromium every episode) a
 that never wait for each other, each keeping one Chromium with a fresh context per episode
 (EnvConfig.reset_mode="context"), the same with MiniWoB's in-page restart ("page"), and the in-page
 restart text-only (no screenshot captured: what a text-only model's run gets). Prints episodes/s
-and its ratio, the success rate (must not change), reset and step medians (WebSocket round trips) and the share of episode time in reset.
+and its ratio, the success rate (must not change), reset and step medians (WebSocket round trips)
+and the share of episode time in reset.
 
 Part 2, with an engine. Same tiny VLM (built offline), same task (MiniWoB click-test), same prompts
 and parser, same number of episodes everywhere:

@@ -26,8 +26,8 @@ run's ~160 one-step episodes starts with a reset, so this is about 2 minutes of 
 cores, and tests/test_env_fast_reset.py shows that a page-mode reset gives BrowserGym's own task
 instance (goal, accessibility tree, element boxes) and reward for click-test-2 and 13 other tasks.
 Everything is the preset's (model, warm start, GRPO settings and steps) but one thing: N = 64
-held-out episodes per evaluation instead of 40. With 40 the test failed once in CI (2026-11-29): 0.575 -> 0.775, difference +0.20 with a lower
-bound of -0.005, while three runs the same day on the same machine gave 0.50 -> 0.925,
+held-out episodes per evaluation instead of 40. With 40 the test failed once in CI (2026-11-29):
+0.575 -> 0.775, difference +0.20 with a lower bound of -0.005, while three runs the same day on the same machine gave 0.50 -> 0.925,
 0.55 -> 0.90 and (N = 64) 0.375 -> 0.78 [+0.24, +0.54]: both "before" (the warm start's seeds
 and sampling) and "after" vary by about 0.2 between runs, so N = 40 left no margin at the low end;
 with 64 the CI run's rates would give a lower bound of about +0.04. It costs 48 more evaluation

@@ -127,41 +127,37 @@ class _FastMarkScript:
 
 
 @contextlib.contextmanager
-def _fast_marking() -> Iterator[None]:
-    """BrowserGym's `_get_obs` with `_FastMarkScript` in place of the observation module's `pkgutil`.
-    The swap of the module global is safe: every env of a process runs on its one Playwright thread,
-    so no other observation (a stock env's included) is taken while it is in place."""
-    if _FAST_MARK_SCRIPT is None:
-        yield
-        return
-    browsergym_observation.pkgutil = _FastMarkScript
+def _swapped(module: Any, name: str, value: Any) -> Iterator[None]:
+    """`module.name` is `value` inside the block, and what it was before after it. Swapping a module
+    global of BrowserGym is safe here: every env of a process runs on its one Playwright thread, so
+    no other observation (a stock env's included) is taken while the swap is in place."""
+    stock = getattr(module, name)
+    setattr(module, name, value)
     try:
         yield
     finally:
-        browsergym_observation.pkgutil = pkgutil
+        setattr(module, name, stock)
+
+
+def _fast_marking() -> contextlib.AbstractContextManager:
+    """BrowserGym's `_get_obs` with `_FastMarkScript` in place of the observation module's `pkgutil`
+    (the stock marking when its script lacks the expected poll)."""
+    if _FAST_MARK_SCRIPT is None:
+        return contextlib.nullcontext()
+    return _swapped(browsergym_observation, "pkgutil", _FastMarkScript)
 
 
 def _no_screenshot(page: Any) -> None:
     return None
 
 
-@contextlib.contextmanager
-def _without_screenshot(skip: bool) -> Iterator[None]:
+def _without_screenshot(skip: bool) -> contextlib.AbstractContextManager:
     """BrowserGym's `_get_obs` with its screenshot capture left out (the observation's `screenshot`
-    is None) when `skip`. The same module-global swap as `_fast_marking`, safe for the same reason
-    (one Playwright thread per process); the capture is ~70 ms of a MiniWoB observation, and a
-    text-only model never sees it (bench/bench_env.py --reset-phases)."""
+    is None) when `skip`: the capture is ~70 ms of a MiniWoB observation, and a text-only model
+    never sees it (bench/bench_env.py --reset-phases)."""
     if not skip:
-        yield
-        return
-    browsergym_env.extract_screenshot = _no_screenshot
-    try:
-        yield
-    finally:
-        browsergym_env.extract_screenshot = _STOCK_EXTRACT_SCREENSHOT
-
-
-_STOCK_EXTRACT_SCREENSHOT = browsergym_env.extract_screenshot
+        return contextlib.nullcontext()
+    return _swapped(browsergym_env, "extract_screenshot", _no_screenshot)
 
 
 class ChatLog:
