@@ -7,8 +7,9 @@ Part 1, the env side with a scripted policy (no engine; envs/browsergym/scripted
 tasks in turn): the seed's pattern (one env session, episodes one after another, BrowserGym's
 stock reset that relaunches Chromium and a chat-window Chromium every episode) against K sessions
 that never wait for each other, each keeping one Chromium with a fresh context per episode
-(EnvConfig.reset_mode="context"), the same with MiniWoB's in-page restart ("page"), and the in-page
-restart text-only (no screenshot captured: what a text-only model's run gets). Prints episodes/s
+(EnvConfig.reset_mode="context"), the same keeping the page across MiniWoB episodes ("page", the
+default: an in-page restart, or a navigation when the task changes), and "page" text-only (no
+screenshot captured: what a text-only model's run gets). Prints episodes/s
 and its ratio, the success rate (must not change), reset and step medians (WebSocket round trips)
 and the share of episode time in reset.
 
@@ -265,8 +266,9 @@ def _scripted_session(url: str, todo, lock, out: dict, max_steps: int) -> None:
 def bench_scripted(episodes: int, sessions: int, max_steps: int) -> list[dict]:
     """The env side alone, with the scripted policy (no engine): the seed's pattern (one env
     session, episodes one after another, BrowserGym's stock reset that relaunches Chromium twice)
-    against this project's configuration (K sessions that never wait for each other, one kept
-    Chromium per session and a fresh context per episode). Same episodes, same step settings."""
+    against this project's configurations (K sessions that never wait for each other, one kept
+    Chromium per session, a fresh context per episode or the page kept). Same episodes, same step
+    settings."""
     from envs.browsergym.config import EnvConfig
     from envs.browsergym.pool import EnvServerPool
     from envs.browsergym.scripted import SCRIPTED_TASKS
@@ -279,8 +281,8 @@ def bench_scripted(episodes: int, sessions: int, max_steps: int) -> list[dict]:
     # off when the prompt does not show it): no screenshot captured.
     for name, reset_mode, k, screenshot in (("seed pattern: 1 env, stock reset", "relaunch", 1, True),
                                             (f"this project: K={sessions}, context reset", "context", sessions, True),
-                                            (f"this project: K={sessions}, in-page reset", "page", sessions, True),
-                                            (f"K={sessions}, in-page, text-only", "page", sessions, False)):
+                                            (f"this project: K={sessions}, page reset", "page", sessions, True),
+                                            (f"K={sessions}, page reset, text-only", "page", sessions, False)):
         config = EnvConfig(task=TASK, reset_mode=reset_mode, max_steps=max_steps, max_sessions=1,
                            include_screenshot=screenshot)
         with EnvServerPool(k, config) as pool:

@@ -2,13 +2,16 @@
 
 The reference is BrowserGym's stock behaviour: `reset_mode="relaunch"` (its reset relaunches
 Chromium and a chat-window Chromium every episode) with its default waits (`slow_mo` = the task's
-100 ms, `pre_observation_delay` = 0.5 s). The fast configuration is this project's default: one
-kept Chromium per session, a fresh context per episode, no slow-motion, no pre-observation sleep.
-For each of 14 MiniWoB tasks and one seed per task, both must produce the same goal text and the
-same page (accessibility tree with bids, and the clickable elements' boxes), and a scripted
-solution must earn the same reward (1.0) in both. The same holds for `reset_mode="page"` (MiniWoB's
-in-page restart), checked on a page that has already served an episode of the task, and run
-text-only (`include_screenshot=False`: no screenshot is captured, as for a text-only model), so the
+100 ms, `pre_observation_delay` = 0.5 s). The fast configurations are this project's: one kept
+Chromium per session, no slow-motion, no pre-observation sleep, and either a fresh context per
+episode (`reset_mode="context"`) or the page kept across MiniWoB episodes (`"page"`, the
+default). For each of 14 MiniWoB tasks and one seed per task, each must produce the same goal text
+and the same page (accessibility tree with bids, and the clickable elements' boxes) as the stock
+reset, and a scripted solution must earn the same reward (1.0). In the "page" pass every task is
+played twice with its seed, one task after another in one session: the first episode is the task
+loaded into the last task's page (a navigation; the very first task gets a fresh context), the
+second an in-page restart on the used page, and both are checked. That pass runs text-only
+(`include_screenshot=False`: no screenshot is captured, as for a text-only model), so the
 observation without the capture is checked against the stock one too.
 
 At most two browsers run at once: the stock env (page + chat) first, then the fast one.
@@ -113,8 +116,9 @@ def _episode(env, task: str, seed: int, retries: int = 1) -> tuple[BrowserGymObs
 
 def _play(config: EnvConfig) -> dict[str, dict]:
     """Per task: the first observation's goal/page and the scripted episode's reward. With
-    reset_mode="page" another episode of the task runs first, so the measured one is an in-page
-    restart on a used page."""
+    reset_mode="page" each task is played twice with its seed, one task after another: the
+    results are the second episode's (an in-page restart) and, under "first", the first's (the
+    task loaded into the page of the last task's episode)."""
     from envs.browsergym.server.environment import BrowserGymEnvironment
 
     env = BrowserGymEnvironment(config)
@@ -123,26 +127,31 @@ def _play(config: EnvConfig) -> dict[str, dict]:
         for index, task in enumerate(TASKS):
             seed = 1000 + 7 * index
             try:
+                first = None
                 if config.reset_mode == "page":
-                    _episode(env, task, 2000 + index)
-                first, observation, actions = _episode(env, task, seed)
+                    first = _result(env, *_episode(env, task, seed))
+                results[task] = _result(env, *_episode(env, task, seed))
+                results[task]["first"] = first
             except Exception as exc:  # noqa: BLE001 - this task's tests fail with it, the others run
                 results[task] = {"error": f"{type(exc).__name__}: {exc}"}
-                continue
-            results[task] = {
-                "how": getattr(env._gym_env, "last_reset", None),
-                "goal": first.goal,
-                "axtree": first.axtree_txt,
-                "boxes": _boxes(first),
-                "has_screenshot": bool(first.screenshot_png_b64),
-                "reward": observation.reward,
-                "done": observation.done,
-                "actions": actions,
-                "errors": [observation.error] if observation.error else [],
-            }
     finally:
         env.close()
     return results
+
+
+def _result(env, first: BrowserGymObservation, observation: BrowserGymObservation, actions: list[str]) -> dict:
+    return {
+        "how": getattr(env._gym_env, "last_reset", None),
+        "goal": first.goal,
+        "axtree": first.axtree_txt,
+        "boxes": _boxes(first),
+        "has_screenshot": bool(first.screenshot_png_b64),
+        "screenshot": first.screenshot_png_b64,
+        "reward": observation.reward,
+        "done": observation.done,
+        "actions": actions,
+        "errors": [observation.error] if observation.error else [],
+    }
 
 
 def _boxes(observation: BrowserGymObservation) -> list[tuple]:
@@ -153,7 +162,7 @@ def _boxes(observation: BrowserGymObservation) -> list[tuple]:
 def runs() -> dict[str, dict]:
     return {
         "stock": _play(EnvConfig(task="miniwob.click-test", max_steps=8, **STOCK)),
-        "context": _play(EnvConfig(task="miniwob.click-test", max_steps=8)),
+        "context": _play(EnvConfig(task="miniwob.click-test", max_steps=8, reset_mode="context")),
         "page": _play(EnvConfig(task="miniwob.click-test", max_steps=8, reset_mode="page", include_screenshot=False)),
     }
 
@@ -167,8 +176,13 @@ def test_fast_reset_gives_the_stock_task_instance_for_the_seed(runs, task, mode)
     assert fast["axtree"] == stock["axtree"]  # layout, texts and bids
     assert fast["boxes"] == stock["boxes"]  # positions on the page
     assert stock["has_screenshot"] and fast["has_screenshot"] == (mode == "context")  # "page" runs text-only
-    if mode == "page":
-        assert fast["how"] == "restart"  # it really was an in-page restart
+    if mode == "context":  # our capture (it keeps the page's viewport) gives BrowserGym's pixels
+        assert fast["screenshot"] == stock["screenshot"]
+    assert fast["how"] == {"context": "context", "page": "restart"}[mode]  # it really was an in-page restart
+    if mode == "page":  # the task's first episode, loaded into the last task's page
+        first = fast["first"]
+        assert first["how"] == ("context" if task == TASKS[0] else "navigate")
+        assert (first["goal"], first["axtree"], first["boxes"]) == (stock["goal"], stock["axtree"], stock["boxes"])
 
 
 @pytest.mark.parametrize("mode", ["context", "page"])
@@ -179,36 +193,77 @@ def test_scripted_solution_earns_the_same_reward_with_fast_waits(runs, task, mod
     assert stock["done"] and stock["reward"] == 1.0, stock
     assert fast["actions"] == stock["actions"]
     assert (fast["done"], fast["reward"]) == (stock["done"], stock["reward"]), fast
+    if mode == "page":
+        first = fast["first"]
+        assert (first["actions"], first["done"], first["reward"]) == (stock["actions"], stock["done"], stock["reward"]), first
+
+
+# (No cookie: Chromium keeps none for file:// pages, so a cookie could not be written to leak.)
+_LEAK = """() => { localStorage.setItem('leak', 'earlier episode');
+                   sessionStorage.setItem('leak', 'earlier episode');
+                   history.pushState({}, ''); }"""
+_SEEN = "() => [localStorage.getItem('leak'), sessionStorage.getItem('leak'), history.length]"
 
 
 @pytest.mark.parametrize("mode", ["context", "page"])
-def test_episodes_share_one_browser_but_no_storage_or_history(mode):
-    """A page writes localStorage (and sessionStorage, and a history entry) in one episode; the next
-    episode, on the same Chromium process, sees none of it. (In "page" mode the page, and so its
-    history, is the last episode's: only storage and cookies are cleared.)"""
+def test_episodes_share_one_browser_but_no_storage_cookies_or_history(mode):
+    """A page writes localStorage, sessionStorage and a history entry in one episode; the next
+    episode, on the same Chromium process, sees none of it: after an episode of the same task (in
+    "page" mode an in-page restart) and after one of another task (a navigation). A fresh page's
+    history is about:blank and the task; a reused page's is the task alone (its back list is
+    emptied, so it cannot lead to an earlier episode)."""
     from envs.browsergym.server.environment import BrowserGymEnvironment
 
-    env = BrowserGymEnvironment(EnvConfig(task="miniwob.click-test", reset_mode=mode))
+    env = BrowserGymEnvironment(EnvConfig(task="miniwob.click-test", reset_mode=mode, include_screenshot=False))
     try:
         env.reset(seed=1)
         pid = env._kept_browser.pid
         page = env._gym_env.page
-        fresh_history = page.evaluate("() => history.length")
-        page.evaluate("""() => { localStorage.setItem('leak', 'episode-1');
-                                 sessionStorage.setItem('leak', 'episode-1');
-                                 history.pushState({}, ''); }""")  # same URL: "page" mode may reuse the page
-        # Control: the page can store and read (file:// origins have localStorage in Chromium).
-        assert page.evaluate("() => [localStorage.getItem('leak'), history.length]") == ["episode-1", fresh_history + 1]
+        fresh = page.evaluate(_SEEN)
+        page.evaluate(_LEAK)
+        # Control: the page can store and read (file:// origins have storage in Chromium).
+        assert page.evaluate(_SEEN)[:2] == ["earlier episode", "earlier episode"]
+        assert page.evaluate(_SEEN)[2] == fresh[2] + 1 == 3
 
-        env.reset(seed=2)
-        page = env._gym_env.page
-        seen = page.evaluate("() => [localStorage.getItem('leak'), sessionStorage.getItem('leak'), history.length]")
-        assert seen == [None, None, fresh_history + (mode == "page")]
-        assert env._gym_env.page_episodes == (2 if mode == "page" else 1)
-        assert env._gym_env.last_reset == ("restart" if mode == "page" else "context")
-        assert env._kept_browser.pid == pid  # same browser process: isolation came from the context
+        hows = []
+        for seed, task in ((2, "miniwob.click-test"), (3, "miniwob.click-button")):
+            env.reset(seed=seed, task=task)
+            hows.append(env._gym_env.last_reset)
+            page = env._gym_env.page
+            assert page.evaluate(_SEEN) == [None, None, 1 if mode == "page" else fresh[2]], (task, hows)
+            page.evaluate(_LEAK)
+        assert hows == (["restart", "navigate"] if mode == "page" else ["context", "context"])
+        assert env._gym_env.page_episodes == (3 if mode == "page" else 1)
+        assert env._kept_browser.pid == pid  # same browser process throughout
         assert env.browser_stats()["browser_launches"] == 1
         assert env._gym_env.chat.messages[-1]["message"] == env.state.goal  # chat log without a window
+    finally:
+        env.close()
+
+
+def test_observations_with_screenshots_keep_the_task_viewport():
+    """BrowserGym's screenshot capture detaches the DevTools session that set the page's device
+    metrics, and the page's layout viewport then falls back to 780x493 CSS px (332x127 after a
+    navigation, where focus-text's text box counted as invisible). Ours keeps the session
+    (`_screenshot_keeping_viewport`): every observation, a reset's or a step's, after a fresh
+    context, a navigation or a restart, is read at the task's 332x214, and the box stays clickable."""
+    from envs.browsergym.server.environment import BrowserGymEnvironment
+
+    env = BrowserGymEnvironment(EnvConfig(task="miniwob.click-test", include_screenshot=True))
+    size = "() => [innerWidth, innerHeight]"
+    try:
+        hows, sizes, boxes = [], [], []
+        for seed, task in ((1, "miniwob.enter-text"), (2, "miniwob.focus-text"), (3, "miniwob.focus-text")):
+            observation = env.reset(seed=seed, task=task)
+            hows.append(env._gym_env.last_reset)
+            boxes.append([e for e in observation.clickable_elements if e["role"] == "textbox"])
+            assert observation.screenshot_png_b64
+            sizes.append(env._gym_env.page.evaluate(size))
+            env.step(BrowserGymAction(action_str="noop()"))
+            sizes.append(env._gym_env.page.evaluate(size))
+        assert hows == ["context", "navigate", "restart"]
+        assert sizes == [[332, 214]] * 6
+        assert all(boxes), boxes  # focus-text's text box is clickable after the switch and the restart
     finally:
         env.close()
 

@@ -12,7 +12,7 @@ from typing import Any, Optional
 # "bid"/"coord" subsets contain upload_file / mouse_upload_file (read any local file into the page)
 # and "nav" contains goto (navigate to file:///etc/...), so they are opt-in, not the default.
 FORBIDDEN_ACTION_SUBSETS = ("python",)
-RESET_MODES = ("context", "page", "relaunch")
+RESET_MODES = ("page", "context", "relaunch")
 KNOWN_ACTION_SUBSETS = (
     "chat",
     "infeas",
@@ -66,23 +66,26 @@ class EnvConfig:
     None = the task's own). It paces actions for a human watching; no MiniWoB reward depends on
     it (tests/test_env_fast_reset.py), so 0 is the default."""
 
-    reset_mode: str = "context"
-    """How `reset` starts an episode. `context`: the session keeps one Chromium and opens a fresh
-    browser context and page per episode (no cookie/storage/history leak; no chat-window browser;
-    the same task instance per seed as BrowserGym's reset). `page`: like `context`, but a MiniWoB
-    episode after one of the same task restarts in the same page (MiniWoB's `core.startEpisodeReal`
-    with the same seed draw; storage and cookies cleared, a fresh context every 100 episodes):
-    no new renderer or page load per episode, but the page's JavaScript state is shared between
-    episodes. `relaunch`: BrowserGym's own reset,
-    which closes and relaunches Chromium plus a chat-window Chromium every episode (the seed's
-    pattern; bench/bench_rollout.py compares the three)."""
+    reset_mode: str = "page"
+    """How `reset` starts an episode. Every mode gives the same task instance per seed as
+    BrowserGym's own reset (tests/test_env_fast_reset.py, 14 MiniWoB tasks). `page` (default): the
+    session keeps one Chromium and, for MiniWoB, one page: the next episode of the same task
+    restarts in it (MiniWoB's own `core.startEpisodeReal`, the seed draw BrowserGym makes), another
+    MiniWoB task is loaded into it by navigation; storage, cookies and navigation history are
+    cleared between episodes, a fresh context every 100 episodes and for other benchmarks. Within
+    one task's restarts the page's JavaScript globals carry over, as in MiniWoB's own harness.
+    `context`: a fresh browser context and page per episode (Playwright's isolation unit; a new
+    renderer and page load every episode: 0.65 s against 0.20 s for a restart and 0.27 s for a
+    navigation, bench/bench_env.py --reset-phases on 2 cores). `relaunch`: BrowserGym's own
+    reset, which closes and relaunches Chromium plus a chat-window Chromium every episode (the
+    seed's pattern; bench/bench_rollout.py compares the three)."""
 
     browser_max_episodes: int = 500
-    """`context`/`page` modes: relaunch the session's Chromium after this many episodes (0 =
+    """`page`/`context` modes: relaunch the session's Chromium after this many episodes (0 =
     never), so a slow leak in a long-lived browser cannot build up."""
 
     browser_max_memory_mb: float = 1500.0
-    """`context`/`page` modes: relaunch the session's Chromium at the next reset once the summed
+    """`page`/`context` modes: relaunch the session's Chromium at the next reset once the summed
     RSS of its process tree passes this many MiB (0 = never; shared pages count once per process,
     so the sum overstates what the browser holds)."""
 

@@ -1,18 +1,25 @@
-"""One Chromium per env session, kept across episodes; a fresh browser context per episode.
+"""One Chromium per env session, kept across episodes; MiniWoB episodes keep its page too.
 
 BrowserGym 0.14.3's `BrowserEnv.reset` closes and relaunches Chromium on every episode, plus a
 second Chromium for its chat window (`core/chat.py`): 1.1-2.6 s per reset measured on a 2-core
-machine (`python bench/bench_rollout.py --skip-engine` times the stock reset against this one). Here a session launches Chromium once (`KeptBrowser`) and each episode gets a new
-browser context and page (`PersistentBrowserEnv.reset`): the context is Playwright's isolation
-unit (its own cookies, localStorage, cache and history), so nothing leaks from one episode to the
-next, and the task is set up exactly as BrowserGym does it (same task object from the same seed,
-same page URL, same init script), so a seed gives the same task instance as the stock reset
-(tests/test_env_fast_reset.py checks goal and layout against it).
+machine (`python bench/bench_rollout.py --skip-engine` times the stock reset against this one).
+Here a session launches Chromium once (`KeptBrowser`). With `reset_mode="context"` each episode
+gets a new browser context and page (`PersistentBrowserEnv.reset`): the context is Playwright's
+isolation unit (its own cookies, localStorage, cache and history), and the task is set up exactly
+as BrowserGym does it (same task object from the same seed, same page URL, same init script), so a
+seed gives the same task instance as the stock reset (tests/test_env_fast_reset.py checks goal,
+layout and the first screenshot against it).
 
-MiniWoB's in-page restart (`core.endEpisode(0)` then `core.startEpisodeReal()` on the same page)
-is opt-in (`reset_mode="page"`): it keeps the page's JavaScript globals and history from the last
-episode (storage and cookies are cleared), the leak a fresh context prevents, but it skips the new
-renderer and page load. bench/bench_env.py --reset-phases times each part of a reset.
+`reset_mode="page"` (the default) keeps the session's page across MiniWoB episodes as well, the
+way MiniWoB's own harness runs episodes: the next episode of the same task restarts in the page
+(`core.endEpisode(0)` then `core.startEpisodeReal()`, with the seed draw BrowserGym makes), and an
+episode of another MiniWoB task is loaded into the same page by navigation (`task.setup` on it).
+Between episodes the page's storage and cookies are cleared and its navigation history is reset,
+so what a context would isolate does not leak either; what remains shared is the renderer process
+and, within one task's restarts, the page's JavaScript globals (MiniWoB's harness shares them the
+same way; an agent's actions cannot set them: no script or navigation action is allowed). It skips
+the new context, renderer and page load (bench/bench_env.py --reset-phases, 2-core machine: a
+restart 0.20 s in-process, another task 0.27 s against 0.65 s for a fresh context and page).
 
 The chat window is replaced by `ChatLog`, the same message list without a browser: MiniWoB tasks
 never read the chat, and `send_msg_to_user` / `report_infeasible` still record their messages.
@@ -24,7 +31,9 @@ checked between episodes.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
 import logging
 import pkgutil
 import time
@@ -64,8 +73,13 @@ document.addEventListener("visibilitychange", () => {
 
 
 # reset_mode="page": a page serves at most this many episodes before a fresh context and page
-# (MiniWoB's own harness reloads its page every N episodes against slow leaks in the page).
+# (MiniWoB's own harness reloads its page every N episodes against slow leaks in the page; a
+# navigation frees the document but keeps the renderer process, so it counts too).
 PAGE_MAX_EPISODES = 100
+
+# What an episode may have left in the page's origin, cleared before the next episode starts there
+# (a navigation keeps sessionStorage for the same origin, and MiniWoB pages share one origin).
+_CLEAR_STORAGE_SCRIPT = "() => { localStorage.clear(); sessionStorage.clear(); }"
 
 _IN_PAGE_RESTART_SCRIPT = r"""
 ([seed, maxTime]) => {
@@ -151,13 +165,45 @@ def _no_screenshot(page: Any) -> None:
     return None
 
 
-def _without_screenshot(skip: bool) -> contextlib.AbstractContextManager:
-    """BrowserGym's `_get_obs` with its screenshot capture left out (the observation's `screenshot`
-    is None) when `skip`: the capture is ~70 ms of a MiniWoB observation, and a text-only model
-    never sees it (bench/bench_env.py --reset-phases)."""
-    if not skip:
-        return contextlib.nullcontext()
-    return _swapped(browsergym_env, "extract_screenshot", _no_screenshot)
+def page_devtools(page: Any) -> Any:
+    """The page's DevTools session, opened once and kept with the page (it ends with the page)."""
+    session = getattr(page, "_bgrpo_devtools", None)
+    if session is None:
+        session = page.context.new_cdp_session(page)
+        page._bgrpo_devtools = session
+    return session
+
+
+def _screenshot_keeping_viewport(page: Any) -> Any:
+    """BrowserGym's `extract_screenshot` (the same device metrics at the task's scale factor, the
+    same capture, the same decoding), through the page's kept DevTools session. BrowserGym's opens
+    a session per capture and detaches it, and the detach drops the page's device metrics: the
+    layout viewport then falls back to what Chromium has (780x493 CSS px instead of MiniWoB's
+    332x214 on a fresh page; 332x127 after a navigation, where elements below 127 px count as
+    invisible), racing with the next observation. Kept, the session leaves the page at the task's
+    viewport after every capture, so each observation is read at the same layout."""
+    import numpy as np
+    import PIL.Image
+
+    viewport = page.viewport_size
+    if viewport is None:  # no emulated viewport (resizeable windows): nothing to keep
+        return browsergym_observation.extract_screenshot(page)
+    session = page_devtools(page)
+    metrics = {"width": viewport["width"], "height": viewport["height"], "mobile": False}
+    session.send("Emulation.setDeviceMetricsOverride",
+                 {**metrics, "deviceScaleFactor": getattr(page, "_bgym_scale_factor", 1.0)})
+    answer = session.send("Page.captureScreenshot", {"format": "png"})
+    session.send("Emulation.setDeviceMetricsOverride", {**metrics, "deviceScaleFactor": 1.0})
+    with io.BytesIO(base64.b64decode(answer["data"])) as png:
+        return np.array(PIL.Image.open(png).convert(mode="RGB"))
+
+
+def _screenshot_capture(capture: bool) -> contextlib.AbstractContextManager:
+    """BrowserGym's `_get_obs` with `_screenshot_keeping_viewport` as its screenshot capture, or
+    with none (the observation's `screenshot` is None) when not `capture`: the capture is ~65 ms
+    of a MiniWoB observation, and a text-only model never sees it (bench/bench_env.py
+    --reset-phases)."""
+    return _swapped(browsergym_env, "extract_screenshot", _screenshot_keeping_viewport if capture else _no_screenshot)
 
 
 class ChatLog:
@@ -294,7 +340,7 @@ class KeptBrowser:
 
 
 class PersistentBrowserEnv(BrowserEnv):
-    """BrowserGym's `BrowserEnv` whose reset reuses one kept browser and opens a fresh context.
+    """BrowserGym's `BrowserEnv` whose reset reuses one kept browser, and its page or a fresh context.
 
     `reset` mirrors browsergym 0.14.3's `BrowserEnv.reset` step for step, except: the browser
     comes from `KeptBrowser` (not launched here, not closed by the next reset), the chat is a
@@ -313,9 +359,11 @@ class PersistentBrowserEnv(BrowserEnv):
         self.capture_screenshot = capture_screenshot  # False: observations carry screenshot None
         self.launched_browser = False  # whether the last reset (re)launched Chromium
         self.page_episodes = 0  # episodes served by the current page
-        # How the last reset started its episode: "context" (fresh context and page) or "restart"
-        # (reset_mode="page": MiniWoB's restart in the page of the last episode).
+        # How the last reset started its episode: "context" (fresh context and page), "restart"
+        # (MiniWoB's restart in the page of the last episode) or "navigate" (another MiniWoB task
+        # loaded into that page); the last two need reset_mode="page".
         self.last_reset = ""
+        self._context_options: tuple = ()  # (viewport, locale, timezone_id) of the open context
 
     def reset(self, seed: Optional[int] = None, *args: Any, **kwargs: Any) -> tuple[dict, dict]:
         super(BrowserEnv, self).reset(seed=seed, *args, **kwargs)  # gym.Env.reset: seeds nothing we use
@@ -337,15 +385,19 @@ class PersistentBrowserEnv(BrowserEnv):
         self.browser, self.launched_browser = self.kept_browser.browser_for_episode(slow_mo or 0)
         self.chat = ChatLog()
 
-        if self._can_restart_in_page(previous_task):
-            # --- reset_mode="page": MiniWoB's own restart on the page of the last episode ---
+        how = self._page_reuse(previous_task, viewport, locale, timezone_id)
+        if how == "restart":
+            # --- MiniWoB's own restart on the page of the last episode (same task) ---
             task_goal, task_info = self._restart_in_page()
-            self.last_reset = "restart"
+        elif how == "navigate":
+            # --- another MiniWoB task, loaded into the page of the last episode ---
+            task_goal, task_info = self._navigate_in_page(timeout)
         else:
             # --- a fresh context and page (the last episode's storage and history go away) ---
             self._new_context_and_page(viewport, locale, timezone_id, timeout)
             task_goal, task_info = self.task.setup(page=self.page)
-            self.last_reset = "context"
+            how = "context"
+        self.last_reset = how
         self.page_episodes += 1
         self._set_goal(task_goal)
 
@@ -363,6 +415,11 @@ class PersistentBrowserEnv(BrowserEnv):
         obs = self._get_obs()
         return obs, {"task_info": task_info}
 
+    def switch_task(self, task_entrypoint: Any) -> None:
+        """The next reset builds its task from `task_entrypoint` (same benchmark, same task
+        kwargs); the open context and page stay, so reset_mode="page" can navigate them."""
+        self.task_entrypoint = task_entrypoint
+
     def _new_context_and_page(self, viewport: Any, locale: Any, timezone_id: Any, timeout: Any) -> None:
         """A fresh browser context and page on the kept browser, wired as BrowserGym's reset
         wires them (page activation binding and script, default timeout). The last one is closed
@@ -376,6 +433,7 @@ class PersistentBrowserEnv(BrowserEnv):
         self.context = self.browser.new_context(
             viewport=viewport, locale=locale, timezone_id=timezone_id, **self.pw_context_kwargs
         )
+        self._context_options = (viewport, locale, timezone_id)
         self.context.set_default_timeout(timeout)
         self.context.expose_binding(
             "browsergym_page_activated", lambda source: self._activate_page_from_js(source["page"])
@@ -413,8 +471,8 @@ class PersistentBrowserEnv(BrowserEnv):
 
     def _get_obs(self) -> dict:
         # BrowserGym's observation, with its element marking's idle poll shortened (_fast_marking)
-        # and, for text-only consumers, without the screenshot capture.
-        with _fast_marking(), _without_screenshot(not self.capture_screenshot):
+        # and its screenshot capture keeping the page's viewport, or none for text-only consumers.
+        with _fast_marking(), _screenshot_capture(self.capture_screenshot):
             return super()._get_obs()
 
     def close(self) -> None:
@@ -424,38 +482,64 @@ class PersistentBrowserEnv(BrowserEnv):
             self.task = None
         self._close_context()
 
-    def _can_restart_in_page(self, previous_task: Any) -> bool:
-        """reset_mode="page": restart in the page when the last episode ran the same MiniWoB task
-        on this (still connected) browser, its page is the only one and still on the task's URL,
-        and the page has served fewer than PAGE_MAX_EPISODES episodes."""
+    def _page_reuse(self, previous_task: Any, viewport: Any, locale: Any, timezone_id: Any) -> str:
+        """reset_mode="page": how this episode can reuse the last episode's page: "restart" when it
+        ran the same MiniWoB task, "navigate" when it ran another one; "" (a fresh context) unless
+        the browser is the same (still connected), the page is the context's only one, still on
+        the last task's URL, has served fewer than PAGE_MAX_EPISODES episodes, and the new task
+        asks the same viewport, locale and time zone (context options)."""
         from browsergym.miniwob.base import AbstractMiniwobTask
 
-        return (
+        reusable = (
             self.in_page_restart
             and not self.launched_browser
             and isinstance(self.task, AbstractMiniwobTask)
-            and type(previous_task) is type(self.task)
+            and isinstance(previous_task, AbstractMiniwobTask)
             and self.context is not None
             and self.page is not None
             and len(self.context.pages) == 1
             and not self.page.is_closed()
-            and self.page.url == self.task.url
+            and self.page.url == previous_task.url
             and self.page_episodes < PAGE_MAX_EPISODES
+            and self._context_options == (viewport, locale, timezone_id)
         )
+        if not reusable:
+            return ""
+        return "restart" if type(previous_task) is type(self.task) else "navigate"
 
     def _restart_in_page(self) -> tuple[str, dict]:
         """What AbstractMiniwobTask.setup does after loading the page, on the loaded page: the same
         seed draw, `Math.seedrandom`, `core.startEpisodeReal()`. Before it, the page forgets the
         last episode: storage and cookies cleared, focus dropped, BrowserGym's element ids
-        removed and its counter reset (so the new elements get the ids a fresh page gives)."""
+        removed and its counter reset (so the new elements get the ids a fresh page gives), and
+        the navigation history reset (an agent's `history.pushState` is not an action, but a
+        page's own script could push)."""
         task = self.task
         task.page = self.page
         js_seed = task.random.randint(0, 1000000)  # the draw setup() makes, from the same RandomState
         self.context.clear_cookies()
         self.page.evaluate(_IN_PAGE_RESTART_SCRIPT, [js_seed, task.episode_max_time])
         self.page.wait_for_function("() => WOB_TASK_READY")
-        self.page_history = {self.page: None}
+        self._reset_history()
         return task._get_goal(), task._get_info()
+
+    def _navigate_in_page(self, timeout: Any) -> tuple[str, dict]:
+        """Another MiniWoB task in the page of the last episode: its storage and cookies cleared,
+        then the task's own setup (`page.goto` of its URL, the seed draw, `startEpisodeReal`) on
+        that page, then the navigation history reset, so the back list does not hold the last
+        task. The new document has no element ids and a fresh BrowserGym counter, as a new page."""
+        self.page.evaluate(_CLEAR_STORAGE_SCRIPT)
+        self.context.clear_cookies()
+        self.context.set_default_timeout(timeout)
+        task_goal, task_info = self.task.setup(page=self.page)
+        self._reset_history()
+        return task_goal, task_info
+
+    def _reset_history(self) -> None:
+        """The page's back/forward list emptied (Chrome DevTools `Page.resetNavigationHistory`),
+        as a fresh page has it, and BrowserGym's page bookkeeping to this one page."""
+        page_devtools(self.page).send("Page.resetNavigationHistory")
+        self.page_history = {self.page: None}
 
     def _close_context(self) -> None:
         context = self.context

@@ -1,9 +1,10 @@
 """BrowserGym MiniWoB as an openenv-core `Environment`.
 
-One instance = one WebSocket session = one BrowserGym env. With `reset_mode="context"` (the
-default) the session keeps one Chromium for all its episodes and gives each a fresh browser
-context (server/browser.py); with `"relaunch"` BrowserGym's own reset relaunches Chromium and its
-chat-window Chromium every episode. BrowserGym's sync Playwright is bound to the thread that created it, so the
+One instance = one WebSocket session = one BrowserGym env. With `reset_mode="page"` (the default)
+or `"context"` the session keeps one Chromium for all its episodes (server/browser.py): "context"
+gives each episode a fresh browser context, "page" keeps the page across MiniWoB episodes (an
+in-page restart, or a navigation to another task). With `"relaunch"` BrowserGym's own reset
+relaunches Chromium and its chat-window Chromium every episode. BrowserGym's sync Playwright is bound to the thread that created it, so the
 server runs every session of a process on one thread (REQUIRES_SINGLE_THREAD_EXECUTOR) and we
 check that nobody calls us from another thread.
 """
@@ -156,7 +157,7 @@ class BrowserGymEnvironment(Environment[BrowserGymAction, BrowserGymObservation,
             self.config.action_subsets, self.config.max_action_chars, self.config.allow_multiaction
         )
         self._gym_env: Any = None
-        self._kept_browser: Any = None  # KeptBrowser in "context" mode, created on first reset
+        self._kept_browser: Any = None  # KeptBrowser ("page"/"context" modes), made at the first reset
         self._gym_task: Optional[str] = None
         self._thread_id: Optional[int] = None
         self._episode_done = True
@@ -178,11 +179,9 @@ class BrowserGymEnvironment(Environment[BrowserGymAction, BrowserGymObservation,
         self._check_thread()
         qualified = qualify_task_name(task or task_name or self.config.task)
 
-        # --- (re)build the BrowserGym env when the task changes ---
+        # --- a BrowserGym env for the task when it changes ---
         if qualified != self._gym_task:
-            self._close_gym_env()
-            self._gym_env = self._make_gym_env(qualified)
-            self._gym_task = qualified
+            self._switch_gym_env(qualified)
 
         # --- start the episode (a fresh context on the kept browser, or BrowserGym's relaunch) ---
         self._episode_done = True  # stays so if the reset fails
@@ -260,7 +259,7 @@ class BrowserGymEnvironment(Environment[BrowserGymAction, BrowserGymObservation,
         self._close_kept_browser()
 
     def browser_stats(self) -> dict[str, Any]:
-        """Launches, recycles and memory of the session's kept browser ("context" mode)."""
+        """Launches, recycles and memory of the session's kept browser ("page"/"context" modes)."""
         kept = self._kept_browser
         if kept is None:
             return {"browser_launches": 0, "browser_recycles": 0, "browser_memory_mb": 0.0}
@@ -280,6 +279,19 @@ class BrowserGymEnvironment(Environment[BrowserGymAction, BrowserGymObservation,
                 f"server's env.session_timeout_s ({self.config.session_timeout_s} s), openenv closed it, "
                 "and runs later calls on another thread; reconnect, or raise or unset the timeout"
             )
+
+    def _switch_gym_env(self, task: str) -> None:
+        """The env for `task`. A kept-browser env of the same benchmark only changes its task, so
+        its open page stays for the next reset (reset_mode="page" loads the new MiniWoB task into
+        it); anything else is closed and built anew."""
+        made = self._make_gym_env(task)  # validates the task; gym.make launches nothing
+        same_benchmark = self._gym_task is not None and self._gym_task.split(".", 1)[0] == task.split(".", 1)[0]
+        if same_benchmark and hasattr(self._gym_env, "switch_task") and hasattr(made, "switch_task"):
+            self._gym_env.switch_task(made.task_entrypoint)
+        else:
+            self._close_gym_env()
+            self._gym_env = made
+        self._gym_task = task
 
     def _make_gym_env(self, task: str) -> Any:
         import gymnasium as gym
