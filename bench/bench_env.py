@@ -111,7 +111,7 @@ _RESET_PHASES = (
     ("browsergym.core.env", "extract_dom_snapshot", "  DOM snapshot"),
     ("browsergym.core.env", "extract_merged_axtree", "  accessibility tree"),
     ("browsergym.core.env", "extract_focused_element_bid", "  focused element"),
-    ("browsergym.core.env", "extract_screenshot", "  screenshot"),
+    ("envs.browsergym.server.browser", "_screenshot_keeping_viewport", "  screenshot"),
     ("browsergym.core.env", "_post_extract", "  unmark"),
     ("envs.browsergym.server.environment", "BrowserGymEnvironment._observation", "our observation (axtree text, PNG, elements)"),
 )

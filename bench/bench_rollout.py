@@ -324,6 +324,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--scripted-episodes", type=int, default=36, help="part 1: timed episodes per configuration")
     ap.add_argument("--scripted-sessions", type=int, default=2, help="part 1: K sessions of this project's configuration")
     ap.add_argument("--skip-engine", action="store_true", help="run part 1 only")
+    ap.add_argument("--skip-scripted", action="store_true", help="skip part 1")
     return ap.parse_args(argv)
 
 
@@ -342,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
           f"engine {args.engine}, tiny VLM, {os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}, "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
 
-    print_scripted(bench_scripted(args.scripted_episodes, args.scripted_sessions, args.max_steps + 2))
+    if not args.skip_scripted:
+        print_scripted(bench_scripted(args.scripted_episodes, args.scripted_sessions, args.max_steps + 2))
     if args.skip_engine:
         return 0
 
@@ -367,7 +369,7 @@ def print_engine_runs(results: list[dict]) -> None:
     """Throughput of each configuration with the engine, relative to (a) the gist's loop."""
     base = results[0]["eps_per_s"]
     print()
-    print("with the tiny VLM engine ((a) uses BrowserGym's stock reset, the workers reset a fresh context)")
+    print("with the tiny VLM engine ((a) uses BrowserGym's stock reset, the workers the default reset_mode=page)")
     print(f"{'configuration':34s} {'episodes':>8s} {'failed':>6s} {'steps':>5s} {'wall s':>7s} {'eps/s':>7s} "
           f"{'x gist':>6s} {'batch':>5s}")
     for r in results:
