@@ -165,7 +165,7 @@ def _no_screenshot(page: Any) -> None:
     return None
 
 
-def page_devtools(page: Any) -> Any:
+def _page_devtools(page: Any) -> Any:
     """The page's DevTools session, opened once and kept with the page (it ends with the page)."""
     session = getattr(page, "_bgrpo_devtools", None)
     if session is None:
@@ -188,7 +188,7 @@ def _screenshot_keeping_viewport(page: Any) -> Any:
     viewport = page.viewport_size
     if viewport is None:  # no emulated viewport (resizeable windows): nothing to keep
         return browsergym_observation.extract_screenshot(page)
-    session = page_devtools(page)
+    session = _page_devtools(page)
     metrics = {"width": viewport["width"], "height": viewport["height"], "mobile": False}
     session.send("Emulation.setDeviceMetricsOverride",
                  {**metrics, "deviceScaleFactor": getattr(page, "_bgym_scale_factor", 1.0)})
@@ -538,7 +538,7 @@ class PersistentBrowserEnv(BrowserEnv):
     def _reset_history(self) -> None:
         """The page's back/forward list emptied (Chrome DevTools `Page.resetNavigationHistory`),
         as a fresh page has it, and BrowserGym's page bookkeeping to this one page."""
-        page_devtools(self.page).send("Page.resetNavigationHistory")
+        _page_devtools(self.page).send("Page.resetNavigationHistory")
         self.page_history = {self.page: None}
 
     def _close_context(self) -> None:

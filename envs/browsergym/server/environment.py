@@ -284,16 +284,18 @@ class BrowserGymEnvironment(Environment[BrowserGymAction, BrowserGymObservation,
         """The env for `task`. A kept-browser env of the same benchmark only changes its task, so
         its open page stays for the next reset (reset_mode="page" loads the new MiniWoB task into
         it); anything else is closed and built anew."""
-        made = self._make_gym_env(task)  # validates the task; gym.make launches nothing
+        registered, env_kwargs = self._registered_env(task)  # validates the task; launches nothing
         same_benchmark = self._gym_task is not None and self._gym_task.split(".", 1)[0] == task.split(".", 1)[0]
-        if same_benchmark and hasattr(self._gym_env, "switch_task") and hasattr(made, "switch_task"):
-            self._gym_env.switch_task(made.task_entrypoint)
+        if same_benchmark and hasattr(self._gym_env, "switch_task"):
+            self._gym_env.switch_task(registered.task_entrypoint)
         else:
             self._close_gym_env()
-            self._gym_env = made
+            self._gym_env = self._kept_browser_env(registered, env_kwargs)
         self._gym_task = task
 
-    def _make_gym_env(self, task: str) -> Any:
+    def _registered_env(self, task: str) -> tuple[Any, dict[str, Any]]:
+        """BrowserGym's registered env for `task` (gym.make launches nothing) and the kwargs it was
+        made with; a clear error for an unknown benchmark or task."""
         import gymnasium as gym
 
         benchmark = task.split(".", 1)[0]
@@ -324,8 +326,13 @@ class BrowserGymEnvironment(Environment[BrowserGymAction, BrowserGymObservation,
             action_mapping=self.validator,
         )
         env = gym.make(env_id, disable_env_checker=True, **env_kwargs).unwrapped  # BrowserEnv, no gym wrappers
+        return env, env_kwargs
+
+    def _kept_browser_env(self, registered: Any, env_kwargs: dict[str, Any]) -> Any:
+        """The env episodes run on: the registered env itself for reset_mode="relaunch", else a
+        `PersistentBrowserEnv` of its task on the session's kept browser."""
         if self.config.reset_mode == "relaunch":
-            return env
+            return registered
         from envs.browsergym.server.browser import KeptBrowser, PersistentBrowserEnv
 
         if self._kept_browser is None:
@@ -333,7 +340,7 @@ class BrowserGymEnvironment(Environment[BrowserGymAction, BrowserGymObservation,
                 self.config.headless, self.config.browser_max_episodes, self.config.browser_max_memory_mb
             )
         # The registered env only holds the task's entry point (gym.make launches nothing).
-        return PersistentBrowserEnv(env.task_entrypoint, self._kept_browser,
+        return PersistentBrowserEnv(registered.task_entrypoint, self._kept_browser,
                                     in_page_restart=self.config.reset_mode == "page",
                                     capture_screenshot=self.config.include_screenshot
                                     or self.config.include_screenshot_array,
