@@ -105,12 +105,11 @@ def soak(episodes: int, every: int, max_episodes: int) -> int:
 _RESET_PHASES = (
     ("envs.browsergym.server.browser", "PersistentBrowserEnv._restart_in_page", "MiniWoB restart (storage, seed, startEpisodeReal)"),
     ("envs.browsergym.server.browser", "PersistentBrowserEnv._wait_dom_loaded", "wait: domcontentloaded"),
-    ("envs.browsergym.server.browser", "PersistentBrowserEnv._wait_next_frame", "wait: two animation frames"),
     ("envs.browsergym.server.browser", "PersistentBrowserEnv._get_obs", "BrowserGym observation, of which:"),
     ("browsergym.core.env", "_pre_extract", "  mark elements (bids, visibility)"),
     ("browsergym.core.env", "extract_dom_snapshot", "  DOM snapshot"),
     ("browsergym.core.env", "extract_merged_axtree", "  accessibility tree"),
-    ("browsergym.core.env", "extract_focused_element_bid", "  focused element"),
+    ("envs.browsergym.server.browser", "_focused_element_bid", "  focused element"),
     ("envs.browsergym.server.browser", "_screenshot_keeping_viewport", "  screenshot"),
     ("browsergym.core.env", "_post_extract", "  unmark"),
     ("envs.browsergym.server.environment", "BrowserGymEnvironment._observation", "our observation (axtree text, PNG, elements)"),
@@ -164,6 +163,7 @@ def reset_phases(n: int, task: str) -> int:
             if label in samples:
                 print(f"  {label:52s} median {statistics.median(samples[label]) * 1000:6.1f} ms")
         _compare_marking(env._gym_env.page, n)
+        _compare_reads(env._gym_env.page, n)
     finally:
         env.close()
     for mode, label in (("page", "task switch: the task loaded into the page"),
@@ -199,6 +199,35 @@ def _compare_marking(page, n: int) -> None:
                 times[label].append(_timed(lambda: observation._pre_extract(page)))
             observation._post_extract(page)
     print(f"  {'  mark elements: BrowserGym stock (40 ms poll) / ours':52s} median "
+          f"{statistics.median(times['stock']) * 1000:6.1f} / {statistics.median(times['ours']) * 1000:.1f} ms")
+
+
+def _compare_reads(page, n: int) -> None:
+    """BrowserGym's DOM snapshot, accessibility tree and focused element read as stock (a fresh
+    DevTools session per extractor, 3-4 round trips for the focus) against ours (the page's kept
+    session, one call for the focus), on the same marked page, alternating."""
+    import contextlib
+
+    import browsergym.core.env as browser_env
+    import browsergym.core.observation as observation
+
+    from envs.browsergym.server import browser
+
+    def reads():
+        observation.extract_dom_snapshot(page)
+        observation.extract_merged_axtree(page)
+        browser_env.extract_focused_element_bid(page)
+
+    times: dict[str, list[float]] = {"stock": [], "ours": []}
+    observation._pre_extract(page)
+    try:
+        for _ in range(n):
+            for label, swap in (("stock", contextlib.nullcontext), ("ours", lambda: browser._kept_devtools_reads(page))):
+                with swap():
+                    times[label].append(_timed(reads))
+    finally:
+        observation._post_extract(page)
+    print(f"  {'  DOM + AX tree + focus: stock sessions / kept':52s} median "
           f"{statistics.median(times['stock']) * 1000:6.1f} / {statistics.median(times['ours']) * 1000:.1f} ms")
 
 

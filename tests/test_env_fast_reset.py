@@ -268,6 +268,67 @@ def test_observations_with_screenshots_keep_the_task_viewport():
         env.close()
 
 
+# Focus targets for the reads test: a text box of the task, an input inside a shadow root, an
+# input inside an iframe (the focus read then dives into the frame, as BrowserGym's does).
+_FOCUS_SHADOW_INPUT = """() => { const host = document.createElement('div'); document.body.appendChild(host);
+    const input = document.createElement('input'); host.attachShadow({mode: 'open'}).appendChild(input);
+    input.focus(); }"""
+_ADD_IFRAME = """() => new Promise(done => { const frame = document.createElement('iframe');
+    frame.srcdoc = '<input id=inner>'; frame.onload = () => done(); document.body.appendChild(frame); })"""
+
+
+def test_observation_reads_through_the_kept_session_equal_browsergyms():
+    """Our observation reads the DOM snapshot and accessibility tree through the page's kept
+    DevTools session and the focused element in one call (`_kept_devtools_reads`); BrowserGym's
+    open a session per read and make 3-4 round trips for the focus. On the same marked page, with
+    nothing, a task's text box, a shadow-DOM input and an iframe's input focused, every read
+    must equal BrowserGym's, and the swap must be undone after the block."""
+    import browsergym.core.env as browsergym_env
+    import browsergym.core.observation as observation
+
+    from envs.browsergym.server import browser
+    from envs.browsergym.server.environment import BrowserGymEnvironment
+
+    def reads(page):
+        observation._pre_extract(page)
+        try:
+            return (observation.extract_dom_snapshot(page), observation.extract_merged_axtree(page),
+                    browsergym_env.extract_focused_element_bid(page))
+        finally:
+            observation._post_extract(page)
+
+    env = BrowserGymEnvironment(EnvConfig(task="miniwob.enter-text", include_screenshot=False))
+    try:
+        observation_ = env.reset(seed=4)
+        page = env._gym_env.page
+        textbox = next(e["bid"] for e in observation_.clickable_elements if e["role"] == "textbox")
+        focus = {
+            "nothing": lambda: None,
+            "text box": lambda: env.step(BrowserGymAction(action_str=f"click('{textbox}')")),
+            "shadow input": lambda: page.evaluate(_FOCUS_SHADOW_INPUT),
+            "iframe input": lambda: (page.evaluate(_ADD_IFRAME), page.frames[1].focus("#inner")),
+        }
+        focused = {}
+        for label, action in focus.items():
+            action()
+            stock = reads(page)
+            with browser._kept_devtools_reads(page):
+                assert page.context.new_cdp_session(page)._session is page._bgrpo_devtools
+                ours = reads(page)
+            assert "new_cdp_session" not in vars(page.context)  # the context's own method again
+            assert browsergym_env.extract_focused_element_bid is observation.extract_focused_element_bid
+            assert ours[0] == stock[0], label  # DOM snapshot
+            assert ours[1] == stock[1], label  # accessibility tree, node ids included
+            assert ours[2] == stock[2], label  # focused element's bid
+            focused[label] = ours[2]
+        # Controls: the focus moved, so each comparison read a different answer.
+        assert focused["nothing"] != focused["text box"] == textbox
+        assert focused["iframe input"] and focused["iframe input"] != focused["text box"]
+        assert focused["shadow input"] not in ("", focused["text box"])
+    finally:
+        env.close()
+
+
 def test_browser_is_recycled_after_max_episodes_and_reported_on_the_reset():
     from envs.browsergym.server.environment import BrowserGymEnvironment
 

@@ -39,6 +39,8 @@ import pkgutil
 import time
 from typing import Any, Iterator, Literal, Optional
 
+import playwright.sync_api
+
 import browsergym.core.env as browsergym_env
 import browsergym.core.observation as browsergym_observation
 from browsergym.core import _get_global_playwright
@@ -92,16 +94,9 @@ _IN_PAGE_RESTART_SCRIPT = r"""
     Math.seedrandom(seed);
     core.EPISODE_MAX_TIME = maxTime;
     core.startEpisodeReal();
+    return WOB_TASK_READY;  // MiniWoB's tasks set it synchronously: no separate wait needed
 }
 """
-
-
-# Resolves after the next two animation frames: layout and paint of the current DOM are done.
-# A page that produces no frames (a hidden window in headed mode) gives up after 200 ms.
-_NEXT_FRAME_SCRIPT = """() => new Promise(done => {
-    requestAnimationFrame(() => requestAnimationFrame(done));
-    setTimeout(done, 200);
-})"""
 
 
 # BrowserGym's element marking (javascript/frame_mark_elements.js) ends by waiting until an
@@ -181,7 +176,9 @@ def _screenshot_keeping_viewport(page: Any) -> Any:
     layout viewport then falls back to what Chromium has (780x493 CSS px instead of MiniWoB's
     332x214 on a fresh page; 332x127 after a navigation, where elements below 127 px count as
     invisible), racing with the next observation. Kept, the session leaves the page at the task's
-    viewport after every capture, so each observation is read at the same layout."""
+    viewport after every capture, so each observation is read at the same layout. (Skipping the
+    two metric overrides when unchanged was tried: the capture waits for rendered frames either
+    way, 36 ms with them and 42 ms without, within the noise.)"""
     import numpy as np
     import PIL.Image
 
@@ -204,6 +201,74 @@ def _screenshot_capture(capture: bool) -> contextlib.AbstractContextManager:
     of a MiniWoB observation, and a text-only model never sees it (bench/bench_env.py
     --reset-phases)."""
     return _swapped(browsergym_env, "extract_screenshot", _screenshot_keeping_viewport if capture else _no_screenshot)
+
+
+class _KeptSessionView:
+    """The page's kept DevTools session as BrowserGym's extractors use a fresh one: `send`, and a
+    `detach` that leaves the session open (it ends with the page)."""
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+
+    def send(self, method: str, params: Optional[dict] = None) -> Any:
+        return self._session.send(method, params)
+
+    def detach(self) -> None:
+        return None
+
+
+# BrowserGym's extract_focused_element_bid in one page call: the same walk through shadow roots to
+# the active element, then that element's bid. Stock makes 3-4 Playwright round trips per frame
+# level (evaluate_handle, as_element, content_frame, get_attribute; 10 ms a MiniWoB observation)
+# and never disposes its handle. An active element that owns a frame returns null: the stock code
+# then dives into the frame.
+_FOCUSED_ELEMENT_SCRIPT = """(bidAttribute) => {
+    function activeElement(root) {
+        const element = root.activeElement;
+        if (!element) { return null; }
+        return element.shadowRoot ? activeElement(element.shadowRoot) : element;
+    }
+    const element = activeElement(document);
+    if (!element) { return ""; }
+    if (["IFRAME", "FRAME", "OBJECT", "EMBED", "FENCEDFRAME", "PORTAL"].includes(element.tagName)) { return null; }
+    return element.getAttribute(bidAttribute) || "";
+}"""
+
+
+def _focused_element_bid(page: Any) -> str:
+    """The bid of the page's focused element, "" when none: BrowserGym's extract_focused_element_bid
+    in one round trip, or BrowserGym's own when the focus is inside a frame."""
+    try:
+        bid = page.evaluate(_FOCUSED_ELEMENT_SCRIPT, BROWSERGYM_ID_ATTRIBUTE)
+    except playwright.sync_api.TimeoutError:  # as stock: a timeout reads as no focus
+        return ""
+    if bid is None:
+        return browsergym_observation.extract_focused_element_bid(page)
+    return bid
+
+
+@contextlib.contextmanager
+def _kept_devtools_reads(page: Any) -> Iterator[None]:
+    """Inside the block, BrowserGym's observation reads the page through the page's kept DevTools
+    session and reads the focused element with `_focused_element_bid`. Its DOM snapshot and
+    accessibility tree extractors otherwise open a session each (three per observation) and detach
+    it: 2 round trips and a session attach each, about 13 ms of a MiniWoB observation. The answers
+    are the same (tests/test_env_fast_reset.py compares them). The page's context answers
+    `new_cdp_session` for this page with a view of the kept session (an instance attribute over the
+    class's method, removed after the block); other pages get fresh sessions as before."""
+    session = _page_devtools(page)  # opened before the swap: it opens through the real method
+    context = page.context
+    open_session = context.new_cdp_session
+
+    def new_cdp_session(target: Any) -> Any:
+        return _KeptSessionView(session) if target is page else open_session(target)
+
+    context.new_cdp_session = new_cdp_session
+    try:
+        with _swapped(browsergym_env, "extract_focused_element_bid", _focused_element_bid):
+            yield
+    finally:
+        del context.new_cdp_session
 
 
 class ChatLog:
@@ -402,11 +467,13 @@ class PersistentBrowserEnv(BrowserEnv):
         self._set_goal(task_goal)
 
         self._wait_dom_loaded()
-        # Let the page lay out and paint the new task before it is observed. BrowserGym's reset
-        # gives it that time by accident (it sets up the chat window between the task's setup and
-        # the observation); without it, under heavy load, a first observation of
-        # click-collapsible once lacked the accordion header among the clickable elements.
-        self._wait_next_frame()
+        # No wait for a painted frame here: the observation's element marking waits for the
+        # visibility reports of the next rendered frame, and the DOM snapshot, accessibility tree
+        # and screenshot force the layout they read. A two-frame wait here (27 ms a reset) was
+        # added against a first observation of click-collapsible that once lacked the accordion
+        # header. The likely cause, found later, was BrowserGym's screenshot leaving the page laid
+        # out at 332x127 CSS px (see _screenshot_keeping_viewport); without the wait, the stock
+        # comparisons of tests/test_env_fast_reset.py pass, under load too.
         self._active_page_check()
         self.start_time = time.time()
         self.last_action = ""
@@ -466,13 +533,11 @@ class PersistentBrowserEnv(BrowserEnv):
             else:
                 raise ValueError(f"Unknown message type {message['type']!r} in the task goal.")
 
-    def _wait_next_frame(self) -> None:
-        self.page.evaluate(_NEXT_FRAME_SCRIPT)
-
     def _get_obs(self) -> dict:
-        # BrowserGym's observation, with its element marking's idle poll shortened (_fast_marking)
-        # and its screenshot capture keeping the page's viewport, or none for text-only consumers.
-        with _fast_marking(), _screenshot_capture(self.capture_screenshot):
+        # BrowserGym's observation, with its element marking's idle poll shortened (_fast_marking),
+        # its screenshot capture keeping the page's viewport (or none for text-only consumers), its
+        # DevTools reads through the page's kept session and the focused element read in one call.
+        with _fast_marking(), _screenshot_capture(self.capture_screenshot), _kept_devtools_reads(self.page):
             return super()._get_obs()
 
     def close(self) -> None:
@@ -518,8 +583,8 @@ class PersistentBrowserEnv(BrowserEnv):
         task.page = self.page
         js_seed = task.random.randint(0, 1000000)  # the draw setup() makes, from the same RandomState
         self.context.clear_cookies()
-        self.page.evaluate(_IN_PAGE_RESTART_SCRIPT, [js_seed, task.episode_max_time])
-        self.page.wait_for_function("() => WOB_TASK_READY")
+        if not self.page.evaluate(_IN_PAGE_RESTART_SCRIPT, [js_seed, task.episode_max_time]):
+            self.page.wait_for_function("() => WOB_TASK_READY")  # what setup() waits for
         self._reset_history()
         return task._get_goal(), task._get_info()
 
