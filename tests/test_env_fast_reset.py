@@ -245,19 +245,23 @@ def test_observations_with_screenshots_keep_the_task_viewport():
     """BrowserGym's screenshot capture detaches the DevTools session that set the page's device
     metrics, and the page's layout viewport then falls back to 780x493 CSS px (332x127 after a
     navigation, where focus-text's text box counted as invisible). Ours keeps the session
-    (`_screenshot_keeping_viewport`): every observation, a reset's or a step's, after a fresh
-    context, a navigation or a restart, is read at the task's 332x214, and the box stays clickable."""
+    (`_screenshot_keeping_viewport`) and sends the metrics only when they change: every
+    observation, a reset's or a step's, after a fresh context, a navigation or a restart, is read at
+    the task's 332x214, the box stays clickable, and the first screenshot of a task instance is the
+    same pixels after a navigation, after a restart and on a fresh context (which equals stock's:
+    test_fast_reset_gives_the_stock_task_instance_for_the_seed)."""
     from envs.browsergym.server.environment import BrowserGymEnvironment
 
-    env = BrowserGymEnvironment(EnvConfig(task="miniwob.click-test", include_screenshot=True))
+    config = EnvConfig(task="miniwob.click-test", include_screenshot=True)
+    env = BrowserGymEnvironment(config)
     size = "() => [innerWidth, innerHeight]"
     try:
-        hows, sizes, boxes = [], [], []
-        for seed, task in ((1, "miniwob.enter-text"), (2, "miniwob.focus-text"), (3, "miniwob.focus-text")):
+        hows, sizes, boxes, screenshots = [], [], [], []
+        for seed, task in ((1, "miniwob.enter-text"), (2, "miniwob.focus-text"), (2, "miniwob.focus-text")):
             observation = env.reset(seed=seed, task=task)
             hows.append(env._gym_env.last_reset)
             boxes.append([e for e in observation.clickable_elements if e["role"] == "textbox"])
-            assert observation.screenshot_png_b64
+            screenshots.append(observation.screenshot_png_b64)
             sizes.append(env._gym_env.page.evaluate(size))
             env.step(BrowserGymAction(action_str="noop()"))
             sizes.append(env._gym_env.page.evaluate(size))
@@ -266,6 +270,13 @@ def test_observations_with_screenshots_keep_the_task_viewport():
         assert all(boxes), boxes  # focus-text's text box is clickable after the switch and the restart
     finally:
         env.close()
+    fresh = BrowserGymEnvironment(config)
+    try:
+        on_fresh_context = fresh.reset(seed=2, task="miniwob.focus-text").screenshot_png_b64
+    finally:
+        fresh.close()
+    assert screenshots[0] != screenshots[1]  # control: another task looks different
+    assert screenshots[1] == screenshots[2] == on_fresh_context
 
 
 # Focus targets for the reads test: a text box of the task, an input inside a shadow root, an
