@@ -164,6 +164,7 @@ def reset_phases(n: int, task: str) -> int:
                 print(f"  {label:52s} median {statistics.median(samples[label]) * 1000:6.1f} ms")
         _compare_marking(env._gym_env.page, n)
         _compare_reads(env._gym_env.page, n)
+        _reset_cpu(env, n)
     finally:
         env.close()
     for mode, label in (("page", "task switch: the task loaded into the page"),
@@ -229,6 +230,34 @@ def _compare_reads(page, n: int) -> None:
         observation._post_extract(page)
     print(f"  {'  DOM + AX tree + focus: stock sessions / kept':52s} median "
           f"{statistics.median(times['stock']) * 1000:6.1f} / {statistics.median(times['ours']) * 1000:.1f} ms")
+
+
+def _cpu_seconds() -> dict[str, float]:
+    """CPU seconds so far of this process ("python"), Playwright's driver ("driver") and the rest
+    of its descendants (Chromium)."""
+    import psutil
+
+    me = psutil.Process()
+    totals = {"python": sum(me.cpu_times()[:2]), "driver": 0.0, "chromium": 0.0}
+    for child in me.children(recursive=True):
+        try:
+            kind = "driver" if child.name() == "node" else "chromium"
+            totals[kind] += sum(child.cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            continue
+    return totals
+
+
+def _reset_cpu(env, n: int) -> None:
+    """CPU per in-page reset: this process (BrowserGym, our encoding), Playwright's driver and
+    Chromium, over n resets."""
+    before = _cpu_seconds()
+    for seed in range(n):
+        env.reset(seed=1000 + seed)
+    after = _cpu_seconds()
+    parts = {k: (after[k] - before[k]) / n * 1000 for k in after}
+    print(f"  {'CPU per reset (mean)':52s}        {sum(parts.values()):6.1f} ms (Python {parts['python']:.1f}, "
+          f"driver {parts['driver']:.1f}, Chromium {parts['chromium']:.1f})")
 
 
 def _timed(call) -> float:
