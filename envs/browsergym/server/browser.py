@@ -81,12 +81,13 @@ PAGE_MAX_EPISODES = 100
 
 # What an episode may have left in the page's origin, cleared before the next episode starts there
 # (a navigation keeps sessionStorage for the same origin, and MiniWoB pages share one origin).
-_CLEAR_STORAGE_SCRIPT = "() => { localStorage.clear(); sessionStorage.clear(); }"
+_CLEAR_STORAGE = "localStorage.clear(); sessionStorage.clear();"
+_CLEAR_STORAGE_SCRIPT = "() => { " + _CLEAR_STORAGE + " }"
 
+# The restart clears storage in the same page call (one round trip per reset).
 _IN_PAGE_RESTART_SCRIPT = r"""
 ([seed, maxTime]) => {
-    localStorage.clear();
-    sessionStorage.clear();
+    """ + _CLEAR_STORAGE + r"""
     if (document.activeElement && document.activeElement.blur) { document.activeElement.blur(); }
     for (const element of document.querySelectorAll('[bid]')) { element.removeAttribute('bid'); }
     window.browsergym_elem_counter = 0;
