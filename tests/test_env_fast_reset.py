@@ -245,11 +245,10 @@ def test_observations_with_screenshots_keep_the_task_viewport():
     """BrowserGym's screenshot capture detaches the DevTools session that set the page's device
     metrics, and the page's layout viewport then falls back to 780x493 CSS px (332x127 after a
     navigation, where focus-text's text box counted as invisible). Ours keeps the session
-    (`_screenshot_keeping_viewport`): every
-    observation, a reset's or a step's, after a fresh context, a navigation or a restart, is read at
-    the task's 332x214, the box stays clickable, and the first screenshot of a task instance is the
-    same pixels after a navigation, after a restart and on a fresh context (which equals stock's:
-    test_fast_reset_gives_the_stock_task_instance_for_the_seed)."""
+    (`_screenshot_keeping_viewport`): every observation, a reset's or a step's, after a fresh
+    context, a navigation or a restart, is read at the task's 332x214, the box stays clickable, and
+    the first screenshot of a task instance is the same pixels after a navigation, after a restart
+    and on a fresh context (which equals stock's: test_fast_reset_gives_the_stock_task_instance_for_the_seed)."""
     from envs.browsergym.server.environment import BrowserGymEnvironment
 
     config = EnvConfig(task="miniwob.click-test", include_screenshot=True)
